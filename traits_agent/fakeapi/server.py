@@ -1,0 +1,476 @@
+"""The fake 12traits Ingestion API: what the reference documents, recorded for tests.
+
+Per request, in this order (the real API does not document its order; this one is stable):
+
+1. ``/_fake/...``: admin endpoints, no auth (see :meth:`FakeAPI._admin`).
+2. Unknown path → 404; a method other than POST → 405 (``Allow: POST``).
+3. Injected transport faults (status / drop / delay) — they play a proxy or a sick server, so
+   they fire before auth and validation.
+4. Auth: ``Authorization: Bearer <key>``; for ``/v1/playfab`` the ``api_key`` query parameter.
+   Missing or wrong → 401.
+5. Body: ``{"<payload key>": [items]}``; not JSON, key missing, not a list, empty, more than
+   ``max_items`` items, or any item failing ``resources.check_api_item`` → 400 in the
+   reference's error shape ``{"code":400,"message":"bad request","errors":{field: message}}``.
+   The errors name fields, never item positions, and nothing of a rejected batch is kept.
+6. Injected ``reject_field`` faults (a batch holding the marked item → 400 naming the field).
+7. Accept: 201 ``{"code":201,"message":"N <noun> have been successfully ingested","data":null}``
+   and the items are appended to :attr:`FakeAPI.received`.
+
+Every API request (not admin) is appended to :attr:`FakeAPI.requests`, faulted ones too; the
+API key is never stored or logged (Authorization is kept as ``<redacted>``). Items of a faulted
+request are not received, except after a delay-only fault, which then serves normally.
+
+Decisions where the reference is silent:
+
+- More than ``max_items`` items → 400 (not 413), ``errors`` naming the payload key and the limit.
+  A 413 server is played with ``Fault(status=413, min_items=N)``.
+- Errors of several bad items are merged by field, the first message per field winning.
+- The success message always uses the plural noun ("1 actions have been ...").
+- PlayFab: key only from ``?api_key=`` (a Bearer header alone is 401); answer 201 with the
+  same envelope, noun "events"; at most ``max_items`` events per request.
+- CSV: an empty ``file`` is 400; the CSV content itself is not checked (the real API ingests
+  it asynchronously). Content-Type of JSON posts is not checked.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import structlog
+import trio
+
+from traits_agent.fakeapi.faults import Fault
+from traits_agent.fakeapi.multipart import parse_form_data
+from traits_agent.httpserver import DropConnection, Request, Response, json_response, serve_http
+from traits_agent.resources import RESOURCES, Resource, check_api_item
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_API_KEY = "test-key"
+DEFAULT_MAX_ITEMS = 1000
+PLAYFAB_PATH = "/v1/playfab"
+PLAYFAB_NAME = "playfab"
+CSV_PATHS = {"/v1/kpis/csv": "kpis", "/v1/survey-data/csv": "survey-data"}
+REDACTED = "<redacted>"
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One API request as the fake saw it. ``status`` is ``None`` when it dropped the connection.
+
+    ``time`` is ``trio.current_time()`` at arrival (virtual under a MockClock), ``wall_time``
+    the epoch time. ``query`` and ``headers`` have the API key redacted.
+    """
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    resource: str | None
+    item_count: int
+    status: int | None
+    time: float
+    wall_time: float
+    idempotency_key: str | None = None
+    fault: str | None = None
+    body_size: int = 0
+
+
+@dataclass(frozen=True)
+class CsvUpload:
+    """One accepted CSV upload; ``kind`` is ``"kpis"`` or ``"survey-data"``."""
+
+    kind: str
+    filename: str | None
+    content_type: str | None
+    data: bytes
+    time: float
+
+
+@dataclass
+class _Ctx:
+    """What is known about the request being answered, for its record."""
+
+    request: Request
+    arrival: float
+    wall_time: float
+    resource: str | None = None
+    item_count: int = 0
+    fault: str | None = None
+
+
+def _api_path(resource: Resource) -> str:
+    path = resource.path
+    return path if path.startswith("/") else f"/v1/{path}"
+
+
+def _bad_request(errors: dict[str, str]) -> dict[str, Any]:
+    return {"code": 400, "message": "bad request", "errors": errors}
+
+
+class FakeAPI:
+    """A local stand-in of the 12traits Ingestion API that records what it accepts.
+
+    Start it with ``url = await nursery.start(api.serve)``; then ``api.url`` is set too.
+    State is plain attributes, for tests to read directly: :attr:`received` (canonical resource
+    name → accepted items in arrival order), :attr:`requests`, :attr:`csv_uploads`,
+    :attr:`faults`.
+    """
+
+    def __init__(self, api_key: str = DEFAULT_API_KEY, *, max_items: int = DEFAULT_MAX_ITEMS):
+        if not api_key:
+            raise ValueError("api_key must not be empty")
+        self.api_key = api_key
+        self.max_items = max_items
+        self.url: str | None = None
+        self._batch_routes: dict[str, Resource] = {}
+        self._playfab_resource: Resource | None = None
+        for resource in RESOURCES.values():
+            if resource.payload_key:
+                self._batch_routes[_api_path(resource)] = resource
+            else:
+                self._playfab_resource = resource
+        self._playfab_name = self._playfab_resource.name if self._playfab_resource else PLAYFAB_NAME
+        self.received: dict[str, list[dict[str, Any]]] = {}
+        self.requests: list[RecordedRequest] = []
+        self.csv_uploads: list[CsvUpload] = []
+        self.faults: list[Fault] = []
+        self._changed = trio.Event()
+        self.reset()
+
+    # -- test-facing API -------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget everything received and recorded, and clear the faults."""
+        names = [r.name for r in self._batch_routes.values()] + [self._playfab_name]
+        for name in names:  # in place: a test may hold a reference to a list
+            self.received.setdefault(name, []).clear()
+        self.requests.clear()
+        self.csv_uploads.clear()
+        self.faults.clear()
+
+    def total_items(self) -> int:
+        """Items accepted so far, all resources together."""
+        return sum(len(items) for items in self.received.values())
+
+    def inject(self, fault: Fault) -> Fault:
+        """Add a fault (after the ones already there) and return it."""
+        self.faults.append(fault)
+        log.info("fake_api_fault_injected", fault=fault.describe(), path=fault.path)
+        return fault
+
+    def clear_faults(self) -> None:
+        self.faults.clear()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds; it is re-checked after every API request."""
+        while not predicate():
+            await self._changed.wait()
+
+    async def wait_for_items(self, count: int, resource: str | None = None) -> None:
+        """Return once ``count`` items were accepted (of ``resource``, or in total)."""
+
+        def enough() -> bool:
+            got = len(self.received.get(resource, ())) if resource else self.total_items()
+            return got >= count
+
+        await self.wait_until(enough)
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; reports (and sets :attr:`url`) once bound."""
+        async with trio.open_nursery() as nursery:
+            bound_host, bound_port = await nursery.start(
+                partial(serve_http, self.handle, host, port)
+            )
+            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+            self.url = f"http://{shown}:{bound_port}"
+            task_status.started(self.url)
+
+    # -- request handling ------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response:
+        """The HTTP handler (usable without a socket, e.g. with a hand-built ``Request``)."""
+        if request.path == "/_fake" or request.path.startswith("/_fake/"):
+            return self._admin(request)
+        ctx = _Ctx(request, trio.current_time(), time.time())
+        resource = self._batch_routes.get(request.path)
+        is_playfab = request.path == PLAYFAB_PATH
+        csv_kind = CSV_PATHS.get(request.path)
+        if resource is None and not is_playfab and csv_kind is None:
+            return self._answer(ctx, 404, {"code": 404, "message": "not found", "data": None})
+        if request.method != "POST":
+            body = {"code": 405, "message": "method not allowed", "data": None}
+            return self._answer(ctx, 405, body, {"allow": "POST"})
+
+        items: list[Any] | None = None
+        error: dict[str, str] | None = None
+        if resource is not None:
+            ctx.resource = resource.name
+            items, error = _parse_batch(request.body, resource.payload_key)
+        elif is_playfab:
+            resource = self._playfab_resource
+            ctx.resource = self._playfab_name
+            items, error = _parse_playfab(request.body)
+        ctx.item_count = len(items) if items is not None else 0
+
+        fault = self._take_fault(request.path, items, reject=False)
+        if fault is not None:
+            ctx.fault = fault.describe()
+            if fault.delay > 0:
+                await trio.sleep(fault.delay)
+            if fault.drop:
+                self._record(ctx, None)
+                raise DropConnection
+            if fault.status is not None:
+                headers = {"retry-after": fault.retry_after} if fault.retry_after else None
+                return self._answer(ctx, fault.status, fault.error_body(), headers)
+
+        if not self._authorized(request, query_key=is_playfab):
+            errors = {"api_key": "missing or invalid API key"}
+            return self._answer(
+                ctx, 401, {"code": 401, "message": "unauthorized", "errors": errors}
+            )
+
+        if csv_kind is not None:
+            return self._accept_csv(ctx, csv_kind)
+        if error is None:
+            assert items is not None
+            error = self._check_items(resource, items)
+        if error is not None:
+            return self._answer(ctx, 400, _bad_request(error))
+
+        assert items is not None
+        fault = self._take_fault(request.path, items, reject=True)
+        if fault is not None:
+            ctx.fault = fault.describe()
+            return self._answer(ctx, 400, fault.error_body())
+
+        name = ctx.resource
+        assert name is not None
+        self.received.setdefault(name, []).extend(items)
+        noun = resource.noun if resource is not None else "events"
+        message = f"{len(items)} {noun} have been successfully ingested"
+        return self._answer(ctx, 201, {"code": 201, "message": message, "data": None})
+
+    def _check_items(self, resource: Resource | None, items: list[Any]) -> dict[str, str] | None:
+        """The batch's errors, merged by field (first message per field wins), or None."""
+        if len(items) > self.max_items:
+            key = resource.payload_key if resource and resource.payload_key else "events"
+            return {key: f"at most {self.max_items} items per request, got {len(items)}"}
+        if resource is None:
+            return None
+        errors: dict[str, str] = {}
+        for item in items:
+            for name, message in check_api_item(resource, item).items():
+                errors.setdefault(name, message)
+        return errors or None
+
+    def _accept_csv(self, ctx: _Ctx, kind: str) -> Response:
+        request = ctx.request
+        try:
+            parts = parse_form_data(request.headers.get("content-type", ""), request.body)
+        except ValueError as exc:
+            return self._answer(ctx, 400, _bad_request({"file": f"multipart form expected: {exc}"}))
+        upload = next((p for p in parts if p.name == "file"), None)
+        if upload is None:
+            return self._answer(ctx, 400, _bad_request({"file": "is required"}))
+        if not upload.data:
+            return self._answer(ctx, 400, _bad_request({"file": "must not be empty"}))
+        self.csv_uploads.append(
+            CsvUpload(kind, upload.filename, upload.content_type, upload.data, ctx.arrival)
+        )
+        body = {
+            "code": 201,
+            "message": "ingestion has been started",
+            "data": {"estimated_time_to_complete": 125},
+        }
+        return self._answer(ctx, 201, body)
+
+    def _authorized(self, request: Request, *, query_key: bool) -> bool:
+        if query_key:
+            return request.query.get("api_key") == self.api_key
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and token.strip() == self.api_key
+
+    def _take_fault(self, path: str, items: list[Any] | None, *, reject: bool) -> Fault | None:
+        for fault in self.faults:
+            if fault.is_reject == reject and fault.matches(path, items):
+                if fault.fire():
+                    self.faults.remove(fault)
+                log.info("fake_api_fault_fired", path=path, fault=fault.describe())
+                return fault
+        return None
+
+    def _answer(
+        self, ctx: _Ctx, status: int, obj: Any, headers: dict[str, str] | None = None
+    ) -> Response:
+        self._record(ctx, status)
+        return json_response(status, obj, headers)
+
+    def _record(self, ctx: _Ctx, status: int | None) -> None:
+        request = ctx.request
+        self.requests.append(
+            RecordedRequest(
+                method=request.method,
+                path=request.path,
+                query={k: self._redact(k, v) for k, v in request.query.items()},
+                headers={k: self._redact(k, v) for k, v in request.headers.items()},
+                resource=ctx.resource,
+                item_count=ctx.item_count,
+                status=status,
+                time=ctx.arrival,
+                wall_time=ctx.wall_time,
+                idempotency_key=request.headers.get("idempotency-key"),
+                fault=ctx.fault,
+                body_size=len(request.body),
+            )
+        )
+        log.debug(
+            "fake_api_request",
+            method=request.method,
+            path=request.path,
+            status=status,
+            items=ctx.item_count,
+            fault=ctx.fault,
+        )
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _redact(self, name: str, value: str) -> str:
+        if name in ("authorization", "api_key") or self.api_key in value:
+            return REDACTED
+        return value
+
+    # -- admin endpoints -------------------------------------------------------------------
+
+    def _admin(self, request: Request) -> Response:
+        """``GET /_fake/received``, ``GET /_fake/requests``, ``GET|POST|DELETE /_fake/faults``,
+        ``POST /_fake/reset``. For a test or integrator in another process; no auth."""
+        routes = {
+            "/_fake/received": {"GET": self._admin_received},
+            "/_fake/requests": {"GET": self._admin_requests},
+            "/_fake/faults": {
+                "GET": self._admin_faults,
+                "POST": self._admin_inject,
+                "DELETE": self._admin_clear,
+            },
+            "/_fake/reset": {"POST": self._admin_reset},
+        }
+        methods = routes.get(request.path)
+        if methods is None:
+            return json_response(404, {"code": 404, "message": "not found", "data": None})
+        action = methods.get(request.method)
+        if action is None:
+            allow = ", ".join(methods)
+            body = {"code": 405, "message": "method not allowed", "data": None}
+            return json_response(405, body, {"allow": allow})
+        return action(request)
+
+    def _admin_received(self, request: Request) -> Response:
+        """Counts, items and CSV uploads; ``?items=0`` leaves out the items and CSV text."""
+        full = request.query.get("items") != "0"
+        state: dict[str, Any] = {
+            "total": self.total_items(),
+            "counts": {name: len(items) for name, items in self.received.items()},
+        }
+        if full:
+            state["items"] = self.received
+        state["csv_uploads"] = [
+            {
+                "kind": u.kind,
+                "filename": u.filename,
+                "content_type": u.content_type,
+                "size": len(u.data),
+                **({"text": u.data.decode("utf-8", "replace")} if full else {}),
+            }
+            for u in self.csv_uploads
+        ]
+        return json_response(200, state)
+
+    def _admin_requests(self, request: Request) -> Response:
+        return json_response(200, {"requests": [asdict(r) for r in self.requests]})
+
+    def _admin_faults(self, request: Request) -> Response:
+        return json_response(200, {"faults": [f.to_json() for f in self.faults]})
+
+    def _admin_inject(self, request: Request) -> Response:
+        try:
+            spec = json.loads(request.body)
+            specs = spec if isinstance(spec, list) else [spec]
+            faults = [Fault.from_json(s) for s in specs]
+        except (ValueError, TypeError) as exc:
+            return json_response(400, _bad_request({"fault": str(exc)}))
+        for fault in faults:
+            self.inject(fault)
+        return json_response(201, {"faults": [f.to_json() for f in self.faults]})
+
+    def _admin_clear(self, request: Request) -> Response:
+        self.clear_faults()
+        return json_response(200, {"faults": []})
+
+    def _admin_reset(self, request: Request) -> Response:
+        self.reset()
+        return json_response(200, {"code": 200, "message": "reset", "data": None})
+
+
+def _parse_batch(body: bytes, key: str) -> tuple[list[Any] | None, dict[str, str] | None]:
+    """``{"<key>": [items]}`` → (items, None), or (items-if-any, errors)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None, {"body": "must be a JSON object"}
+    if not isinstance(doc, dict):
+        return None, {"body": "must be a JSON object"}
+    if key not in doc:
+        return None, {key: "is required"}
+    items = doc[key]
+    if not isinstance(items, list):
+        return None, {key: "must be a list"}
+    if not items:
+        return items, {key: "must not be empty"}
+    return items, None
+
+
+def _parse_playfab(body: bytes) -> tuple[list[Any] | None, dict[str, str] | None]:
+    """One PlayStream event object, or a JSON array of them."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None, {"body": "must be a JSON object or array"}
+    if isinstance(doc, dict):
+        return [doc], None
+    if not isinstance(doc, list):
+        return None, {"body": "must be a JSON object or array"}
+    if not doc:
+        return doc, {"events": "must not be empty"}
+    return doc, None
+
+
+async def run_fake_api(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    api_key: str = DEFAULT_API_KEY,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve a fresh :class:`FakeAPI` until cancelled (``traits-agent fake-api``).
+
+    Logs one ``fake_api_listening url=...`` line once bound and reports the URL through
+    ``task_status``. Raises ``OSError`` if the address cannot be bound.
+    """
+    api = FakeAPI(api_key)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(api.serve, host, port)
+        log.info("fake_api_listening", url=url, admin=f"{url}/_fake/received")
+        task_status.started(url)

@@ -1,0 +1,159 @@
+"""Config: defaults work, every wrong key/type/value names itself, the key never shows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from traits_agent.config import (
+    Config,
+    ConfigError,
+    Secret,
+    from_mapping,
+    load_config,
+    resolve_api_key,
+)
+
+
+def test_defaults_are_valid_and_loopback_only():
+    """Built-in defaults validate and bind UDP to loopback."""
+    config = from_mapping({})
+    assert config.listen.udp.startswith("127.0.0.1:")
+    assert config.api.base_url == "https://sandbox.api.12traits.com"
+    assert config.batch.max_items == 1000
+
+
+def test_full_example_from_the_interface(tmp_path):
+    """The interface's example file loads as written."""
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        """
+[api]
+endpoint = "production"
+[listen]
+unix = "/tmp/x/events.sock"
+udp = "127.0.0.1:24225"
+forward = ""
+[queue]
+dir = "/tmp/x/queue"
+max_bytes = 1073741824
+fsync = "always"
+fsync_interval_ms = 100
+on_full = "drop_newest"
+[batch]
+max_items = 500
+linger_ms = 250
+[retry]
+initial_backoff_ms = 100
+max_backoff_ms = 60000
+[log]
+format = "json"
+level = "debug"
+[metrics]
+listen = "127.0.0.1:9464"
+"""
+    )
+    config = load_config(path)
+    assert config.api.base_url == "https://api.12traits.com"
+    assert config.queue.fsync == "always"
+    assert config.batch.max_items == 500
+    assert config.source == str(path)
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "fragment"),
+    [
+        ({"nope": {}}, "nope", "unknown section"),
+        ({"queue": {"fsinc": "always"}}, "queue.fsinc", "unknown key"),
+        ({"queue": {"fsync": "sometimes"}}, "queue.fsync", "always, interval, never"),
+        ({"queue": {"fsync_interval_ms": "100"}}, "queue.fsync_interval_ms", "an integer"),
+        ({"queue": {"on_full": "block"}}, "queue.on_full", "drop_oldest"),
+        ({"batch": {"max_items": 1001}}, "batch.max_items", "between 1 and 1000"),
+        ({"batch": {"max_items": 0}}, "batch.max_items", "between 1 and 1000"),
+        ({"batch": {"linger_ms": -1}}, "batch.linger_ms", "between"),
+        ({"listen": {"udp": "0.0.0.0:24225"}}, "listen.udp", "not a loopback"),
+        ({"listen": {"udp": "nonsense"}}, "listen.udp", "HOST:PORT"),
+        ({"api": {"endpoint": "http://example.com"}}, "api.endpoint", "only to loopback"),
+        ({"api": {"endpoint": "staging"}}, "api.endpoint", "production, sandbox"),
+        ({"log": {"level": "loud"}}, "log.level", "debug"),
+        ({"retry": {"max_backoff_ms": 1, "initial_backoff_ms": 10}}, "retry.max_backoff_ms", ""),
+        ({"api": "sandbox"}, "api", "must be a table"),
+        ({"listen": {"allow_remote": "yes"}}, "listen.allow_remote", "true or false"),
+    ],
+)
+def test_wrong_values_name_the_key(data, key, fragment):
+    """Each wrong key, type or value raises ConfigError naming exactly that key."""
+    with pytest.raises(ConfigError) as info:
+        from_mapping(data)
+    assert info.value.key == key
+    assert fragment in str(info.value)
+
+
+def test_loopback_http_and_remote_udp_when_allowed():
+    """Plain http is fine to loopback; a remote UDP bind needs allow_remote."""
+    config = from_mapping(
+        {
+            "api": {"endpoint": "http://127.0.0.1:8080"},
+            "listen": {"udp": "0.0.0.0:24225", "allow_remote": True},
+        }
+    )
+    assert config.api.base_url == "http://127.0.0.1:8080"
+    assert from_mapping({"api": {"endpoint": "http://localhost:1/"}}).api.base_url == (
+        "http://localhost:1"
+    )
+
+
+def test_api_key_lookup_order(tmp_path):
+    """$TRAITS_API_KEY, then [api] key_file, then $CREDENTIALS_DIRECTORY/api_key."""
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "api_key").write_text("from-credentials")
+    with_file = from_mapping({"api": {"key_file": str(key_file)}})
+    env = {"TRAITS_API_KEY": "from-env", "CREDENTIALS_DIRECTORY": str(creds)}
+    assert resolve_api_key(with_file, env) == "from-env"
+    env.pop("TRAITS_API_KEY")
+    assert resolve_api_key(with_file, env) == "from-file"
+    assert resolve_api_key(Config(), env) == "from-credentials"
+    assert resolve_api_key(Config(), {}) is None
+    missing = from_mapping({"api": {"key_file": str(tmp_path / "absent")}})
+    with pytest.raises(ConfigError, match="api.key_file"):
+        resolve_api_key(missing, {})
+
+
+def test_secret_repr_hides_the_key():
+    """A Secret never shows its value in repr (and so in tracebacks or structlog output)."""
+    assert "abc" not in repr(Secret("abc"))
+
+
+def test_cli_exits_2_with_one_line_naming_the_key(tmp_path):
+    """A wrong key in the file: exit status 2 and one stderr line naming it."""
+    path = tmp_path / "agent.toml"
+    path.write_text('[queue]\nfsync = "sometimes"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "traits_agent", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "queue.fsync" in lines[0]
+
+
+def test_cli_without_key_says_how_to_get_one(tmp_path):
+    """`run` without any key exits 2 and mentions --fake-api."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "traits_agent", "run", "--config", "/dev/null"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "--fake-api" in proc.stderr

@@ -1,0 +1,376 @@
+"""The agent: one trio nursery tree from sockets to the API, and its shutdown sequence.
+
+    root nursery
+    ├── fake API (only with --fake-api)
+    └── delivery nursery ─ one Lane per resource · group-commit syncer · watchdog · STATUS
+        └── intake nursery ─ datagram sources · control socket · signal watcher
+
+Start-up: queues are opened and recovered (synchronously, before any socket is bound), then the
+lanes start (a recovered backlog leaves at once), then the sockets are bound and systemd is told
+READY=1. Shutdown (SIGTERM/SIGINT): the intake nursery is cancelled, which stops reading (each
+source drains what the kernel already holds); every queue is flushed and fsynced; in-flight
+requests get `SHUTDOWN_GRACE_S` to finish, then are abandoned (their batches stay queued and are
+sent again after restart: at-least-once); queues are closed. The backlog stays on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from traits_agent import __version__, systemd
+from traits_agent.backoff import Backoff
+from traits_agent.batcher import Lane
+from traits_agent.config import Config, parse_host_port
+from traits_agent.control import serve_control
+from traits_agent.deadletter import DeadLetters
+from traits_agent.ingest import Ingest
+from traits_agent.log import RateLimited
+from traits_agent.metrics import Counters
+from traits_agent.queue import DiskQueue
+from traits_agent.resources import RESOURCES
+from traits_agent.sources.datagram import (
+    bind_udp,
+    bind_unix_datagram,
+    serve_datagrams,
+    set_receive_buffer,
+)
+from traits_agent.uploader import Uploader, make_client
+
+log = structlog.get_logger(__name__)
+
+SHUTDOWN_GRACE_S = 3.0
+#: a lane with a backlog and a healthy upstream that has not sent for this long is stalled
+STALL_AFTER_S = 120.0
+#: room left in a batch body for the JSON wrapper around the items
+BODY_OVERHEAD = 64
+
+
+@dataclass
+class Agent:
+    """Everything one running agent owns; built by `open_agent`, run by `run`."""
+
+    config: Config
+    api_key: str
+    counters: Counters = field(default_factory=Counters)
+    queues: dict[str, DiskQueue] = field(default_factory=dict)
+    lanes: dict[str, Lane] = field(default_factory=dict)
+    uploader: Uploader | None = None
+    dead_letters: DeadLetters | None = None
+    listening: dict[str, Any] = field(default_factory=dict)
+    base_url: str = ""
+    started_at: float = field(default_factory=time.time)
+    stopping: bool = False
+
+    # -- status ---------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """What `traits-agent status` shows (and what /metrics exports)."""
+        c = self.counters
+        resources = {}
+        states = []
+        for name, queue in self.queues.items():
+            st = self.uploader.state(name) if self.uploader else None
+            dropped = {
+                "drop_oldest": queue.dropped_oldest,
+                "drop_newest": queue.dropped_newest,
+                **c.by_label("dropped_items", "reason", resource=name),
+            }
+            resources[name] = {
+                "queued_items": queue.pending_items,
+                "queued_bytes": queue.pending_bytes,
+                "in_flight": self.lanes[name].in_flight if name in self.lanes else 0,
+                "accepted": c.get("accepted_events", resource=name),
+                "delivered": c.total("delivered_items", resource=name),
+                "dead_lettered": c.total("dead_lettered_items", resource=name),
+                "dropped": {k: v for k, v in dropped.items() if v},
+                "corrupt_skipped": queue.corrupt_skipped,
+                "upstream": st.state if st else "ok",
+                "last_error": st.last_error if st else None,
+                "next_retry_in_s": (
+                    round(max(0.0, st.next_retry_at - trio.current_time()), 1)
+                    if st and st.next_retry_at is not None
+                    else None
+                ),
+            }
+            states.append(resources[name]["upstream"])
+        last_error = None
+        if self.uploader:
+            errors = [
+                (s.last_error_at, s.last_error)
+                for s in self.uploader.states.values()
+                if s.last_error
+            ]
+            last_error = max(errors)[1] if errors else None
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "endpoint": self.base_url,
+            "listening": self.listening,
+            "upstream": _worst(states),
+            "last_error": last_error,
+            "received": {
+                "datagrams": c.total("received_datagrams"),
+                "events": c.total("received_events"),
+                "accepted": c.total("accepted_events"),
+            },
+            "rejected": c.by_label("rejected_events", "reason"),
+            "stripped_fields": c.total("stripped_fields"),
+            "resources": resources,
+        }
+
+    def describe(self) -> str:
+        """One line for systemd's STATUS=."""
+        queued = sum(q.pending_items for q in self.queues.values())
+        delivered = self.counters.total("delivered_items")
+        states = [self.uploader.state(n).state for n in self.queues] if self.uploader else []
+        return f"upstream {_worst(states)}, {queued} queued, {delivered} delivered"
+
+    def is_progressing(self) -> bool:
+        """False when some lane has a backlog, a healthy upstream, and has not moved for long:
+        the pipeline is wedged (this is what the watchdog and /healthz report)."""
+        now = trio.current_time()
+        for name, lane in self.lanes.items():
+            st = self.uploader.state(name) if self.uploader else None
+            if st is not None and st.state != "ok":
+                continue  # waiting on upstream is known and visible, not a hang
+            if lane.queue.pending_items and lane.in_flight == 0:
+                waiting = lane.waiting_since
+                if waiting is not None and now - waiting > STALL_AFTER_S + lane.linger_s:
+                    return False
+        return True
+
+
+def _worst(states: list[str]) -> str:
+    for s in ("auth_failed", "endpoint_error", "retrying"):
+        if s in states:
+            return s
+    return "ok"
+
+
+def _agent_id(directory: Path) -> str:
+    """A stable random id for this queue directory (part of every Idempotency-Key)."""
+    path = directory / "agent-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        value = uuid.uuid4().hex
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(value + "\n")
+        os.replace(tmp, path)
+        return value
+
+
+def open_queues(config: Config) -> dict[str, DiskQueue]:
+    """Open (and recover) one queue per resource, logging what recovery found."""
+    root = Path(config.queue.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    per_resource_max = max(2 * config.queue.segment_bytes, config.queue.max_bytes // len(RESOURCES))
+    queues: dict[str, DiskQueue] = {}
+    try:
+        for name in RESOURCES:
+            q = DiskQueue.open(
+                root / name,
+                segment_bytes=config.queue.segment_bytes,
+                fsync=config.queue.fsync,
+                max_bytes=per_resource_max,
+                on_full=config.queue.on_full,
+            )
+            queues[name] = q
+            report = q.recovery
+            if q.pending_items or report.has_findings:
+                log.info(
+                    "queue_recovered", resource=name, pending=q.pending_items, **report.as_dict()
+                )
+    except BaseException:
+        for q in queues.values():
+            q.close()
+        raise
+    return queues
+
+
+async def run(
+    config: Config,
+    api_key: str,
+    *,
+    fake_api: bool = False,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the agent until SIGTERM/SIGINT (or cancellation)."""
+    agent = Agent(config=config, api_key=api_key)
+    agent.queues = open_queues(config)
+    try:
+        async with trio.open_nursery() as root:
+            base_url = config.api.base_url
+            if fake_api:
+                from traits_agent.fakeapi import FakeAPI
+
+                api = FakeAPI(api_key=api_key)
+                await root.start(api.serve)
+                base_url = api.url
+                log.info("fake_api_started", url=base_url)
+            agent.base_url = base_url
+            await _run_pipeline(agent, base_url, task_status)
+            root.cancel_scope.cancel()
+    finally:
+        for q in agent.queues.values():
+            try:
+                q.close()
+            except OSError as e:
+                log.error("queue_close_failed", path=str(getattr(q, "directory", "")), error=str(e))
+        log.info("agent_stopped", queued=sum(q.pending_items for q in agent.queues.values()))
+
+
+async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
+    config = agent.config
+    agent.dead_letters = DeadLetters(Path(config.queue.dir) / "dead-letters")
+    client = make_client(
+        base_url,
+        connect_timeout=config.api.connect_timeout_s,
+        timeout=config.api.timeout_s,
+        max_in_flight=config.api.max_in_flight,
+    )
+    agent.uploader = Uploader(
+        client,
+        api_key=agent.api_key,
+        counters=agent.counters,
+        dead_letters=agent.dead_letters,
+        backoff=Backoff(
+            initial_s=config.retry.initial_backoff_ms / 1000,
+            max_s=config.retry.max_backoff_ms / 1000,
+        ),
+        max_in_flight=config.api.max_in_flight,
+        agent_id=_agent_id(Path(config.queue.dir)),
+    )
+    for name, queue in agent.queues.items():
+        agent.lanes[name] = Lane(
+            RESOURCES[name],
+            queue,
+            agent.uploader.deliver,
+            max_items=config.batch.max_items,
+            max_bytes=config.batch.max_bytes - BODY_OVERHEAD,
+            linger_s=config.batch.linger_ms / 1000,
+        )
+    syncer = Syncer(agent)
+    ingest = Ingest(agent.lanes, agent.counters, on_write_error=syncer.write_failed)
+    async with client, trio.open_nursery() as delivery:
+        for lane in agent.lanes.values():
+            await delivery.start(lane.run)
+        delivery.start_soon(syncer.run)
+        async with trio.open_nursery() as intake:
+            await _start_sources(agent, ingest, syncer, intake)
+            await intake.start(serve_control, Path(config.control.socket), agent.snapshot)
+            agent.listening["control"] = config.control.socket
+            intake.start_soon(_watch_signals, intake.cancel_scope)
+            await delivery.start(systemd.watchdog_task, agent.is_progressing)
+            delivery.start_soon(systemd.status_task, agent.describe)
+            log.info(
+                "agent_started",
+                version=__version__,
+                endpoint=base_url,
+                queue_dir=config.queue.dir,
+                fsync=config.queue.fsync,
+                **agent.listening,
+            )
+            systemd.ready(agent.describe())
+            task_status.started(agent)
+        # intake is done: no more reading. Make everything received durable.
+        agent.stopping = True
+        systemd.stopping("flushing the queue to disk")
+        systemd.extend_timeout(SHUTDOWN_GRACE_S + 10)
+        await syncer.sync_all()
+        in_flight = sum(1 for lane in agent.lanes.values() if lane.in_flight)
+        log.info("agent_stopping", in_flight_batches=in_flight, grace_s=SHUTDOWN_GRACE_S)
+        for lane in agent.lanes.values():
+            lane.stop()
+        delivery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S
+    await syncer.sync_all()
+
+
+async def _start_sources(agent: Agent, ingest: Ingest, syncer: Syncer, nursery) -> None:
+    config = agent.config.listen
+
+    def sink(datagrams: list[bytes]) -> None:
+        ingest.handle(datagrams)
+        syncer.dirty()
+
+    def count_error(reason: str) -> None:
+        ingest.reject(reason)
+
+    sockets = []
+    if config.unix:
+        sock = bind_unix_datagram(Path(config.unix), config.unix_mode)
+        sockets.append(("unix", sock, config.unix))
+    if config.udp:
+        host, port = parse_host_port(config.udp)
+        sock = bind_udp(host, port)
+        sockets.append(("udp", sock, None))
+    for name, sock, label in sockets:
+        set_receive_buffer(sock, config.receive_buffer, name)
+        address = await nursery.start(
+            lambda task_status, s=sock, n=name: serve_datagrams(
+                s, sink, name=n, on_error=count_error, task_status=task_status
+            )
+        )
+        agent.listening[name] = label or (f"{address[0]}:{address[1]}")
+
+
+async def _watch_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+class Syncer:
+    """Group commit: fsync the queues that took writes, every `fsync_interval_ms` ("interval"),
+    as soon as possible after each burst ("always"), or only at shutdown ("never")."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.policy = agent.config.queue.fsync
+        self.interval = agent.config.queue.fsync_interval_ms / 1000
+        self._dirty = trio.Event()
+        self._ratelimit = RateLimited(interval=10.0)
+
+    def dirty(self) -> None:
+        self._dirty.set()
+
+    def write_failed(self, resource: str, error: OSError) -> None:
+        self.agent.counters.inc("queue_write_errors", resource=resource, errno=str(error.errno))
+        suppressed = self._ratelimit(f"write/{resource}/{error.errno}")
+        if suppressed is not None:
+            log.error(
+                "queue_write_failed",
+                resource=resource,
+                error=str(error),
+                hint="events stay buffered in memory (bounded) until the disk takes them",
+                suppressed=suppressed,
+            )
+
+    async def sync_all(self) -> None:
+        for name, queue in self.agent.queues.items():
+            try:
+                await trio.to_thread.run_sync(queue.sync)
+            except OSError as e:
+                self.write_failed(name, e)
+
+    async def run(self) -> None:
+        if self.policy == "never":
+            await trio.sleep_forever()
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            await self.sync_all()
+            if self.policy == "interval":
+                await trio.sleep(self.interval)

@@ -1,0 +1,120 @@
+"""Dead letters: items the API rejected for themselves, kept for a human to look at or replay.
+
+One NDJSON file per resource in `<state dir>/dead-letters/`, a line per item:
+`{"time", "resource", "status", "message", "errors", "attempts", "item"}`. The file is bounded:
+past `max_bytes` it is rotated to `<resource>.ndjson.1` (one generation kept), so a schema
+drift that rejects everything cannot fill the disk. Rotation drops the older generation; that
+drop is counted by the caller through the return value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+
+class DeadLetters:
+    """Append-only, rotated NDJSON files of rejected items, one per resource."""
+
+    def __init__(self, directory: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+
+    def path(self, resource: str) -> Path:
+        return self.directory / f"{resource}.ndjson"
+
+    def add(
+        self,
+        resource: str,
+        items: list[bytes],
+        *,
+        status: int,
+        message: str,
+        errors: Any = None,
+        attempts: int = 1,
+    ) -> int:
+        """Append one line per item (each a JSON document as stored in the queue).
+
+        Returns how many older lines rotation discarded (0 almost always).
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        lines = []
+        for raw in items:
+            try:
+                item = json.loads(raw)
+            except ValueError:
+                item = raw.decode("utf-8", "replace")
+            record = {
+                "time": now,
+                "resource": resource,
+                "status": status,
+                "message": message,
+                "errors": errors,
+                "attempts": attempts,
+                "item": item,
+            }
+            lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+        data = ("\n".join(lines) + "\n").encode()
+        path = self.path(resource)
+        discarded = 0
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size and size + len(data) > self.max_bytes:
+            old = path.with_name(path.name + ".1")
+            discarded = _count_lines(old)
+            os.replace(path, old)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return discarded
+
+    def resources(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.name.removesuffix(".ndjson") for p in self.directory.glob("*.ndjson"))
+
+    def read(self, resource: str) -> Iterator[dict[str, Any]]:
+        """Every dead letter of `resource`, oldest first (rotated generation included)."""
+        path = self.path(resource)
+        for p in (path.with_name(path.name + ".1"), path):
+            if not p.exists():
+                continue
+            with open(p, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except ValueError:
+                            continue
+
+    def count(self, resource: str) -> int:
+        path = self.path(resource)
+        return _count_lines(path) + _count_lines(path.with_name(path.name + ".1"))
+
+    def purge(self, resource: str) -> int:
+        """Delete the resource's dead letters; returns how many were removed."""
+        n = self.count(resource)
+        path = self.path(resource)
+        for p in (path, path.with_name(path.name + ".1")):
+            p.unlink(missing_ok=True)
+        return n
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,111 @@
+"""Ingest: a burst of datagrams → decoded entries → validated items → appended to the queues.
+
+Runs synchronously in the source task between socket reads, so it must be cheap: decode,
+validate, JSON-encode once (the stored bytes are exactly what goes into the request body), append
+to the resource's queue buffer. At the end of the burst each touched queue is flushed to the OS
+in one write and its lane is woken; fsync happens elsewhere (group commit, see `agent`).
+
+Every event that does not make it into a queue is counted by reason and logged at most once per
+interval per reason, with a sample, so a broken client is visible without flooding the log.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import structlog
+
+from traits_agent.log import RateLimited
+from traits_agent.metrics import Counters
+from traits_agent.resources import Rejected, Resource, normalize, resolve_tag
+from traits_agent.wire import decode_datagram
+
+log = structlog.get_logger(__name__)
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class Ingest:
+    """Turns bursts of raw datagrams into queued items."""
+
+    def __init__(
+        self,
+        lanes: dict,
+        counters: Counters,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        on_write_error: Callable[[str, OSError], None] | None = None,
+    ) -> None:
+        #: canonical resource name → Lane (its `.queue` and `.notify()`)
+        self.lanes = lanes
+        self.counters = counters
+        self.wall_clock = wall_clock
+        self.on_write_error = on_write_error
+        self._ratelimit = RateLimited(interval=10.0)
+
+    def reject(self, reason: str, sample: object = None, **context: object) -> None:
+        """Count one rejected event (or datagram) and log it, rate-limited per reason."""
+        self.counters.inc("rejected_events", reason=reason)
+        suppressed = self._ratelimit(f"rejected/{reason}")
+        if suppressed is not None:
+            text = repr(sample)
+            log.warning(
+                "event_rejected",
+                reason=reason,
+                sample=text[:300],
+                suppressed=suppressed,
+                **context,
+            )
+
+    def handle(self, datagrams: list[bytes]) -> None:
+        """The sink for a datagram source: everything in `datagrams`, then flush."""
+        now = self.wall_clock()
+        counters = self.counters
+        touched: set[str] = set()
+        events = 0
+        for data in datagrams:
+            result = decode_datagram(data)
+            for error in result.errors:
+                self.reject(error, data[:64])
+            for entry in result.entries:
+                events += 1
+                resource = resolve_tag(entry.tag) if isinstance(entry.tag, str) else None
+                if resource is None:
+                    self.reject("unknown_resource", entry.tag)
+                    continue
+                if self._store(resource, entry.record, entry.time or now):
+                    touched.add(resource.name)
+        counters.inc("received_datagrams", len(datagrams))
+        counters.inc("received_events", events)
+        self.flush(touched)
+
+    def _store(self, resource: Resource, record: object, event_time: float) -> bool:
+        try:
+            normalized = normalize(resource, record, event_time)
+        except Rejected as e:
+            self.reject(e.reason, record, resource=resource.name, field=e.field, error=str(e))
+            return False
+        if normalized.stripped:
+            self.counters.inc("stripped_fields", len(normalized.stripped), resource=resource.name)
+        payload = _encode(normalized.item).encode()
+        try:
+            accepted = self.lanes[resource.name].queue.append(payload)
+        except ValueError as e:  # larger than a queue record may be
+            self.reject("too_large", record, resource=resource.name, error=str(e))
+            return False
+        if accepted:
+            self.counters.inc("accepted_events", resource=resource.name)
+        return accepted
+
+    def flush(self, names: set[str]) -> None:
+        """Write the touched queues' buffers to the OS and wake their lanes."""
+        for name in names:
+            lane = self.lanes[name]
+            try:
+                lane.queue.flush()
+            except OSError as e:
+                if self.on_write_error:
+                    self.on_write_error(name, e)
+            lane.notify()

@@ -1,0 +1,97 @@
+"""structlog setup: JSON lines off a TTY (journald, files), a readable console on a TTY.
+
+Events are `snake_case` verbs with key=value context. Two guards sit in the processor chain:
+`redact` replaces the API key wherever it appears (a URL with `?api_key=`, an error text that
+echoes a header) and `RateLimited` keeps a storm of identical warnings to one line per interval
+with a count of what it held back.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+import structlog
+
+_secrets: list[str] = []
+
+REDACTED = "***"
+
+
+def add_secret(value: str | None) -> None:
+    """Register a string that must never appear in a log line."""
+    if value and value not in _secrets:
+        _secrets.append(value)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        for secret in _secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_scrub(v) for v in value)
+    return value
+
+
+def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> Any:
+    """structlog processor: replace every registered secret in every value."""
+    if not _secrets:
+        return event_dict
+    return {k: _scrub(v) if k != "event" else v for k, v in event_dict.items()}
+
+
+def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+    """Configure structlog once for the process (called by the CLI)."""
+    stream = stream or sys.stdout
+    if fmt == "auto":
+        fmt = "console" if stream.isatty() else "json"
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            getattr(logging, level.upper(), logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+class RateLimited:
+    """Let one line per `key` through every `interval` seconds; count the rest.
+
+    The next line that passes carries `suppressed=N`, so an operator sees how much was held
+    back. `clock` is injectable for tests (defaults to time.monotonic).
+    """
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self._next: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def __call__(self, key: str) -> int | None:
+        """None: hold this line back. An int: log it, with that many suppressed before it."""
+        now = self.clock()
+        if now < self._next.get(key, float("-inf")):
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._next[key] = now + self.interval
+        return self._held.pop(key, 0)

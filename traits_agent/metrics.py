@@ -1,0 +1,50 @@
+"""Counters the whole agent shares: what came in, what was rejected and why, what left.
+
+A counter is named like its Prometheus export (`received_events`, `rejected_events` with a
+`reason` label, ...). Every place that drops or rejects something increments a counter here in
+the same breath as it logs, so `status` and `/metrics` never disagree with the logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+LabelKey = tuple[tuple[str, str], ...]
+
+
+class Counters:
+    """Monotonic counters keyed by name and a small set of string labels."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, dict[LabelKey, int]] = {}
+
+    def inc(self, name: str, amount: int = 1, **labels: str) -> None:
+        series = self._values.setdefault(name, {})
+        key = tuple(sorted(labels.items()))
+        series[key] = series.get(key, 0) + amount
+
+    def get(self, name: str, **labels: str) -> int:
+        """The value for exactly these labels (0 if never incremented)."""
+        return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0)
+
+    def total(self, name: str, **match: str) -> int:
+        """Sum over every series of `name` whose labels include `match`."""
+        return sum(
+            value
+            for key, value in self._values.get(name, {}).items()
+            if all(item in key for item in match.items())
+        )
+
+    def by_label(self, name: str, label: str, **match: str) -> dict[str, int]:
+        """{label value: sum} over the series of `name` matching `match`."""
+        out: dict[str, int] = {}
+        for key, value in self._values.get(name, {}).items():
+            labels = dict(key)
+            if label in labels and all(labels.get(k) == v for k, v in match.items()):
+                out[labels[label]] = out.get(labels[label], 0) + value
+        return out
+
+    def series(self) -> Iterator[tuple[str, dict[str, str], int]]:
+        for name, by_key in sorted(self._values.items()):
+            for key, value in sorted(by_key.items()):
+                yield name, dict(key), value

@@ -1,0 +1,351 @@
+"""Uploader: turns one batch into HTTP requests until every item is delivered or dead-lettered.
+
+The answer table (interface §4) is `classify()`; `Uploader.deliver()` acts on it:
+
+==========================  ===============================================================
+2xx                         delivered
+429 / 503 + Retry-After     wait as told (clamped 1 s .. 15 min), retry
+408, 429, 5xx, transport    full-jitter exponential backoff, capped, retry — forever: data
+                            leaves the queue only by delivery, dead letter or the disk quota
+400, 422                    bisect to isolate the items the API rejects (it names a field, not
+                            an item); deliver the rest; dead-letter the rejected single items
+413                         split in halves and retry; the byte bound for later batches shrinks
+401, 403                    hold (nothing is lost), state `auth_failed`, error log at most once a
+                            minute, probe slowly
+404, 405, 410               hold this resource, state `endpoint_error` (12traits has moved
+                            endpoints before): a configuration problem, probe slowly
+==========================  ===============================================================
+
+Every request carries `Idempotency-Key`, stable across retries of the same items, so a server
+that deduplicates can. Delivery is still at-least-once: a crash between the API's 2xx and the
+queue's commit re-sends that batch after restart.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import httpx
+import structlog
+import trio
+
+from traits_agent import __version__
+from traits_agent.backoff import Backoff, parse_retry_after
+from traits_agent.deadletter import DeadLetters
+from traits_agent.log import RateLimited
+from traits_agent.metrics import Counters
+from traits_agent.resources import Resource
+
+log = structlog.get_logger(__name__)
+
+USER_AGENT = f"traits-agent/{__version__}"
+#: while held on 401/403/404, probe at most this often
+HOLD_PROBE_MIN_S = 5.0
+HOLD_PROBE_MAX_S = 60.0
+#: with at least this many items rejected one by one in a batch, and more than half of what was
+#: tried, stop bisecting: it is schema drift, not a bad item
+DRIFT_MIN_REJECTED = 16
+
+
+class Outcome(enum.Enum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    REJECTED = "rejected"  # 400/422: the items are at fault
+    TOO_LARGE = "too_large"  # 413
+    AUTH = "auth_failed"  # 401/403
+    ENDPOINT = "endpoint_error"  # 404/405/410
+
+
+def classify(status: int) -> Outcome:
+    """Map an HTTP status to what the agent does about it."""
+    if 200 <= status < 300:
+        return Outcome.DELIVERED
+    if status in (400, 422):
+        return Outcome.REJECTED
+    if status == 413:
+        return Outcome.TOO_LARGE
+    if status in (401, 403):
+        return Outcome.AUTH
+    if status in (404, 405, 410) or 300 <= status < 400:
+        return Outcome.ENDPOINT
+    return Outcome.RETRY  # 408, 429, 5xx and anything unexpected: the data is fine, try again
+
+
+@dataclass
+class UpstreamState:
+    """What `status` shows about one resource's upstream."""
+
+    state: str = "ok"  # ok | retrying | auth_failed | endpoint_error
+    last_error: str | None = None
+    last_error_at: str | None = None
+    next_retry_at: float | None = None  # trio clock
+    delivered: int = 0
+    dead_lettered: int = 0
+    requests: int = 0
+    retries: int = 0
+
+
+def build_body(resource: Resource, payloads: list[bytes]) -> bytes:
+    """The JSON body, assembled from the stored JSON documents without re-encoding them."""
+    items = b"[" + b",".join(payloads) + b"]"
+    if resource.payload_key is None:  # playfab: a JSON array of events
+        return items
+    return b'{"' + resource.payload_key.encode() + b'":' + items + b"}"
+
+
+def idempotency_key(agent_id: str, resource: str, first_seq: int, count: int) -> str:
+    """Stable for the same items across retries and restarts (seqs survive restarts)."""
+    digest = hashlib.sha256(f"{agent_id}/{resource}/{first_seq}/{count}".encode()).hexdigest()
+    return digest[:32]
+
+
+class Uploader:
+    """Delivers batches for every resource over one shared HTTP client."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        api_key: str,
+        counters: Counters,
+        dead_letters: DeadLetters,
+        backoff: Backoff,
+        max_in_flight: int = 4,
+        agent_id: str = "",
+        wall_clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.client = client
+        self.api_key = api_key
+        self.counters = counters
+        self.dead_letters = dead_letters
+        self.backoff = backoff
+        self.limiter = trio.CapacityLimiter(max_in_flight)
+        self.agent_id = agent_id
+        self.states: dict[str, UpstreamState] = {}
+        #: shrinks after a 413 so later batches fit (bytes of JSON body)
+        self.byte_limit: dict[str, int] = {}
+        self._ratelimit = RateLimited(interval=60.0, clock=trio.current_time)
+
+    def state(self, resource: str) -> UpstreamState:
+        return self.states.setdefault(resource, UpstreamState())
+
+    async def deliver(self, resource: Resource, payloads: list[bytes], first_seq: int) -> None:
+        """Return once every payload is delivered or dead-lettered. Cancellation is safe: the
+        caller has not committed anything, so the batch is re-read after restart."""
+        st = self.state(resource.name)
+        # parts still to send, in queue order; (offset in batch, payloads)
+        parts: list[tuple[int, list[bytes]]] = [(0, payloads)]
+        tried = rejected = 0
+        drift = False
+        while parts:
+            offset, part = parts.pop(0)
+            key = idempotency_key(self.agent_id, resource.name, first_seq + offset, len(part))
+            outcome, status, detail = await self._send_until_decided(resource, part, key, st)
+            if outcome is Outcome.DELIVERED:
+                tried += len(part)
+                st.delivered += len(part)
+                self.counters.inc("delivered_items", len(part), resource=resource.name)
+                self.counters.inc("delivered_batches", resource=resource.name)
+                continue
+            # REJECTED or TOO_LARGE
+            if len(part) > 1 and not drift:
+                half = len(part) // 2
+                parts[0:0] = [(offset, part[:half]), (offset + half, part[half:])]
+                continue
+            tried += len(part)
+            rejected += len(part)
+            self._dead_letter(resource, part, status, detail, drift)
+            if not drift and rejected >= DRIFT_MIN_REJECTED and rejected * 2 > tried:
+                drift = True
+                log.error(
+                    "schema_drift_suspected",
+                    resource=resource.name,
+                    rejected=rejected,
+                    tried=tried,
+                    status=status,
+                    message=detail.get("message"),
+                    hint="most items are rejected: check the event schema against the API",
+                )
+
+    def _dead_letter(
+        self, resource: Resource, part: list[bytes], status: int, detail: dict, drift: bool
+    ) -> None:
+        st = self.state(resource.name)
+        st.dead_lettered += len(part)
+        reason = "schema_drift" if drift else ("too_large" if status == 413 else "rejected")
+        self.counters.inc("dead_lettered_items", len(part), resource=resource.name, reason=reason)
+        try:
+            lost = self.dead_letters.add(
+                resource.name,
+                part,
+                status=status,
+                message=str(detail.get("message", "")),
+                errors=detail.get("errors"),
+            )
+        except OSError as e:
+            lost = len(part)
+            log.error("dead_letter_write_failed", resource=resource.name, error=str(e))
+        if lost:
+            self.counters.inc(
+                "dropped_items", lost, resource=resource.name, reason="dead_letter_rotated"
+            )
+        key = f"dead_letter/{resource.name}"
+        suppressed = self._ratelimit(key)
+        if suppressed is not None:
+            log.warning(
+                "dead_lettered",
+                resource=resource.name,
+                items=len(part),
+                status=status,
+                message=detail.get("message"),
+                errors=detail.get("errors"),
+                suppressed=suppressed,
+            )
+
+    async def _send_until_decided(
+        self, resource: Resource, part: list[bytes], key: str, st: UpstreamState
+    ) -> tuple[Outcome, int, dict]:
+        """POST `part` until the answer is about the items (2xx, 400/422/413), not about
+        the connection, the server's load or our credentials."""
+        attempt = 0
+        hold_attempt = 0
+        while True:
+            limit = self.byte_limit.get(resource.name)
+            body = build_body(resource, part)
+            if limit is not None and len(body) > limit and len(part) > 1:
+                return Outcome.TOO_LARGE, 413, {"message": "split to fit the learned size limit"}
+            status, detail, retry_after = await self._post(resource, body, key, len(part))
+            st.requests += 1
+            outcome = classify(status) if status else Outcome.RETRY
+            if outcome is Outcome.DELIVERED:
+                if st.state != "ok":
+                    log.info("upstream_recovered", resource=resource.name, previous=st.state)
+                st.state, st.next_retry_at = "ok", None
+                return outcome, status, detail
+            if outcome in (Outcome.REJECTED, Outcome.TOO_LARGE):
+                if outcome is Outcome.TOO_LARGE:
+                    self.byte_limit[resource.name] = max(1024, len(body) // 2)
+                return outcome, status, detail
+            error = detail.get("error") or f"HTTP {status} {detail.get('message', '')}".strip()
+            st.last_error = error
+            st.last_error_at = datetime.now(UTC).isoformat(timespec="seconds")
+            if outcome in (Outcome.AUTH, Outcome.ENDPOINT):
+                st.state = outcome.value
+                delay = min(
+                    HOLD_PROBE_MAX_S, max(HOLD_PROBE_MIN_S, self.backoff.delay(hold_attempt))
+                )
+                hold_attempt += 1
+                self._log_hold(resource, outcome, status, error, delay)
+            else:
+                st.state = "retrying"
+                delay = retry_after if retry_after is not None else self.backoff.delay(attempt)
+                attempt += 1
+                log.warning(
+                    "upload_retrying",
+                    resource=resource.name,
+                    items=len(part),
+                    status=status or None,
+                    error=error,
+                    attempt=attempt,
+                    retry_in_s=round(delay, 3),
+                )
+            st.retries += 1
+            self.counters.inc("upload_retries", resource=resource.name, reason=_reason(status))
+            st.next_retry_at = trio.current_time() + delay
+            await trio.sleep(delay)
+
+    def _log_hold(
+        self, resource: Resource, outcome: Outcome, status: int, error: str, delay: float
+    ) -> None:
+        suppressed = self._ratelimit(f"{outcome.value}/{resource.name}")
+        if suppressed is None:
+            return
+        if outcome is Outcome.AUTH:
+            log.error(
+                "upload_auth_failed",
+                resource=resource.name,
+                status=status,
+                error=error,
+                hint="check the API key; delivery is held, nothing is dropped",
+                probe_in_s=round(delay, 1),
+                suppressed=suppressed,
+            )
+        else:
+            log.error(
+                "upload_endpoint_error",
+                resource=resource.name,
+                status=status,
+                error=error,
+                path=resource.path,
+                hint="check api.endpoint; this resource is held, nothing is dropped",
+                probe_in_s=round(delay, 1),
+                suppressed=suppressed,
+            )
+
+    async def _post(
+        self, resource: Resource, body: bytes, key: str, items: int
+    ) -> tuple[int, dict, float | None]:
+        """One request. Returns (status or 0 for transport errors, detail, retry_after)."""
+        params = {"api_key": self.api_key} if resource.payload_key is None else None
+        headers = {
+            "Authorization": f"Bearer {self.api_key}",
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "Idempotency-Key": key,
+        }
+        async with self.limiter:
+            start = trio.current_time()
+            try:
+                response = await self.client.post(
+                    resource.path, content=body, headers=headers, params=params
+                )
+            except httpx.TransportError as e:
+                # the message may echo the URL, which for playfab holds the key: log.redact
+                # scrubs it, and we name only the exception type here
+                return 0, {"error": f"{type(e).__name__}: {e}"}, None
+            finally:
+                self.counters.inc("upload_requests", resource=resource.name)
+            elapsed = trio.current_time() - start
+        detail: dict = {}
+        try:
+            parsed = response.json()
+            if isinstance(parsed, dict):
+                detail = parsed
+        except ValueError:
+            detail = {"message": response.text[:200]}
+        retry_after = None
+        if response.status_code in (429, 503):
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+        log.debug(
+            "upload_answered",
+            resource=resource.name,
+            items=items,
+            bytes=len(body),
+            status=response.status_code,
+            seconds=round(elapsed, 4),
+        )
+        return response.status_code, detail, retry_after
+
+
+def _reason(status: int) -> str:
+    if status == 0:
+        return "transport"
+    return str(status)
+
+
+def make_client(base_url: str, *, connect_timeout: float, timeout: float, max_in_flight: int):
+    """The one shared client: keep-alive, explicit timeouts, no redirects (a redirect means the
+    endpoint is wrong, and following it would re-send the key elsewhere)."""
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=httpx.Timeout(timeout, connect=connect_timeout),
+        limits=httpx.Limits(
+            max_connections=max_in_flight + 4, max_keepalive_connections=max_in_flight + 4
+        ),
+        follow_redirects=False,
+        trust_env=not base_url.startswith("http://"),
+    )

@@ -11,12 +11,43 @@ from collections.abc import Iterator
 
 LabelKey = tuple[tuple[str, str], ...]
 
+#: upload latency buckets, seconds (loopback fake API to a slow transatlantic API)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Histogram:
+    """Cumulative-bucket histogram in the Prometheus sense (`le` upper bounds)."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.sum += value
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+
+
 
 class Counters:
     """Monotonic counters keyed by name and a small set of string labels."""
 
     def __init__(self) -> None:
         self._values: dict[str, dict[LabelKey, int]] = {}
+        self.histograms: dict[str, dict[LabelKey, Histogram]] = {}
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        """Record `value` (seconds) in the histogram `name` for these labels."""
+        series = self.histograms.setdefault(name, {})
+        key = tuple(sorted(labels.items()))
+        hist = series.get(key)
+        if hist is None:
+            hist = series[key] = Histogram()
+        hist.observe(value)
 
     def inc(self, name: str, amount: int = 1, **labels: str) -> None:
         series = self._values.setdefault(name, {})

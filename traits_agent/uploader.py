@@ -310,6 +310,7 @@ class Uploader:
             finally:
                 self.counters.inc("upload_requests", resource=resource.name)
             elapsed = trio.current_time() - start
+            self.counters.observe("upload_seconds", elapsed, resource=resource.name)
         detail: dict = {}
         try:
             parsed = response.json()

@@ -1,0 +1,288 @@
+"""msgpack Fluentd Forward-protocol entries <-> `(tag, time, record)` events.
+
+Game servers send events as msgpack in the entry forms of the Fluentd Forward protocol v1, so
+any Fluentd / Fluent Bit client library can feed the agent:
+
+* Message        `[tag, time, record]` or `[tag, time, record, option]`
+* Forward        `[tag, [[time, record], ...], option?]`
+* PackedForward  `[tag, bin, option?]`: `bin` is concatenated msgpack `[time, record]` arrays
+  (old Fluentd sends it as a raw str; that works too)
+* CompressedPackedForward: the same with `option["compressed"] == "gzip"`; `bin` may be several
+  concatenated gzip members. Decompression is capped at `MAX_DECOMPRESSED` bytes (zip bombs).
+
+`time` is an int or float (seconds since the epoch), the protocol's EventTime (ext type 0, eight
+bytes: big-endian uint32 seconds and uint32 nanoseconds, as fixext8 or ext8), a msgpack
+Timestamp (ext -1), or nil: `Entry.time` is then None and the receiver uses the receive time.
+
+A datagram holds one or more concatenated msgpack values. `decode_datagram` never raises on any
+input: what it cannot use becomes a snake_case reason in `errors`, and the entries before (and,
+for a well-formed but wrong value, after) a broken value are kept. `decode_value` decodes one
+already-unpacked value (the stream listener reuses it) and raises `WireError` when it is not a
+usable entry; it is all-or-nothing, since a Forward chunk is also the unit of acknowledgement.
+
+This module only checks the envelope. Whether a tag names a resource and whether a record fits
+it is `resources`' job.
+
+Error reasons: `not_msgpack`, `truncated` (a value cut short, or an empty datagram),
+`not_an_entry`, `bad_tag`, `bad_time`, `bad_option`, `bad_packed`, `bad_compressed`.
+A nil value (a heartbeat) and the one-byte UDP heartbeat `b"\\x00"` are ignored silently.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import msgpack
+
+MAX_DECOMPRESSED = 16 * 1024 * 1024
+"""The most bytes one CompressedPackedForward value may inflate to."""
+
+MAX_TAG_LENGTH = 1024
+
+_EVENT_TIME = struct.Struct(">II")
+_UDP_HEARTBEAT = b"\x00"
+
+
+class Entry(NamedTuple):
+    """One event: the tag as sent, the event time (None: use the receive time), the record."""
+
+    tag: str
+    time: float | None
+    record: object
+
+
+class DecodeResult(NamedTuple):
+    """What a datagram held: the usable entries, and one reason per thing that was not."""
+
+    entries: list[Entry]
+    errors: list[str]
+
+
+class WireError(ValueError):
+    """A msgpack value that is not a usable Forward-protocol entry; `reason` is a counter label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _ext_hook(code: int, data: bytes) -> object:
+    """EventTime (ext 0, 8 bytes) -> float seconds; any other ext stays an `ExtType`."""
+    if code == 0 and len(data) == 8:
+        seconds, nanoseconds = _EVENT_TIME.unpack(data)
+        if nanoseconds < 1_000_000_000:
+            return seconds + nanoseconds / 1e9
+    return msgpack.ExtType(code, data)
+
+
+# Strings that are not UTF-8 come through with lone surrogates instead of failing the whole
+# datagram: a raw-str PackedForward can be turned back into its bytes, and `resources` rejects
+# such strings in a record field by field.
+_UNPACK_OPTIONS: dict[str, Any] = {
+    "raw": False,
+    "strict_map_key": False,
+    "unicode_errors": "surrogateescape",
+    "ext_hook": _ext_hook,
+}
+
+
+def _failure(exc: Exception) -> str:
+    if type(exc) is ValueError and "incomplete" in str(exc):
+        return "truncated"
+    return "not_msgpack"
+
+
+def _split_values(data: bytes) -> tuple[list[Any], str | None]:
+    """Every msgpack value in `data`, and the reason the rest (if any) could not be read.
+
+    One `unpackb` serves the common case of a single value (the fastest path); only when there
+    is more does an `Unpacker` take the rest, with limits sized to it so that a claimed length
+    cannot make it allocate more than the bytes at hand.
+    """
+    try:
+        return [msgpack.unpackb(data, **_UNPACK_OPTIONS)], None
+    except msgpack.ExtraData as more:
+        values = [more.unpacked]
+        rest: bytes = more.extra
+    except Exception as exc:  # malformed input of any kind; never escapes
+        return [], _failure(exc)
+    unpacker = msgpack.Unpacker(max_buffer_size=len(rest), **_UNPACK_OPTIONS)
+    unpacker.feed(rest)
+    end = 0  # where the last whole value ended: tell() also counts a partial one
+    try:
+        for value in unpacker:  # stops quietly at an incomplete tail
+            values.append(value)
+            end = unpacker.tell()
+    except Exception as exc:
+        return values, _failure(exc)
+    if end < len(rest):
+        return values, "truncated"
+    return values, None
+
+
+def decode_datagram(data: bytes) -> DecodeResult:
+    """All the entries in one datagram, and a reason for each part that was unusable."""
+    entries: list[Entry] = []
+    errors: list[str] = []
+    if data == _UDP_HEARTBEAT:
+        return DecodeResult(entries, errors)
+    values, failure = _split_values(data)
+    for value in values:
+        if value is None:  # nil: a heartbeat
+            continue
+        try:
+            entries.extend(decode_value(value)[0])
+        except WireError as exc:
+            errors.append(exc.reason)
+    if failure is not None:
+        errors.append(failure)
+    return DecodeResult(entries, errors)
+
+
+def decode_value(obj: Any) -> tuple[list[Entry], dict[Any, Any] | None]:
+    """The entries in one unpacked Forward-protocol value, and its option map (or None).
+
+    Raises `WireError` when the value is not an entry in one of the four forms, or when any of
+    its events is malformed (the value is taken whole or not at all).
+    """
+    if type(obj) is not list or not 2 <= len(obj) <= 4:
+        raise WireError("not_an_entry")
+    tag = _tag(obj[0])
+    second = obj[1]
+    kind = type(second)
+    if kind is list:  # Forward
+        option = _option(obj, 2)
+        return [_pair(tag, event) for event in second], option
+    if kind is bytes or kind is str:  # PackedForward, maybe compressed
+        option = _option(obj, 2)
+        return _packed(tag, second, option), option
+    if len(obj) < 3:  # Message
+        raise WireError("not_an_entry", "a message needs a record")
+    return [Entry(tag, _time(second), obj[2])], _option(obj, 3)
+
+
+def _tag(tag: Any) -> str:
+    if type(tag) is bytes:
+        try:
+            tag = tag.decode()
+        except UnicodeDecodeError:
+            raise WireError("bad_tag", "not UTF-8") from None
+    if type(tag) is not str or not tag or len(tag) > MAX_TAG_LENGTH:
+        raise WireError("bad_tag")
+    if not tag.isascii():
+        try:
+            tag.encode()
+        except UnicodeEncodeError:
+            raise WireError("bad_tag", "not UTF-8") from None
+    return tag
+
+
+def _time(value: Any) -> float | None:
+    kind = type(value)
+    if kind is float:
+        if math.isfinite(value):
+            return value
+    elif kind is int:
+        return float(value)
+    elif value is None:
+        return None
+    elif kind is msgpack.Timestamp:
+        return value.to_unix()
+    raise WireError("bad_time")
+
+
+def _option(obj: list[Any], index: int) -> dict[Any, Any] | None:
+    if len(obj) <= index:
+        return None
+    if len(obj) > index + 1:
+        raise WireError("not_an_entry", "too many elements")
+    option = obj[index]
+    if option is None or type(option) is dict:
+        return option
+    raise WireError("bad_option")
+
+
+def _pair(tag: str, event: Any) -> Entry:
+    if type(event) is not list or len(event) != 2:
+        raise WireError("not_an_entry", "an event must be [time, record]")
+    return Entry(tag, _time(event[0]), event[1])
+
+
+def _packed(tag: str, payload: bytes | str, option: dict[Any, Any] | None) -> list[Entry]:
+    if type(payload) is str:  # old Fluentd: raw str; surrogateescape gives the bytes back
+        payload = payload.encode("utf-8", "surrogateescape")
+    compressed = option.get("compressed") if option else None
+    if compressed == "gzip":
+        payload = gunzip(payload)
+    elif compressed not in (None, "text"):
+        raise WireError("bad_compressed", f"unknown compression {compressed!r}")
+    if not payload:
+        return []
+    events, failure = _split_values(payload)
+    if failure is not None:
+        raise WireError("bad_packed", failure)
+    try:
+        return [_pair(tag, event) for event in events]
+    except WireError as exc:
+        raise WireError("bad_packed", exc.reason) from None
+
+
+def gunzip(data: bytes, limit: int = MAX_DECOMPRESSED) -> bytes:
+    """Inflate one or more concatenated gzip members; `WireError("bad_compressed")` past `limit`.
+
+    Bounded: never holds more than `limit + 1` bytes of output, whatever the input claims.
+    """
+    out: list[bytes] = []
+    total = 0
+    while data:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            chunk = inflater.decompress(data, limit - total + 1)
+        except zlib.error as exc:
+            raise WireError("bad_compressed", str(exc)) from None
+        total += len(chunk)
+        if total > limit:
+            raise WireError("bad_compressed", f"inflates past {limit} bytes")
+        if not inflater.eof:
+            raise WireError("bad_compressed", "truncated gzip member")
+        out.append(chunk)
+        data = inflater.unused_data
+    return b"".join(out)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def pack_time(t: float | None) -> int | float | msgpack.ExtType | None:
+    """The wire form of an event time: nil, an int for whole seconds, else an EventTime.
+
+    A fractional time outside EventTime's range (before 1970 or past 2106) stays a float.
+    """
+    if t is None or type(t) is int:
+        return t
+    seconds = math.floor(t) if math.isfinite(t) else None
+    if seconds is None or not 0 <= seconds < 2**32:
+        return t
+    nanoseconds = round((t - seconds) * 1e9)
+    if nanoseconds == 0:
+        return seconds
+    if nanoseconds >= 1_000_000_000:
+        return seconds + 1
+    return msgpack.ExtType(0, _EVENT_TIME.pack(seconds, nanoseconds))
+
+
+def encode_event(tag: str, record: object, time: float | None = None) -> bytes:
+    """One event as a Message entry `[tag, time, record]`."""
+    return msgpack.packb([tag, pack_time(time), record], use_bin_type=True)
+
+
+def encode_forward(tag: str, events: Iterable[tuple[float | None, object]]) -> bytes:
+    """Many events of one tag as a Forward entry `[tag, [[time, record], ...]]`."""
+    return msgpack.packb([tag, [[pack_time(t), r] for t, r in events]], use_bin_type=True)

@@ -120,7 +120,7 @@ def test_api_key_lookup_order(tmp_path):
     assert resolve_api_key(Config(), env) == "from-credentials"
     assert resolve_api_key(Config(), {}) is None
     missing = from_mapping({"api": {"key_file": str(tmp_path / "absent")}})
-    with pytest.raises(ConfigError, match="api.key_file"):
+    with pytest.raises(ConfigError, match=r"api\.key_file"):
         resolve_api_key(missing, {})
 
 

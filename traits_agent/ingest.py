@@ -75,7 +75,13 @@ class Ingest:
                 if resource is None:
                     self.reject("unknown_resource", entry.tag)
                     continue
-                if self._store(resource, entry.record, entry.time or now):
+                event_time = now if entry.time is None else entry.time
+                if resource.passthrough and isinstance(entry.record, list):
+                    # PlayFab posts arrays of events: store each as its own item
+                    stored = [self._store(resource, one, event_time) for one in entry.record]
+                    if any(stored):
+                        touched.add(resource.name)
+                elif self._store(resource, entry.record, event_time):
                     touched.add(resource.name)
         counters.inc("received_datagrams", len(datagrams))
         counters.inc("received_events", events)

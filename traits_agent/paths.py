@@ -8,6 +8,7 @@ directories. systemd may pass several colon-separated directories; the first is 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import platformdirs
@@ -26,8 +27,17 @@ def _first_env_dir(name: str) -> Path | None:
 
 
 def runtime_dir() -> Path:
-    """Directory for sockets: systemd's RuntimeDirectory, else the user runtime dir."""
-    return _first_env_dir("RUNTIME_DIRECTORY") or Path(platformdirs.user_runtime_dir(APP_NAME))
+    """Directory for sockets: systemd's RuntimeDirectory, else the user runtime dir.
+
+    Without $XDG_RUNTIME_DIR (cron, su, containers) platformdirs falls back to a /tmp path
+    and warns on stderr; the fallback is fine for us, the warning would only confuse `send`.
+    """
+    found = _first_env_dir("RUNTIME_DIRECTORY")
+    if found:
+        return found
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Path(platformdirs.user_runtime_dir(APP_NAME))
 
 
 def state_dir() -> Path:

@@ -15,6 +15,7 @@ sent again after restart: at-least-once); queues are closed. The backlog stays o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -69,6 +70,8 @@ class Agent:
     base_url: str = ""
     started_at: float = field(default_factory=time.time)
     stopping: bool = False
+    #: set by SIGTERM/SIGINT (or `request_stop`): stop reading, flush, exit
+    stop_requested: trio.Event = field(default_factory=trio.Event)
 
     # -- status ---------------------------------------------------------------------------
 
@@ -210,6 +213,7 @@ async def run(
     agent.queues = open_queues(config)
     try:
         async with trio.open_nursery() as root:
+            root.start_soon(_watch_signals, agent.stop_requested)
             base_url = config.api.base_url
             if fake_api:
                 from traits_agent.fakeapi import FakeAPI
@@ -270,7 +274,7 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
             await _start_sources(agent, ingest, syncer, intake)
             await intake.start(serve_control, Path(config.control.socket), agent.snapshot)
             agent.listening["control"] = config.control.socket
-            intake.start_soon(_watch_signals, intake.cancel_scope)
+            intake.start_soon(_cancel_when_set, agent.stop_requested, intake.cancel_scope)
             await delivery.start(systemd.watchdog_task, agent.is_progressing)
             delivery.start_soon(systemd.status_task, agent.describe)
             log.info(
@@ -284,6 +288,9 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
             systemd.ready(agent.describe())
             task_status.started(agent)
         # intake is done: no more reading. Make everything received durable.
+        if config.listen.unix:
+            with contextlib.suppress(OSError):
+                os.unlink(config.listen.unix)
         agent.stopping = True
         systemd.stopping("flushing the queue to disk")
         systemd.extend_timeout(SHUTDOWN_GRACE_S + 10)
@@ -324,12 +331,17 @@ async def _start_sources(agent: Agent, ingest: Ingest, syncer: Syncer, nursery) 
         agent.listening[name] = label or (f"{address[0]}:{address[1]}")
 
 
-async def _watch_signals(scope: trio.CancelScope) -> None:
+async def _watch_signals(stop: trio.Event) -> None:
+    """Installed first thing, so a SIGTERM during start-up still means a graceful stop."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("signal_received", signal=signal.Signals(signum).name)
-            scope.cancel()
-            return
+            stop.set()
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 class Syncer:

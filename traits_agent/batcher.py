@@ -111,7 +111,10 @@ class Lane:
             if not self._full() and trio.current_time() < deadline:
                 await self._wait(deadline)
                 continue
-            await self.send_one()
+            if not await self.send_one():
+                # the count said "pending" but nothing was readable (damage skipped at read
+                # time): wait for new items instead of spinning
+                await self._wait()
 
     async def send_one(self) -> bool:
         """Cut one batch now and deliver it; False if nothing was pending."""

@@ -150,6 +150,13 @@ class Uploader:
                 st.delivered += len(part)
                 self.counters.inc("delivered_items", len(part), resource=resource.name)
                 self.counters.inc("delivered_batches", resource=resource.name)
+                log.info(
+                    "batch_delivered",
+                    resource=resource.name,
+                    items=len(part),
+                    status=status,
+                    message=detail.get("message"),
+                )
                 continue
             # REJECTED or TOO_LARGE
             if len(part) > 1 and not drift:

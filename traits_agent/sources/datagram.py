@@ -121,25 +121,39 @@ async def serve_datagrams(
     """
     sock.setblocking(False)
     task_status.started(sock.getsockname())
-    recv = sock.recv
     try:
         while True:
             await trio.lowlevel.wait_readable(sock)
-            burst: list[bytes] = []
-            for _ in range(DRAIN_MAX):
-                try:
-                    data = recv(MAX_DATAGRAM + 1)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as e:  # e.g. ECONNREFUSED bounced on UDP: not ours to stop on
-                    log.warning("datagram_receive_failed", source=name, error=str(e))
-                    break
-                if len(data) > MAX_DATAGRAM:
-                    on_error("too_large")
-                    continue
-                burst.append(data)
-            if burst:
-                sink(burst)
+            _drain(sock, sink, name, on_error)
     finally:
+        # Stopping: take what the kernel already holds (the senders think it was delivered),
+        # then close. Bounded, synchronous, so it also runs under cancellation.
         with contextlib.suppress(OSError):
+            for _ in range(64):
+                if not _drain(sock, sink, name, on_error):
+                    break
             sock.close()
+
+
+def _drain(sock: socket.socket, sink: Sink, name: str, on_error: Callable[[str], None]) -> int:
+    """Read until the socket is empty (or DRAIN_MAX); hand the burst to `sink`. Returns how
+    many datagrams were read."""
+    burst: list[bytes] = []
+    recv = sock.recv
+    read = 0
+    for _ in range(DRAIN_MAX):
+        try:
+            data = recv(MAX_DATAGRAM + 1)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as e:  # e.g. ECONNREFUSED bounced on UDP: not ours to stop on
+            log.warning("datagram_receive_failed", source=name, error=str(e))
+            break
+        read += 1
+        if len(data) > MAX_DATAGRAM:
+            on_error("too_large")
+            continue
+        burst.append(data)
+    if burst:
+        sink(burst)
+    return read

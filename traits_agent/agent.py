@@ -36,6 +36,7 @@ from traits_agent.deadletter import DeadLetters
 from traits_agent.ingest import Ingest
 from traits_agent.log import RateLimited
 from traits_agent.metrics import Counters
+from traits_agent.prometheus import serve_metrics
 from traits_agent.queue import DiskQueue
 from traits_agent.resources import RESOURCES
 from traits_agent.sources.datagram import (
@@ -72,6 +73,7 @@ class Agent:
     stopping: bool = False
     #: set by SIGTERM/SIGINT (or `request_stop`): stop reading, flush, exit
     stop_requested: trio.Event = field(default_factory=trio.Event)
+    lanes_done: trio.Event = field(default_factory=trio.Event)
 
     # -- status ---------------------------------------------------------------------------
 
@@ -85,6 +87,7 @@ class Agent:
             dropped = {
                 "drop_oldest": queue.dropped_oldest,
                 "drop_newest": queue.dropped_newest,
+                "write_error": queue.dropped_write_error,
                 **c.by_label("dropped_items", "reason", resource=name),
             }
             resources[name] = {
@@ -267,13 +270,16 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
     syncer = Syncer(agent)
     ingest = Ingest(agent.lanes, agent.counters, on_write_error=syncer.write_failed)
     async with client, trio.open_nursery() as delivery:
-        for lane in agent.lanes.values():
-            await delivery.start(lane.run)
         delivery.start_soon(syncer.run)
+        lanes = await _start_lanes(agent, delivery)
         async with trio.open_nursery() as intake:
             await _start_sources(agent, ingest, syncer, intake)
             await intake.start(serve_control, Path(config.control.socket), agent.snapshot)
             agent.listening["control"] = config.control.socket
+            if config.metrics.listen:
+                host, port = parse_host_port(config.metrics.listen)
+                h, p = await intake.start(serve_metrics, agent, host, port)
+                agent.listening["metrics"] = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
             intake.start_soon(_cancel_when_set, agent.stop_requested, intake.cancel_scope)
             await delivery.start(systemd.watchdog_task, agent.is_progressing)
             delivery.start_soon(systemd.status_task, agent.describe)
@@ -297,10 +303,33 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
         await syncer.sync_all()
         in_flight = sum(1 for lane in agent.lanes.values() if lane.in_flight)
         log.info("agent_stopping", in_flight_batches=in_flight, grace_s=SHUTDOWN_GRACE_S)
+        agent.uploader.stop()
         for lane in agent.lanes.values():
             lane.stop()
-        delivery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S
+        # requests on the wire get the grace period; then everything else stops
+        lanes.deadline = trio.current_time() + SHUTDOWN_GRACE_S
+        await agent.lanes_done.wait()
+        delivery.cancel_scope.cancel()
     await syncer.sync_all()
+
+
+async def _start_lanes(agent: Agent, nursery: trio.Nursery) -> trio.CancelScope:
+    """Run every lane in a child nursery; `agent.lanes_done` is set when all have returned.
+    Returns the child's cancel scope, whose deadline bounds the shutdown."""
+    scope = trio.CancelScope()
+
+    async def lanes(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with scope:
+                async with trio.open_nursery() as inner:
+                    for lane in agent.lanes.values():
+                        await inner.start(lane.run)
+                    task_status.started()
+        finally:
+            agent.lanes_done.set()
+
+    await nursery.start(lanes)
+    return scope
 
 
 async def _start_sources(agent: Agent, ingest: Ingest, syncer: Syncer, nursery) -> None:

@@ -20,6 +20,7 @@ import structlog
 import trio
 
 from traits_agent.resources import Resource
+from traits_agent.uploader import Stopping
 
 log = structlog.get_logger(__name__)
 
@@ -127,6 +128,8 @@ class Lane:
         self.in_flight = len(batch.payloads)
         try:
             await self.deliver(self.resource, batch.payloads, batch.first_seq)
+        except Stopping:
+            return True  # not committed: the batch stays queued for the next run
         finally:
             self.in_flight = 0
         self.queue.commit(batch)

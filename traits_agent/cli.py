@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
     fake.add_argument("--api-key", default="test-key", metavar="KEY")
 
+    doctor = with_config(sub.add_parser("doctor", help="check this host and the configuration"))
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument(
+        "--no-network", action="store_true", help="skip the endpoint reachability check"
+    )
+
     dead = with_config(sub.add_parser("dead-letters", help="items the API rejected"))
     dead.add_argument("action", choices=["list", "show", "purge"])
     dead.add_argument("resource", nargs="?")
@@ -266,10 +272,17 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from traits_agent import doctor
+
+    return doctor.main(_config(args), as_json=args.json, network=not args.no_network)
+
+
 COMMANDS = {
     "run": cmd_run,
     "send": cmd_send,
     "status": cmd_status,
     "fake-api": cmd_fake_api,
     "dead-letters": cmd_dead_letters,
+    "doctor": cmd_doctor,
 }

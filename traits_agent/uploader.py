@@ -51,6 +51,11 @@ HOLD_PROBE_MAX_S = 60.0
 DRIFT_MIN_REJECTED = 16
 
 
+class Stopping(Exception):
+    """Raised out of `deliver` when the agent stops while a batch waits to be retried; the
+    batch is not committed and goes out again after restart."""
+
+
 class Outcome(enum.Enum):
     DELIVERED = "delivered"
     RETRY = "retry"
@@ -129,6 +134,11 @@ class Uploader:
         #: shrinks after a 413 so later batches fit (bytes of JSON body)
         self.byte_limit: dict[str, int] = {}
         self._ratelimit = RateLimited(interval=60.0, clock=trio.current_time)
+        self._stopping = trio.Event()
+
+    def stop(self) -> None:
+        """Abandon retry waits now (requests on the wire are left to finish)."""
+        self._stopping.set()
 
     def state(self, resource: str) -> UpstreamState:
         return self.states.setdefault(resource, UpstreamState())
@@ -263,7 +273,10 @@ class Uploader:
             st.retries += 1
             self.counters.inc("upload_retries", resource=resource.name, reason=_reason(status))
             st.next_retry_at = trio.current_time() + delay
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):
+                await self._stopping.wait()
+            if self._stopping.is_set():
+                raise Stopping
 
     def _log_hold(
         self, resource: Resource, outcome: Outcome, status: int, error: str, delay: float

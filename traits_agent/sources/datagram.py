@@ -51,7 +51,7 @@ def set_receive_buffer(sock: socket.socket, wanted: int, name: str) -> int:
             source=name,
             wanted=wanted,
             granted=granted,
-            hint="raise net.core.rmem_max (see systemd/99-traits-agent.conf)",
+            hint="raise net.core.rmem_max (see systemd/60-traits-agent.conf)",
         )
     return granted
 

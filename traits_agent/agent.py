@@ -98,6 +98,7 @@ class Agent:
                 "delivered": c.total("delivered_items", resource=name),
                 "dead_lettered": c.total("dead_lettered_items", resource=name),
                 "dropped": {k: v for k, v in dropped.items() if v},
+                "unsynced_items": max(0, queue.next_seq - 1 - queue.durable_seq),
                 "corrupt_skipped": queue.corrupt_skipped,
                 "upstream": st.state if st else "ok",
                 "last_error": st.last_error if st else None,

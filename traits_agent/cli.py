@@ -123,9 +123,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         key = FAKE_API_KEY
     log.add_secret(key)
     log.setup(config.log.level, config.log.format)
+    from traits_agent.queue import QueueLockedError
+
     try:
         trio.run(lambda: agent.run(config, key, fake_api=args.fake_api))
-    except OSError as e:
+    except (OSError, QueueLockedError) as e:
         import structlog
 
         structlog.get_logger("traits_agent").error("agent_failed", error=str(e))

@@ -1,0 +1,166 @@
+"""Benchmark: events/s from datagram to delivered at the fake API, and the agent's peak RSS.
+
+Runs three processes on this machine: the fake API (`traits-agent fake-api`), the agent
+(`traits-agent run`, fsync=interval) and this script as the sender (a blocking Unix datagram
+sender, so the kernel's max_dgram_qlen cannot drop anything and we measure the agent, not the
+socket). Prints figures; asserts nothing.
+
+    python bench/bench_pipeline.py [--events 200000] [--per-datagram 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from traits_agent.control import request_status
+from traits_agent.wire import encode_event, encode_forward
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=300.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError
+
+
+def fake_count(url: str) -> int:
+    with urllib.request.urlopen(f"{url}/_fake/received?items=0", timeout=10) as r:
+        data = json.loads(r.read())
+    return data.get("total", sum(data.get("counts", {}).values()))
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def run(events: int, per_datagram: int, fsync: str) -> None:
+    work = Path(tempfile.mkdtemp(prefix="ta-bench-", dir="/tmp"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, TRAITS_API_KEY="bench-key")
+    api = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "traits_agent",
+            "fake-api",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--api-key",
+            "bench-key",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    config = work / "agent.toml"
+    config.write_text(
+        f'[api]\nendpoint = "{url}"\n'
+        f'[listen]\nunix = "{work}/events.sock"\nudp = ""\nforward_unix = ""\n'
+        f'[queue]\ndir = "{work}/queue"\nfsync = "{fsync}"\n'
+        f"[batch]\nlinger_ms = 200\n"
+        f'[control]\nsocket = "{work}/control.sock"\n'
+        f'[log]\nlevel = "warning"\n'
+    )
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "traits_agent", "run", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _ok(lambda: fake_count(url) >= 0))
+        wait_for(lambda: _ok(lambda: request_status(work / "control.sock")))
+        rss_idle = peak_rss_kib(agent.pid)
+        if per_datagram == 1:
+            datagrams = [
+                encode_event("level_ups", {"user_id": str(i), "level": 1 + i % 99}, 1.7e9)
+                for i in range(events)
+            ]
+        else:
+            datagrams = [
+                encode_forward(
+                    "level_ups",
+                    [
+                        (1.7e9, {"user_id": str(i), "level": 1 + i % 99})
+                        for i in range(s, min(events, s + per_datagram))
+                    ],
+                )
+                for s in range(0, events, per_datagram)
+            ]
+        sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sender.connect(str(work / "events.sock"))
+        t0 = time.perf_counter()
+        for d in datagrams:
+            sender.send(d)
+        t_sent = time.perf_counter()
+        wait_for(
+            lambda: request_status(work / "control.sock")["received"]["events"] >= events,
+            interval=0.005,
+        )
+        t_ingested = time.perf_counter()
+        wait_for(lambda: fake_count(url) >= events, interval=0.01)
+        t_delivered = time.perf_counter()
+        status = request_status(work / "control.sock")
+        rss_peak = peak_rss_kib(agent.pid)
+        print(
+            f"events={events} per_datagram={per_datagram} fsync={fsync}\n"
+            f"  send:      {events / (t_sent - t0):>10,.0f} events/s (sender, blocking)\n"
+            f"  ingested:  {events / (t_ingested - t0):>10,.0f} events/s "
+            f"(datagram → validated → on disk)\n"
+            f"  delivered: {events / (t_delivered - t0):>10,.0f} events/s "
+            f"(datagram → fake API 201), {t_delivered - t0:.2f} s total\n"
+            f"  batches:   {status['resources']['level_ups']['delivered']} items delivered, "
+            f"rejected={sum(status['rejected'].values())}\n"
+            f"  agent RSS: idle peak {rss_idle / 1024:.1f} MiB, run peak {rss_peak / 1024:.1f} MiB"
+        )
+    finally:
+        for p in (agent, api):
+            p.terminate()
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _ok(fn):
+    try:
+        return fn() is not None
+    except Exception:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--per-datagram", type=int, nargs="*", default=[50, 1])
+    parser.add_argument("--fsync", default="interval")
+    args = parser.parse_args()
+    for n in args.per_datagram:
+        run(args.events, n, args.fsync)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,8 @@ from typing import Any
 import structlog
 import trio
 
-from traits_agent import __version__, systemd
+from traits_agent import __version__, activation, systemd
+from traits_agent.activation import InheritedSockets, Kind
 from traits_agent.backoff import Backoff
 from traits_agent.batcher import Lane
 from traits_agent.config import Config, parse_host_port
@@ -74,6 +75,8 @@ class Agent:
     #: set by SIGTERM/SIGINT (or `request_stop`): stop reading, flush, exit
     stop_requested: trio.Event = field(default_factory=trio.Event)
     lanes_done: trio.Event = field(default_factory=trio.Event)
+    #: socket files we bound ourselves (inherited ones belong to systemd's socket unit)
+    owned_paths: list[str] = field(default_factory=list)
 
     # -- status ---------------------------------------------------------------------------
 
@@ -295,9 +298,9 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
             systemd.ready(agent.describe())
             task_status.started(agent)
         # intake is done: no more reading. Make everything received durable.
-        if config.listen.unix:
+        for path in agent.owned_paths:
             with contextlib.suppress(OSError):
-                os.unlink(config.listen.unix)
+                os.unlink(path)
         agent.stopping = True
         systemd.stopping("flushing the queue to disk")
         systemd.extend_timeout(SHUTDOWN_GRACE_S + 10)
@@ -343,16 +346,24 @@ async def _start_sources(agent: Agent, ingest: Ingest, syncer: Syncer, nursery) 
     def count_error(reason: str) -> None:
         ingest.reject(reason)
 
+    inherited = InheritedSockets.from_environment()
     sockets = []
     if config.unix:
-        sock = bind_unix_datagram(Path(config.unix), config.unix_mode)
+        sock = inherited.take(activation.EVENTS, Kind.UNIX_DATAGRAM, config.unix)
+        if sock is None:
+            sock = bind_unix_datagram(Path(config.unix), config.unix_mode)
+            set_receive_buffer(sock, config.receive_buffer, "unix")
+            agent.owned_paths.append(config.unix)  # ours to remove at stop; systemd's is not
         sockets.append(("unix", sock, config.unix))
     if config.udp:
-        host, port = parse_host_port(config.udp)
-        sock = bind_udp(host, port)
+        sock = inherited.take(activation.UDP, Kind.UDP, config.udp)
+        if sock is None:
+            host, port = parse_host_port(config.udp)
+            sock = bind_udp(host, port)
+            set_receive_buffer(sock, config.receive_buffer, "udp")
         sockets.append(("udp", sock, None))
+    inherited.close_unclaimed()
     for name, sock, label in sockets:
-        set_receive_buffer(sock, config.receive_buffer, name)
         address = await nursery.start(
             lambda task_status, s=sock, n=name: serve_datagrams(
                 s, sink, name=n, on_error=count_error, task_status=task_status

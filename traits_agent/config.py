@@ -135,13 +135,17 @@ class Config:
 
 
 def find_config_file(flag: str | None, env: Mapping[str, str] = os.environ) -> Path | None:
-    """`--config`, else `$TRAITS_AGENT_CONFIG`, else the platform file if it exists."""
+    """`--config`, else `$TRAITS_AGENT_CONFIG`, else the platform (user) file, else the
+    package's `/etc/traits-agent/agent.toml` — so a sysadmin's plain `traits-agent status`
+    talks to the service — else None (built-in defaults)."""
     if flag:
         return Path(flag)
     if env.get("TRAITS_AGENT_CONFIG"):
         return Path(env["TRAITS_AGENT_CONFIG"])
-    default = paths.default_config_path()
-    return default if default.is_file() else None
+    for candidate in (paths.default_config_path(), paths.SYSTEM_CONFIG_PATH):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def load_config(path: Path | None) -> Config:

@@ -18,6 +18,8 @@ CONFIG_FILE_NAME = "agent.toml"
 SOCKET_NAME = "events.sock"
 FORWARD_SOCKET_NAME = "forward.sock"
 CONTROL_SOCKET_NAME = "control.sock"
+#: where the Debian package puts the service's config
+SYSTEM_CONFIG_PATH = Path("/etc/traits-agent/agent.toml")
 
 
 def _first_env_dir(name: str) -> Path | None:

@@ -30,7 +30,7 @@ import trio
 from traits_agent import __version__, activation, systemd
 from traits_agent.activation import InheritedSockets, Kind
 from traits_agent.backoff import Backoff
-from traits_agent.batcher import Lane
+from traits_agent.batcher import Lane, oldest_pending_age
 from traits_agent.config import Config, parse_host_port
 from traits_agent.control import serve_control
 from traits_agent.deadletter import DeadLetters
@@ -101,6 +101,12 @@ class Agent:
                 "delivered": c.total("delivered_items", resource=name),
                 "dead_lettered": c.total("dead_lettered_items", resource=name),
                 "dropped": {k: v for k, v in dropped.items() if v},
+                "oldest_age_s": round(
+                    oldest_pending_age(
+                        queue, self.lanes.get(name), trio.current_time(), self.started_at
+                    ),
+                    1,
+                ),
                 "unsynced_items": max(0, queue.next_seq - 1 - queue.durable_seq),
                 "corrupt_skipped": queue.corrupt_skipped,
                 "upstream": st.state if st else "ok",

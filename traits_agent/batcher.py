@@ -13,8 +13,9 @@ after every item was delivered (2xx) or written to the dead-letter file.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 import trio
@@ -140,3 +141,19 @@ class Lane:
         if not full:
             self._waiting_since = cut_at if self.queue.pending_items else None
         return True
+
+
+def oldest_pending_age(queue: Any, lane: Any, now: float, started_at: float) -> float:
+    """Seconds the oldest pending item has waited (`now` on the trio clock).
+
+    A backlog recovered from disk has waited at least since the agent started (`started_at`,
+    wall clock; the lane cannot know more), so that is the lower bound.
+    """
+    if not queue.pending_items or lane is None:
+        return 0.0
+    since = lane.waiting_since
+    if since is None:
+        return 0.0
+    if math.isinf(since):
+        return max(0.0, time.time() - started_at)
+    return max(0.0, now - since)

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     dead = with_config(sub.add_parser("dead-letters", help="items the API rejected"))
-    dead.add_argument("action", choices=["list", "show", "purge"])
+    dead.add_argument("action", choices=["list", "show", "replay", "purge"])
     dead.add_argument("resource", nargs="?")
     return parser
 
@@ -269,9 +269,52 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         for record in letters.read(args.resource):
             print(json.dumps(record, ensure_ascii=False))
         return 0
+    if args.action == "replay":
+        return _replay_dead_letters(config, letters, args.resource)
     removed = letters.purge(args.resource)
     print(f"purged {removed} dead letters of {args.resource}")
     return 0
+
+
+def _replay_dead_letters(config: Config, letters: Any, resource: str) -> int:
+    """Send dead letters back through the running agent (after fixing what the API disliked,
+    e.g. a schema or an endpoint). They are validated again like any event; a file is removed
+    only after all its items were handed to the agent's socket."""
+    from traits_agent.wire import encode_forward
+
+    if not config.listen.unix:
+        raise UsageError("dead-letters replay: needs [listen] unix (a datagram socket that waits)")
+    files = letters.take(resource)
+    sent = 0
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(config.listen.unix)  # blocking: waits instead of dropping
+            for path in files:
+                batch: list[tuple[None, Any]] = []
+                for record in _read_ndjson(path):
+                    batch.append((None, record["item"]))
+                    if len(batch) == 50:
+                        s.send(encode_forward(resource, batch))
+                        sent, batch = sent + len(batch), []
+                if batch:
+                    s.send(encode_forward(resource, batch))
+                    sent += len(batch)
+                path.unlink()
+    except OSError as e:
+        for path in files:  # put back what was not sent, so nothing is lost
+            if path.exists():
+                letters.restore(resource, path)
+        print(f"{PROG}: replay stopped after {sent} items: {e}", file=sys.stderr)
+        return 1
+    print(f"replayed {sent} dead letters of {resource} through {config.listen.unix}")
+    return 0
+
+
+def _read_ndjson(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

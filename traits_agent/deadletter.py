@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,6 +103,31 @@ class DeadLetters:
     def count(self, resource: str) -> int:
         path = self.path(resource)
         return _count_lines(path) + _count_lines(path.with_name(path.name + ".1"))
+
+    def take(self, resource: str) -> list[Path]:
+        """Move the resource's dead-letter files aside (atomically) for a replay, so letters
+        written meanwhile go to a fresh file. Returns the moved files, oldest first."""
+        taken = []
+        path = self.path(resource)
+        stamp = time.time_ns()
+        for p in (path.with_name(path.name + ".1"), path):
+            if p.exists():
+                target = p.with_name(f"{p.name}.replay-{stamp}")
+                os.replace(p, target)
+                taken.append(target)
+        return taken
+
+    def restore(self, resource: str, taken: Path) -> None:
+        """Put a file moved aside by `take` back (appended to the live file): a replay that
+        failed half-way may repeat some items later, but loses none."""
+        data = taken.read_bytes()
+        fd = os.open(self.path(resource), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        taken.unlink()
 
     def purge(self, resource: str) -> int:
         """Delete the resource's dead letters; returns how many were removed."""

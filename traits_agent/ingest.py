@@ -44,6 +44,8 @@ class Ingest:
         self.wall_clock = wall_clock
         self.on_write_error = on_write_error
         self._ratelimit = RateLimited(interval=10.0)
+        self._drops_seen: dict[tuple[str, str], int] = {}
+        self._drops_unlogged: dict[tuple[str, str], int] = {}
 
     def reject(self, reason: str, sample: object = None, **context: object) -> None:
         """Count one rejected event (or datagram) and log it, rate-limited per reason."""
@@ -115,3 +117,32 @@ class Ingest:
                 if self.on_write_error:
                     self.on_write_error(name, e)
             lane.notify()
+            self._report_drops(name, lane.queue)
+
+    def _report_drops(self, name: str, queue: object) -> None:
+        """Log what the queue's quota (or a write error) dropped since last time: one line per
+        resource and reason per interval, with the count, so a full disk is loud but short."""
+        for reason in ("dropped_oldest", "dropped_newest", "dropped_write_error"):
+            total = getattr(queue, reason, 0)
+            key = (name, reason)
+            seen = self._drops_seen.get(key, 0)
+            if total <= seen:
+                continue
+            pending = self._drops_unlogged.get(key, 0) + total - seen
+            self._drops_seen[key] = total
+            if self._ratelimit(f"drop/{name}/{reason}") is None:
+                self._drops_unlogged[key] = pending
+                continue
+            self._drops_unlogged.pop(key, None)
+            log.warning(
+                "events_dropped",
+                resource=name,
+                reason=reason.removeprefix("dropped_"),
+                dropped=pending,
+                dropped_total=total,
+                hint=(
+                    "the disk refused writes (full or read-only) for too long"
+                    if reason == "dropped_write_error"
+                    else "the queue is at queue.max_bytes: upstream is down or too slow"
+                ),
+            )

@@ -32,7 +32,6 @@ class Histogram:
                 self.counts[i] += 1
 
 
-
 class Counters:
     """Monotonic counters keyed by name and a small set of string labels."""
 

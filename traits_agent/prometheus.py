@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import trio
 
 from traits_agent import __version__
+from traits_agent.batcher import oldest_pending_age
 from traits_agent.httpserver import Request, Response, json_response, serve_http
 
 PREFIX = "traits_agent_"
@@ -178,7 +178,7 @@ def _queue_gauges(agent: Any, family) -> None:
         queued.add(queue.pending_items, labels)
         size.add(queue.pending_bytes, labels)
         lane = agent.lanes.get(name)
-        age.add(_oldest_age(queue, lane, now, agent.started_at), labels)
+        age.add(oldest_pending_age(queue, lane, now, agent.started_at), labels)
         in_flight.add(lane.in_flight if lane is not None else 0, labels)
         if hasattr(queue, "disk_bytes"):
             disk.add(queue.disk_bytes, labels)
@@ -189,19 +189,6 @@ def _queue_gauges(agent: Any, family) -> None:
         for name, queue in sorted(agent.queues.items()):
             if hasattr(queue, attribute):
                 fam.add(getattr(queue, attribute), {"resource": name})
-
-
-def _oldest_age(queue: Any, lane: Any, now: float, started_at: float) -> float:
-    """Seconds the oldest pending item has waited. A backlog recovered from disk has waited at
-    least since the agent started (the lane cannot know more), so that is the lower bound."""
-    if not queue.pending_items or lane is None:
-        return 0.0
-    since = lane.waiting_since
-    if since is None:
-        return 0.0
-    if math.isinf(since):
-        return max(0.0, time.time() - started_at)
-    return max(0.0, now - since)
 
 
 def _upstream_states(agent: Any, family) -> None:

@@ -1,0 +1,72 @@
+"""Shared helpers for the queue tests (imported by name: tests/queue has no __init__.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from traits_agent.queue import DiskQueue
+
+
+def payload_for(seq: int) -> bytes:
+    """A payload that says which seq it was written as, of varying length (33..~250 bytes)."""
+    body = b"%d:" % seq
+    return b"{" + body * (1 + (seq * 7919) % 23) + b"}"
+
+
+def seq_of(payload: bytes) -> int:
+    return int(payload[1:].split(b":", 1)[0])
+
+
+def fill(q: DiskQueue, n: int) -> list[int]:
+    """Append n records whose payload encodes their seq; flush; return the seqs."""
+    seqs = []
+    for _ in range(n):
+        seq = q.next_seq
+        assert q.append(payload_for(seq))
+        seqs.append(seq)
+    q.flush()
+    return seqs
+
+
+def drain(q: DiskQueue, *, max_items: int = 500, max_bytes: int = 1 << 20) -> list[int]:
+    """Read and commit until empty; return the seqs delivered, checking every payload."""
+    seqs: list[int] = []
+    for _ in range(1_000_000):
+        batch = q.read_batch(max_items, max_bytes)
+        if batch is None:
+            return seqs
+        got = [seq_of(p) for p in batch.payloads]
+        for seq, p in zip(got, batch.payloads, strict=True):
+            assert p == payload_for(seq), f"payload of seq {seq} is not what was written"
+        assert got[0] == batch.first_seq and got[-1] == batch.last_seq
+        seqs.extend(got)
+        q.commit(batch)
+    raise AssertionError("drain did not terminate")
+
+
+def segment_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.seg"))
+
+
+def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ mask]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def record_offsets(path: Path) -> list[tuple[int, int]]:
+    """(offset, frame size) of each record (not seal) in an undamaged segment file."""
+    data = path.read_bytes()
+    out, pos = [], 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        seq = int.from_bytes(data[pos + 8 : pos + 16], "little")
+        if seq:
+            out.append((pos, 24 + length))
+        pos += 24 + length
+    return out

@@ -1,0 +1,123 @@
+"""Crash safety with a real process: SIGKILL a writer at random moments, then check that
+every acknowledged record is there exactly once, in order, and nothing else appears."""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from queue_helpers import payload_for, seq_of
+
+from traits_agent.queue import DiskQueue
+
+ROOT = Path(__file__).resolve().parents[2]
+HELPERS = Path(__file__).resolve().parent
+
+# The writer: append, sync (fsync="always" style), then acknowledge by printing the seq.
+# Now and then it delivers a batch, printing what it is about to commit and then committed.
+CHILD = r"""
+import random, sys
+from queue_helpers import payload_for
+from traits_agent.queue import DiskQueue
+
+directory, seed = sys.argv[1], int(sys.argv[2])
+rng = random.Random(seed)
+q = DiskQueue.open(directory, segment_bytes=4096, max_bytes=1 << 30, fsync="always")
+print("OPEN", q.next_seq, flush=True)
+while True:
+    seq = q.next_seq
+    assert q.append(payload_for(seq))
+    if rng.random() < 0.3:
+        q.flush()
+        continue  # not acknowledged until the next sync
+    q.sync()
+    print("A", q.durable_seq, flush=True)
+    if rng.random() < 0.1:
+        batch = q.read_batch(rng.randint(1, 40), 1 << 20)
+        if batch is not None:
+            print("R", batch.last_seq, flush=True)  # about to commit: may be gone from now on
+            q.commit(batch)
+            print("C", batch.last_seq, flush=True)
+"""
+
+
+def _run_and_kill(directory: Path, rng: random.Random) -> list[str]:
+    """Start the writer, SIGKILL it after a random number of acks; its complete lines."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HELPERS)]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(directory), str(rng.randrange(1 << 30))],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    target = rng.choice([0, rng.randint(1, 40), rng.randint(1, 200)])
+    data = b""
+    deadline = time.monotonic() + 20
+    try:
+        if target == 0:  # kill during start-up or recovery
+            time.sleep(rng.uniform(0, 0.15))
+        while data.count(b"\nA ") < target:
+            ready, _, _ = select.select([proc.stdout], [], [], max(0, deadline - time.monotonic()))
+            assert ready, "writer stalled"
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        data += proc.stdout.read()
+        proc.stdout.close()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, data[-2000:]
+    return data.decode().split("\n")[:-1]  # the last piece is partial or empty
+
+
+def _check(directory: Path, lines: list[str], state: dict) -> None:
+    opened = [int(line.split()[1]) for line in lines if line.startswith("OPEN")]
+    acks = [int(line.split()[1]) for line in lines if line.startswith("A")]
+    commits = [int(line.split()[1]) for line in lines if line[0] in "RC"]
+    if commits:
+        state["committed"] = max(state["committed"], *commits)
+    if opened:
+        # "A n" acknowledges every seq of this run up to n (durable_seq)
+        start = opened[0]
+        acked_to = max(acks) if acks else start - 1
+        state["acked"].update(range(start, acked_to + 1))
+        # appended after the last ack: flushed maybe, never acknowledged; a short run
+        state["possible"].update(range(acked_to + 1, acked_to + 64))
+    with DiskQueue.open(directory, segment_bytes=4096, max_bytes=1 << 30) as q:
+        batch = q.read_batch(1 << 30, 1 << 40)
+        got = [] if batch is None else [seq_of(p) for p in batch.payloads]
+        if batch is not None:
+            assert all(p == payload_for(s) for s, p in zip(got, batch.payloads, strict=True))
+        assert got == sorted(set(got)), "out of order or duplicated"
+        must = {s for s in state["acked"] if s > state["committed"]}
+        assert must <= set(got), f"acknowledged records lost: {sorted(must - set(got))[:10]}"
+        unexpected = set(got) - state["acked"] - state["possible"]
+        assert not unexpected, f"records that were never written: {sorted(unexpected)[:10]}"
+
+
+def _crash_loop(tmp_path: Path, iterations: int, seed: int) -> None:
+    rng = random.Random(seed)
+    state = {"acked": set(), "committed": 0, "possible": set()}
+    for _ in range(iterations):
+        lines = _run_and_kill(tmp_path / "q", rng)
+        _check(tmp_path / "q", lines, state)
+    assert state["acked"], "the writer never got going"
+
+
+def test_sigkill_loses_no_acknowledged_record(tmp_path):
+    """10 kills at random moments: acknowledged records survive, exactly once, in order."""
+    _crash_loop(tmp_path, 10, seed=1234)
+
+
+@pytest.mark.slow
+def test_sigkill_loses_no_acknowledged_record_100(tmp_path):
+    """The same, 100 kills."""
+    _crash_loop(tmp_path, 100, seed=99)

@@ -1,0 +1,146 @@
+"""Disk-backed durable FIFO, one per API resource: an append-only segmented log.
+
+This docstring is the format spec and the list of guarantees. Modules: `framing` (records),
+`segments` (segment files and scans), `checkpoint` (delivered position), `recovery` (open),
+`writer` (buffer, write, fsync), `reader` (batches), `disk_queue` (the `DiskQueue` class that
+ties them together under one lock), `errors`.
+
+Files (one queue directory)
+---------------------------
+``NNNNNNNNNNNNNNNNNNNN.seg``  segments: the segment number, zero-padded to 20 digits; numbers
+                             increase by one. Only the newest is appended to.
+``checkpoint``               the delivered position and the seq lease (one text line + crc32)
+``checkpoint.tmp``           a checkpoint being written; ignored and removed at open
+``lock``                     held with an exclusive ``flock`` while open (a second opener gets
+                             QueueLockedError: two writers would interleave records)
+``reserve``                  64 KiB of zeros, deleted to make room for a checkpoint on a full
+                             disk (so deliveries can still be recorded and segments deleted)
+
+Records
+-------
+Frames back to back from offset 0 of each segment, no padding. Little-endian::
+
+    magic F5 74 71 01 | length u32 | seq u64 | header_crc u32 | crc u32 | payload
+
+``header_crc`` = crc32 of the first 16 bytes; ``crc`` = crc32 of those 16 bytes + payload.
+A frame is valid only if magic, both CRCs and ``length <= 1 MiB`` check. After an invalid
+frame, readers scan forward for the next valid frame (resync), so a corrupted length never
+hides the records behind it. Seqs start at 1, increase by one per record and never repeat,
+across restarts too. Payloads are opaque bytes (the caller's compact JSON events).
+
+A frame with seq 0 is a *seal*: payload ``"tq-seal\0" | count u64 | first_seq u64 |
+last_seq u64`` (56-byte frame). It ends a segment that is complete: written when the next
+segment is started (rotation, which happens when the next record would take the segment, seal
+included, past ``segment_bytes``, default 8 MiB; a larger record gets a segment to itself), and
+at open for the previous run's newest segment. Readers skip it like any frame whose seq is not
+above the last one returned.
+
+Each run appends to a segment of its own (a fresh one at open, unless the newest is empty), so
+within a segment seqs are consecutive: record counts are exact from (count, first_seq) alone.
+
+Checkpoint
+----------
+``tq-checkpoint v1 segment=S offset=O next_seq=N seq_lease=L crc=XXXXXXXX``: every record
+before byte O of segment S (and every seq below N) has been delivered or dropped; no seq at or
+above L has been written. Replaced atomically: write ``checkpoint.tmp`` (fsync it when durable),
+rename over ``checkpoint`` (then fsync the directory when durable).
+
+* A commit inside a segment rewrites the checkpoint without fsync; the next ``sync()`` makes it
+  durable. So a process crash re-delivers at most the batch in flight, and a power cut at most
+  the batches committed in one sync interval (with fsync="never": since the last segment
+  boundary). Re-delivery is acceptable; loss is not.
+* When a commit completes one or more segments, the checkpoint is written durably *first*,
+  then those segments are deleted. Whole segments only, never a part of a file.
+* Seq lease: before records with seqs near L reach the OS, L is raised durably by 2**24. The
+  next run starts at ``max(L, tail + 1)`` unless we closed cleanly (then L = next seq). So a
+  record that was read (delivered) before it was fsynced and then lost in a power cut can never
+  have its seq reused by a different record: seqs stay usable as idempotency keys.
+
+When segments are deleted
+-------------------------
+1. fully delivered (commit), after the durable checkpoint;
+2. quota (``on_full="drop_oldest"``): the oldest whole segments, after a durable checkpoint
+   past them; their undelivered records are counted in ``dropped_oldest``;
+3. at open: segments wholly before a valid checkpoint (a crash between checkpoint and unlink).
+
+The durable checkpoint of cases 1 and 2 is written by ``commit``/``append`` on the caller's
+thread: two small fsyncs once per segment delivered or dropped (not per batch), kept inline
+so that deletion never depends on ``sync()`` being called. Everything else that fsyncs
+segment data runs in ``sync()``, which the caller runs in a worker thread.
+
+Recovery (``DiskQueue.open``; never refuses to start on bad data)
+----------------------------------------------------------------
+* Reads the newest segment whole (block by block) and the 56-byte seal of each older segment
+  (one without a seal, from a crash during rotation, is scanned); memory is O(segments), never
+  O(records). Older segments are fsynced (clean ones cost nothing).
+* Newest segment: invalid bytes with no valid frame after them are a torn tail: truncated.
+  Invalid bytes followed by valid frames are skipped and counted.
+* Missing or corrupt checkpoint: delivery restarts at the oldest segment (re-delivery, no loss),
+  reported as ``checkpoint_fallback``.
+* Checkpoint naming a missing segment: resume at the next existing one; checkpoint offset that is
+  not a record with the expected seq (a power cut shortened the file): resume at the first
+  record with seq >= next_seq in that segment. Reported as ``checkpoint_adjusted``.
+* Gaps in segment numbers after the checkpoint: reported in ``missing_segments``, skipped.
+  Segment files that cannot be read at all: left in place, reported, skipped.
+* The result is in ``DiskQueue.recovery`` (a ``RecoveryReport``) and is written back as a
+  durable checkpoint before the first append.
+
+Reads
+-----
+``read_batch`` reads the files from the delivered position (the page cache serves them), up
+to the end of the last whole frame handed to the OS: flushed records are readable before they
+are fsynced. Damaged frames found at read time are skipped and counted in ``corrupt_skipped``
+(once each); a frame whose seq is not above the last one returned is skipped (seals, copies
+from a rewrite). A read error (EIO) skips the rest of that segment (``read_errors``). Memory
+per read is one 256 KiB block plus the batch.
+
+Crash guarantees
+----------------
+* Process crash (SIGKILL, OOM): every record handed to the OS (``written_seq``) survives.
+* Power cut / kernel crash: every record up to ``durable_seq`` survives; later ones may be lost
+  or torn (torn ones are cut off at open). Acknowledge producers only up to ``durable_seq``.
+* Delivery is at-least-once: a record is deleted only after it is committed and the commit is
+  durable; the checkpoint may lag (re-delivery), never lead undelivered data (loss).
+* Write errors (ENOSPC, EIO, EROFS, ...): ``flush``/``sync`` raise QueueWriteError; unwritten
+  bytes stay buffered (up to 16 MiB; beyond that ``append`` returns False and counts
+  ``dropped_write_error``) and go out on a later call once the disk takes them. After a failed
+  fsync, whose pages Linux may have dropped, everything written since the last good fsync
+  (kept in memory up to 32 MiB) is written again to a new segment; ``durable_seq`` does not
+  advance past it until that succeeds.
+"""
+
+from traits_agent.queue.disk_queue import (
+    DEFAULT_MAX_BUFFER_BYTES,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_SEGMENT_BYTES,
+    DiskQueue,
+    FsyncPolicy,
+    OnFull,
+)
+from traits_agent.queue.errors import (
+    QueueClosedError,
+    QueueError,
+    QueueLockedError,
+    QueueWriteError,
+)
+from traits_agent.queue.framing import MAX_PAYLOAD
+from traits_agent.queue.reader import Batch
+from traits_agent.queue.recovery import RecoveryReport
+from traits_agent.queue.segments import Position
+
+__all__ = [
+    "DEFAULT_MAX_BUFFER_BYTES",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_SEGMENT_BYTES",
+    "MAX_PAYLOAD",
+    "Batch",
+    "DiskQueue",
+    "FsyncPolicy",
+    "OnFull",
+    "Position",
+    "QueueClosedError",
+    "QueueError",
+    "QueueLockedError",
+    "QueueWriteError",
+    "RecoveryReport",
+]

@@ -1,0 +1,183 @@
+"""The read side of the log: batches from the delivered position, straight from the files.
+
+Nothing is cached but the batch in flight: records are read with `pread` (the page cache
+serves recent ones), so memory does not grow with the backlog. The queue's lock is held
+around every call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from traits_agent.queue.framing import DAMAGED, FULL, FrameReader
+from traits_agent.queue.segments import Position, SegmentInfo, segment_name
+
+_RDONLY = os.O_RDONLY | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Records read from the delivered position. Hand it (or `end`) to `commit`.
+
+    Do not mutate `payloads`: until committed, the same Batch may be returned again.
+    """
+
+    payloads: list[bytes]
+    first_seq: int
+    last_seq: int
+    start: Position
+    end: Position
+    nbytes: int
+    """Sum of payload lengths."""
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+
+class _OpenSegment:
+    """One read-only fd at a time: the segment being delivered (never the writer's fd)."""
+
+    def __init__(self, directory: str) -> None:
+        self._dir = directory
+        self._number: int | None = None
+        self._fd: int | None = None
+        self._reader: FrameReader | None = None
+
+    def open(self, seg: SegmentInfo) -> FrameReader | None:
+        """A reader over `seg` up to `seg.readable`; None if its file has disappeared."""
+        if self._number != seg.number or self._reader is None:
+            self.close()
+            try:
+                fd = os.open(os.path.join(self._dir, segment_name(seg.number)), _RDONLY)
+            except FileNotFoundError:
+                return None
+            self._number, self._fd, self._reader = seg.number, fd, FrameReader(fd, seg.readable)
+        else:
+            self._reader.end = seg.readable
+        return self._reader
+
+    def forget(self, number: int) -> None:
+        if self._number == number:
+            self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        self._number = self._fd = self._reader = None
+
+
+class LogReader:
+    """Cuts batches; remembers the one in flight so re-reads do not rescan."""
+
+    def __init__(self, directory: str, start: Position) -> None:
+        self._files = _OpenSegment(directory)
+        self._last: Batch | None = None
+        self._last_limits = (0, 0)
+        self._last_full = False
+        self._scanned = (start.segment, start.offset)  # damage before this is counted already
+        self.corrupt_skipped = 0
+        self.missing_skipped = 0
+        self.read_errors = 0
+
+    def read(
+        self, segs: list[SegmentInfo], cursor: Position, max_items: int, max_bytes: int
+    ) -> Batch | None:
+        limits = (max_items, max_bytes)
+        cached = self._last
+        if cached is not None and (cached.start != cursor or self._last_limits != limits):
+            cached = None
+        if cached is None:
+            payloads: list[bytes] = []
+            start, nbytes, first = cursor, 0, -1
+        elif self._last_full:
+            return cached
+        else:  # not full last time: carry on from where it ended
+            payloads = list(cached.payloads)
+            start, nbytes, first = cached.end, cached.nbytes, cached.first_seq
+        end, full, taken, first_new = self._read(
+            segs, start, payloads, max_items, max_bytes - nbytes
+        )
+        if not payloads:
+            self._last = None
+            return None
+        batch = Batch(
+            payloads=payloads,
+            first_seq=first if first >= 0 else first_new,
+            last_seq=end.next_seq - 1,
+            start=cursor,
+            end=end,
+            nbytes=nbytes + taken,
+        )
+        self._last, self._last_limits, self._last_full = batch, limits, full
+        return batch
+
+    def _read(
+        self,
+        segs: list[SegmentInfo],
+        pos: Position,
+        out: list[bytes],
+        max_items: int,
+        max_bytes: int,
+    ) -> tuple[Position, bool, int, int]:
+        """Read frames from `pos` into `out`, across segments.
+
+        Returns (end position, stopped at a limit, payload bytes, first seq taken or -1).
+        """
+        scanned = self._scanned
+        idx = 0
+        while idx < len(segs) - 1 and segs[idx].number < pos.segment:
+            idx += 1
+        offset = pos.offset if segs[idx].number == pos.segment else 0
+        after, taken, first = pos.next_seq - 1, 0, -1
+        while True:
+            seg = segs[idx]
+            try:
+                reader = self._files.open(seg) if offset < seg.readable else None
+                if reader is None and offset < seg.readable:  # deleted behind our back
+                    if (seg.number, offset) >= scanned:
+                        self.missing_skipped += 1
+                    offset = seg.readable
+                while reader is not None and offset < reader.end:
+                    status, offset, after, n, f = reader.read_run(
+                        offset, after, max_items, max_bytes - taken, out
+                    )
+                    taken += n
+                    if first < 0:
+                        first = f
+                    if status == FULL:
+                        return self._end_at(segs, idx, offset, after), True, taken, first
+                    if status != DAMAGED:
+                        break
+                    if (seg.number, offset) >= scanned:
+                        self.corrupt_skipped += 1
+                    offset = reader.resync(offset + 1)
+            except OSError:  # EIO and the like: the rest of this segment cannot be read
+                if (seg.number, offset) >= scanned:
+                    self.read_errors += 1
+                self._files.forget(seg.number)
+                offset = seg.readable
+            if idx == len(segs) - 1 or seg.readable < seg.size:
+                break  # the newest segment, or one whose tail is still being written
+            idx += 1
+            offset = 0
+        return self._end_at(segs, idx, offset, after), False, taken, first
+
+    def _end_at(self, segs: list[SegmentInfo], idx: int, offset: int, after: int) -> Position:
+        seg = segs[idx]
+        if offset >= seg.size and idx + 1 < len(segs):  # normalise: the start of the next
+            seg, offset = segs[idx + 1], 0
+        end = Position(seg.number, offset, after + 1)
+        self._scanned = max(self._scanned, (end.segment, end.offset))
+        return end
+
+    def invalidate(self) -> None:
+        """The delivered position moved: the batch in memory is no longer the next one."""
+        self._last = None
+
+    def forget(self, number: int) -> None:
+        self._files.forget(number)
+
+    def close(self) -> None:
+        self._files.close()
+        self._last = None

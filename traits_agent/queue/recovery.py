@@ -1,0 +1,251 @@
+"""Open-time recovery: turn whatever is in the directory into a consistent starting state.
+
+It never refuses to start on bad data, and it reads only what it must: the whole newest segment
+(to find the tail) and the seal record of each older one (its count and seqs; a segment with
+no seal, from a crash mid-rotation, is scanned). Memory is O(segments).
+The rules are listed in the package docstring; `RecoveryReport` says what was found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass, field
+
+from traits_agent.queue.checkpoint import Checkpoint, CheckpointFile, remove_stale_temp
+from traits_agent.queue.framing import HEADER_SIZE, SEAL_SEQ, FrameReader
+from traits_agent.queue.segments import (
+    Position,
+    ScanResult,
+    SegmentInfo,
+    list_segments,
+    scan_segment,
+    segment_name,
+    summarize,
+)
+
+
+@dataclass
+class RecoveryReport:
+    """What `DiskQueue.open` found. Every non-zero field but the first three is a finding."""
+
+    records_queued: int = 0
+    """Records waiting for delivery after recovery."""
+    segments: int = 0
+    bytes_queued: int = 0
+    torn_bytes_truncated: int = 0
+    """Bytes cut from the end of the newest segment: a record whose write never finished."""
+    corrupt_records_skipped: int = 0
+    """Damaged regions in the newest segment with good records after them (each usually one
+    record). Older segments are not scanned at open; damage there is counted by reads."""
+    corrupt_bytes_skipped: int = 0
+    missing_segments: list[int] = field(default_factory=list)
+    """Segment numbers absent between the checkpoint and the newest segment."""
+    checkpoint_fallback: str | None = None
+    """Why the checkpoint was unusable ("missing", "corrupt", ...): delivery restarts at the
+    oldest segment, so records may be delivered twice (never lost)."""
+    checkpoint_adjusted: str | None = None
+    """The checkpoint was usable but pointed at a missing or shortened segment: how it moved."""
+    delivered_segments_deleted: int = 0
+    """Segments wholly before the checkpoint (a crash between checkpoint and delete)."""
+    unreadable_segments: list[str] = field(default_factory=list)
+    """Segment files that could not be read at all (left in place, skipped)."""
+    stale_temp_removed: bool = False
+
+    @property
+    def has_findings(self) -> bool:
+        """Anything beyond a clean shutdown's state (a leftover temp file is not worth it)."""
+        return bool(
+            self.torn_bytes_truncated
+            or self.corrupt_records_skipped
+            or self.missing_segments
+            or self.checkpoint_fallback
+            or self.checkpoint_adjusted
+            or self.delivered_segments_deleted
+            or self.unreadable_segments
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class Recovered:
+    """The state the queue starts from."""
+
+    segments: list[SegmentInfo]
+    """Oldest first; the last one is the one appends go to (maybe not yet created)."""
+    cursor: Position
+    next_seq: int
+    checkpoint: CheckpointFile
+    report: RecoveryReport
+    to_seal: SegmentInfo | None
+    """The previous run's newest segment, if it still needs its seal record."""
+
+
+def recover(directory: str, dir_fd: int) -> Recovered:
+    """Recover the queue in `directory` (which the caller has locked)."""
+    report = RecoveryReport(stale_temp_removed=remove_stale_temp(directory))
+    cp_file = CheckpointFile(directory, dir_fd)
+    cp, problem = cp_file.load()
+    numbers = list_segments(directory)
+    if cp is None and numbers:
+        report.checkpoint_fallback = problem
+    if cp is not None:
+        for n in [n for n in numbers if n < cp.position.segment]:
+            _unlink(directory, n)
+            report.delivered_segments_deleted += 1
+        numbers = [n for n in numbers if n >= cp.position.segment]
+    if numbers:
+        low = cp.position.segment if cp is not None else numbers[0]
+        present = set(numbers)
+        report.missing_segments = [n for n in range(low, numbers[-1]) if n not in present]
+
+    segments: list[SegmentInfo] = []
+    newest_sealed = False
+    for n in numbers:
+        try:
+            if n == numbers[-1]:
+                info, newest_sealed = _recover_tail(directory, n, report)
+            else:
+                info = _summarize(directory, n)
+        except OSError as e:  # unreadable: leave the file alone, deliver the rest
+            report.unreadable_segments.append(f"{segment_name(n)}: {e.strerror}")
+            continue
+        segments.append(info)
+
+    last_seq = max((s.last_seq for s in segments), default=0)
+    floor = 1
+    if cp is not None:
+        floor = max(cp.position.next_seq, cp.seq_lease)
+    next_seq = max(floor, last_seq + 1)
+    # Segments with no readable record take the first seq of the one after them.
+    following = next_seq
+    for seg in reversed(segments):
+        if seg.count == 0:
+            seg.first_seq = following
+        following = seg.first_seq
+
+    # Appends go to a segment of their own: each segment is written by one run only, so its
+    # seqs are consecutive (a restart after a crash starts higher: see the seq lease).
+    to_seal = None
+    newest = segments[-1] if segments else None
+    if newest is not None and numbers and newest.number == numbers[-1] and newest.size == 0:
+        pass  # an empty newest segment: append to it
+    else:
+        if newest is not None and newest.number == numbers[-1] and not newest_sealed:
+            to_seal = newest if newest.count else None
+        number = numbers[-1] + 1 if numbers else cp.position.segment if cp is not None else 0
+        segments.append(SegmentInfo(number, first_seq=next_seq))
+    cursor = _place_cursor(directory, cp, segments, report)
+    report.segments = sum(1 for s in segments if s.on_disk)
+    report.bytes_queued = sum(s.size for s in segments)
+    return Recovered(segments, cursor, next_seq, cp_file, report, to_seal)
+
+
+def _path(directory: str, number: int) -> str:
+    return os.path.join(directory, segment_name(number))
+
+
+def _unlink(directory: str, number: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_path(directory, number))
+
+
+def _info(number: int, scan: ScanResult, size: int) -> SegmentInfo:
+    return SegmentInfo(
+        number,
+        first_seq=scan.first_seq if scan.first_seq is not None else -1,
+        last_seq=scan.last_seq if scan.last_seq is not None else -1,
+        count=scan.records,
+        size=size,
+        readable=size,
+        on_disk=True,
+    )
+
+
+def _summarize(directory: str, number: int) -> SegmentInfo:
+    """An older segment: its summary from the seal record (a full scan only if it has none).
+
+    It is fsynced too: the previous run may have crashed before doing so, and records found
+    here count as durable from now on (a no-op for a clean file).
+    """
+    fd = os.open(_path(directory, number), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        scan = summarize(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return _info(number, scan, size)
+
+
+def _recover_tail(directory: str, number: int, report: RecoveryReport) -> tuple[SegmentInfo, bool]:
+    """Scan the newest segment whole; cut off a torn tail. Returns (info, ends with a seal)."""
+    fd = os.open(_path(directory, number), os.O_RDWR | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        scan = scan_segment(fd, size)
+        if scan.end < size:
+            os.ftruncate(fd, scan.end)
+            report.torn_bytes_truncated += size - scan.end
+        os.fsync(fd)
+        report.corrupt_records_skipped += scan.damaged_regions
+        report.corrupt_bytes_skipped += scan.damaged_bytes
+    finally:
+        os.close(fd)
+    return _info(number, scan, scan.end), scan.sealed
+
+
+def _place_cursor(
+    directory: str, cp: Checkpoint | None, segments: list[SegmentInfo], report: RecoveryReport
+) -> Position:
+    """Where delivery resumes: the checkpoint if it checks out, else the nearest safe place."""
+    oldest = segments[0]
+    if cp is None:
+        return Position(oldest.number, 0, oldest.first_seq)
+    pos = cp.position
+    if oldest.number != pos.segment or not oldest.on_disk:
+        # Its segment is gone: resume at the start of the next one (all segments before the
+        # checkpoint have been removed above, so that is the oldest).
+        if pos.offset or oldest.number != pos.segment:
+            report.checkpoint_adjusted = (
+                f"segment {pos.segment} missing, resuming at segment {oldest.number}"
+            )
+        return Position(oldest.number, 0, pos.next_seq)
+    if pos.offset == oldest.readable:
+        return pos
+    if pos.offset < oldest.readable:
+        try:
+            fd = os.open(_path(directory, oldest.number), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                reader = FrameReader(fd, oldest.readable)
+                head = reader.header(pos.offset)
+                if head is not None and head[1] in (pos.next_seq, SEAL_SEQ):
+                    return pos
+                offset = _first_at_or_after(reader, pos.next_seq)
+            finally:
+                os.close(fd)
+        except OSError:  # cannot check it: trust it (reads will skip what is unreadable)
+            return pos
+    else:
+        offset = oldest.readable
+    report.checkpoint_adjusted = (
+        f"segment {pos.segment} offset {pos.offset} is not a record boundary with seq"
+        f" {pos.next_seq}; resuming at offset {offset}"
+    )
+    return Position(oldest.number, offset, pos.next_seq)
+
+
+def _first_at_or_after(reader: FrameReader, seq: int) -> int:
+    """Offset of the first valid frame with a seq >= `seq` (or the end): one segment scan."""
+    pos = 0
+    while pos < reader.end:
+        frame = reader.frame(pos)
+        if frame is None:
+            pos = reader.resync(pos + 1)
+            continue
+        if frame[0] >= seq:
+            return pos
+        pos += HEADER_SIZE + len(frame[1])
+    return reader.end

@@ -1,0 +1,135 @@
+"""Segment files: names, positions, and the scans recovery needs.
+
+A segment is one file `NNNNNNNNNNNNNNNNNNNN.seg` (the segment number, zero-padded to 20
+digits so names sort like numbers) holding frames back to back from offset 0. Only the newest
+segment is ever appended to, and only by the run that created it; older ones are only read,
+then deleted whole. A segment that is complete ends with a seal record (count, first and last
+seq), so recovery learns its summary from its last 56 bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from traits_agent.queue.framing import (
+    HEADER_SIZE,
+    SEAL_FRAME_SIZE,
+    SEAL_SEQ,
+    FrameReader,
+    decode_seal,
+)
+
+SEGMENT_SUFFIX = ".seg"
+_SEGMENT_RE = re.compile(r"^(\d{20})\.seg$")
+
+
+def segment_name(number: int) -> str:
+    return f"{number:020d}{SEGMENT_SUFFIX}"
+
+
+def list_segments(directory: str) -> list[int]:
+    """Numbers of the segment files in `directory`, oldest first (other files are ignored)."""
+    numbers = []
+    for name in os.listdir(directory):
+        m = _SEGMENT_RE.match(name)
+        if m:
+            numbers.append(int(m.group(1)))
+    return sorted(numbers)
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Position:
+    """A place in the log: byte `offset` in segment `segment`, and the seq expected there.
+
+    Opaque to callers (they get one in `Batch.end` and hand it back to `commit`). Ordered by
+    (segment, offset); `next_seq` says every record with a smaller seq is before this point.
+    """
+
+    segment: int
+    offset: int
+    next_seq: int = field(compare=False)
+
+
+@dataclass(slots=True)
+class SegmentInfo:
+    """What the queue keeps in memory per segment: O(segments), never O(records)."""
+
+    number: int
+    first_seq: int
+    """Seq of its first record (for an empty or unreadable segment: the next one's)."""
+    last_seq: int = -1
+    count: int = 0
+    """Records in it (buffered ones too). Seqs within a segment are consecutive, so the
+    records after a position are `last_seq - position.next_seq + 1`."""
+    size: int = 0
+    """Bytes it holds, including those still in the write buffer (quota and rotation)."""
+    readable: int = 0
+    """End of the last whole frame handed to the OS: readers stop here."""
+    on_disk: bool = False
+    """The file exists (it is created when its first bytes are flushed)."""
+
+
+@dataclass(slots=True)
+class ScanResult:
+    """What a full scan of one segment found."""
+
+    end: int
+    """Where valid data ends (a torn tail starts here)."""
+    first_seq: int | None = None
+    last_seq: int | None = None
+    records: int = 0
+    sealed: bool = False
+    """It ends with a seal record."""
+    damaged_regions: int = 0
+    damaged_bytes: int = 0
+
+
+def scan_segment(fd: int, size: int) -> ScanResult:
+    """Walk every frame of a segment: count records and damage, find where valid data ends.
+
+    Memory is one read block. Invalid bytes followed by a valid frame are a damaged region
+    (skipped and counted); invalid bytes with no valid frame after them are a torn tail.
+    """
+    reader = FrameReader(fd, size)
+    result = ScanResult(end=0)
+    pos = 0
+    while pos < reader.end:
+        frame = reader.frame(pos)
+        if frame is None:
+            nxt = reader.resync(pos + 1)
+            if nxt >= reader.end:
+                break
+            result.damaged_regions += 1
+            result.damaged_bytes += nxt - pos
+            pos = nxt
+            continue
+        seq, payload = frame
+        result.sealed = seq == SEAL_SEQ
+        if seq != SEAL_SEQ:
+            if result.first_seq is None:
+                result.first_seq = seq
+            result.last_seq = seq
+            result.records += 1
+        pos += HEADER_SIZE + len(payload)
+        result.end = pos
+    return result
+
+
+def summarize(fd: int, size: int) -> ScanResult:
+    """A complete segment's summary: from its seal (one small read), else by a full scan."""
+    if size >= SEAL_FRAME_SIZE:
+        frame = FrameReader(fd, size).frame(size - SEAL_FRAME_SIZE)
+        if frame is not None and frame[0] == SEAL_SEQ:
+            seal = decode_seal(frame[1])
+            if seal is not None:
+                count, first_seq, last_seq = seal
+                return ScanResult(
+                    end=size,
+                    first_seq=first_seq if count else None,
+                    last_seq=last_seq if count else None,
+                    records=count,
+                    sealed=True,
+                )
+    return scan_segment(fd, size)

@@ -16,6 +16,7 @@ sent again after restart: at-least-once); queues are closed. The backlog stays o
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -46,6 +47,7 @@ from traits_agent.sources.datagram import (
     serve_datagrams,
     set_receive_buffer,
 )
+from traits_agent.spool import CsvSpool, receive_upload, spool_dir_for
 from traits_agent.uploader import Uploader, make_client
 
 log = structlog.get_logger(__name__)
@@ -67,6 +69,7 @@ class Agent:
     queues: dict[str, DiskQueue] = field(default_factory=dict)
     lanes: dict[str, Lane] = field(default_factory=dict)
     uploader: Uploader | None = None
+    csv_spool: CsvSpool | None = None
     dead_letters: DeadLetters | None = None
     listening: dict[str, Any] = field(default_factory=dict)
     base_url: str = ""
@@ -126,6 +129,10 @@ class Agent:
                 if s.last_error
             ]
             last_error = max(errors)[1] if errors else None
+        csv = self.csv_spool.status() if self.csv_spool else None
+        if csv is not None:
+            states.append(csv["state"])
+            last_error = last_error or csv["last_error"]
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -142,7 +149,15 @@ class Agent:
             "rejected": c.by_label("rejected_events", "reason"),
             "stripped_fields": c.total("stripped_fields"),
             "resources": resources,
+            "csv": csv,
         }
+
+    def receive_upload(self, kind: str, fd: int, name: str) -> dict[str, Any]:
+        """A CSV handed over the control socket (runs in a worker thread)."""
+        answer = receive_upload(spool_dir_for(self.config), kind, fd, name)
+        if "spooled" in answer and self.csv_spool is not None:
+            trio.from_thread.run_sync(self.csv_spool.wake, kind)
+        return answer
 
     def describe(self) -> str:
         """One line for systemd's STATUS=."""
@@ -256,6 +271,7 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
         timeout=config.api.timeout_s,
         max_in_flight=config.api.max_in_flight,
     )
+    agent_id = _agent_id(Path(config.queue.dir))
     agent.uploader = Uploader(
         client,
         api_key=agent.api_key,
@@ -266,7 +282,15 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
             max_s=config.retry.max_backoff_ms / 1000,
         ),
         max_in_flight=config.api.max_in_flight,
-        agent_id=_agent_id(Path(config.queue.dir)),
+        agent_id=agent_id,
+    )
+    agent.csv_spool = CsvSpool(
+        spool_dir_for(config),
+        client,
+        api_key=agent.api_key,
+        counters=agent.counters,
+        backoff=agent.uploader.backoff,
+        agent_id=agent_id,
     )
     for name, queue in agent.queues.items():
         agent.lanes[name] = Lane(
@@ -282,9 +306,17 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
     async with client, trio.open_nursery() as delivery:
         delivery.start_soon(syncer.run)
         lanes = await _start_lanes(agent, delivery)
+        await delivery.start(agent.csv_spool.run)
         async with trio.open_nursery() as intake:
             await _start_sources(agent, ingest, syncer, intake)
-            await intake.start(serve_control, Path(config.control.socket), agent.snapshot)
+            await intake.start(
+                functools.partial(
+                    serve_control,
+                    Path(config.control.socket),
+                    agent.snapshot,
+                    upload=agent.receive_upload,
+                )
+            )
             agent.listening["control"] = config.control.socket
             if config.metrics.listen:
                 host, port = parse_host_port(config.metrics.listen)
@@ -314,6 +346,7 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
         in_flight = sum(1 for lane in agent.lanes.values() if lane.in_flight)
         log.info("agent_stopping", in_flight_batches=in_flight, grace_s=SHUTDOWN_GRACE_S)
         agent.uploader.stop()
+        agent.csv_spool.stop()
         for lane in agent.lanes.values():
             lane.stop()
         # requests on the wire get the grace period; then everything else stops

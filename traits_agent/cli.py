@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = with_config(sub.add_parser("status", help="show what the running agent is doing"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    upload = with_config(
+        sub.add_parser("upload", help="hand a CSV file to the agent's spool for upload")
+    )
+    # no `choices=`: upload_command names a bad KIND in one line (argparse would print two)
+    upload.add_argument("kind", metavar="KIND", help="kpis or survey-data")
+    upload.add_argument("file", metavar="FILE", help="the CSV file (copied; yours is untouched)")
+
     fake = sub.add_parser("fake-api", help="run the local stand-in of the 12traits API")
     fake.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
     fake.add_argument("--api-key", default="test-key", metavar="KEY")
@@ -230,6 +237,15 @@ def format_status(s: dict[str, Any]) -> str:
             f"{name:<18}{res['queued_items']:>9}{res['delivered']:>11}"
             f"{res['dead_lettered']:>7}{dropped:>9}  {state}"
         )
+    csv = s.get("csv")
+    if csv:
+        kinds = ", ".join(
+            f"{kind} {k['pending_files']} ({k['pending_bytes']} bytes)"
+            for kind, k in csv["kinds"].items()
+        )
+        lines.append(
+            f"csv uploads pending: {kinds}; rejected {csv['rejected_files']}  {csv['state']}"
+        )
     return "\n".join(lines)
 
 
@@ -317,6 +333,12 @@ def _read_ndjson(path: Path) -> Any:
                 yield json.loads(line)
 
 
+def cmd_upload(args: argparse.Namespace) -> int:
+    from traits_agent.spool import upload_command
+
+    return upload_command(_config(args), args.kind, args.file)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from traits_agent import doctor
 
@@ -330,4 +352,5 @@ COMMANDS = {
     "fake-api": cmd_fake_api,
     "dead-letters": cmd_dead_letters,
     "doctor": cmd_doctor,
+    "upload": cmd_upload,
 }

@@ -7,6 +7,7 @@ can read the agent's state.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import os
@@ -21,6 +22,7 @@ import trio
 log = structlog.get_logger(__name__)
 
 MAX_REQUEST = 1024
+MAX_FDS = 4
 
 
 class AgentNotRunning(Exception):
@@ -31,10 +33,17 @@ async def serve_control(
     path: Path,
     snapshot: Callable[[], dict[str, Any]],
     *,
+    upload: Callable[[str, int, str], dict[str, Any]] | None = None,
     mode: int = 0o660,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer `status` requests on a Unix stream socket until cancelled."""
+    """Answer requests on a Unix stream socket until cancelled.
+
+    `status` → the snapshot. `upload KIND NAME` with an open file descriptor attached
+    (SCM_RIGHTS) → `upload(kind, fd, name)` in a worker thread (it copies the file into the
+    spool): the CLI opens the file with the user's rights, the sandboxed agent reads it
+    through the descriptor and never needs to see the user's paths.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         if _is_live(path):
@@ -48,26 +57,74 @@ async def serve_control(
     task_status.started(path)
 
     async def handle(stream: trio.SocketStream) -> None:
+        fds: list[int] = []
         async with stream:
-            with trio.move_on_after(5):
-                request = b""
-                while b"\n" not in request and len(request) < MAX_REQUEST:
-                    chunk = await stream.receive_some(MAX_REQUEST)
-                    if not chunk:
-                        break
-                    request += chunk
-                command = request.strip().decode("utf-8", "replace")
+            try:
+                with trio.move_on_after(5):
+                    request, fds = await _receive_request(stream.socket)
+                command, _, rest = request.strip().decode("utf-8", "replace").partition(" ")
                 if command == "status":
                     answer: dict[str, Any] = snapshot()
+                elif command == "upload" and upload is not None and len(fds) == 1:
+                    kind, _, name = rest.partition(" ")
+                    fd = fds.pop()
+                    try:
+                        answer = await trio.to_thread.run_sync(upload, kind, fd, name)
+                    finally:
+                        os.close(fd)
                 else:
                     answer = {"error": f"unknown command {command[:40]!r}"}
                 await stream.send_all(json.dumps(answer).encode() + b"\n")
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
     try:
         await trio.serve_listeners(handle, [listener])
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+async def _receive_request(sock: Any) -> tuple[bytes, list[int]]:
+    """One request line, and any file descriptors that came with it."""
+    request = b""
+    fds: list[int] = []
+    while b"\n" not in request and len(request) < MAX_REQUEST:
+        data, ancillary, _flags, _addr = await sock.recvmsg(
+            MAX_REQUEST, socket.CMSG_SPACE(4 * MAX_FDS)
+        )
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(array.array("i", payload[:usable]))
+        if not data:
+            break
+        request += data
+    return request, fds
+
+
+def send_upload(path: Path, kind: str, fd: int, name: str, timeout: float = 600.0) -> dict:
+    """Blocking client: hand an open file to the agent's spool. Raises AgentNotRunning."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise AgentNotRunning(f"no agent is running (nothing answers on {path})") from e
+        line = f"upload {kind} {name}\n".encode()
+        socket.send_fds(sock, [line], [fd])
+        return json.loads(_read_all(sock))
+    finally:
+        sock.close()
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _is_live(path: Path) -> bool:
@@ -92,12 +149,6 @@ def request_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise AgentNotRunning(f"no agent is running (nothing answers on {path})") from e
         sock.sendall(b"status\n")
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        return json.loads(_read_all(sock))
     finally:
         sock.close()
-    return json.loads(b"".join(chunks))

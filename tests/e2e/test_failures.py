@@ -190,3 +190,24 @@ async def test_api_key_from_key_file(workdir, api):
     with trio.fail_after(GUARD_S):
         await api.wait_for_items(1)
     assert await agent.terminate() == 0
+
+
+async def test_csv_upload_through_the_running_agent(workdir, api):
+    """`traits-agent upload kpis FILE` returns at once; the agent posts it as multipart
+    `file`, retrying a 503, and `status` shows nothing pending afterwards."""
+    api.inject(Fault(status=503, path="/v1/kpis/csv", times=1))
+    agent = await start_agent(workdir, api)
+    csv = workdir / "2019-09-23.csv"
+    csv.write_bytes(b"timestamp,user_id,kpi_id,value\n2019-09-23 00:00:00,1001,ltv,2.5\n")
+    done = await trio.to_thread.run_sync(cli, agent, "upload", "kpis", str(csv))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"spooled {csv} for upload to /v1/kpis/csv")
+    with trio.fail_after(GUARD_S):
+        await api.wait_until(lambda: api.csv_uploads)
+    (upload,) = api.csv_uploads
+    assert upload.kind == "kpis" and upload.data == csv.read_bytes()
+    assert upload.filename.endswith("2019-09-23.csv")
+    await wait_status(agent, lambda s: s["csv"]["pending_files"] == 0)
+    bad = await trio.to_thread.run_sync(cli, agent, "upload", "nope", str(csv))
+    assert bad.returncode == 2 and "KIND" in bad.stderr
+    assert await agent.terminate() == 0

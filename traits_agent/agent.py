@@ -298,7 +298,8 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
             queue,
             agent.uploader.deliver,
             max_items=config.batch.max_items,
-            max_bytes=config.batch.max_bytes - BODY_OVERHEAD,
+            # the body adds a comma per item and the {"key":[...]} wrapper to the payloads
+            max_bytes=config.batch.max_bytes - BODY_OVERHEAD - config.batch.max_items,
             linger_s=config.batch.linger_ms / 1000,
         )
     syncer = Syncer(agent)

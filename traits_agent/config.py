@@ -222,7 +222,7 @@ def validate(config: Config) -> Config:
     _check_range("queue.max_bytes", config.queue.max_bytes, 2 * config.queue.segment_bytes, 1 << 50)
     _check_range("batch.max_items", config.batch.max_items, 1, API_ITEM_LIMIT)
     _check_range("batch.linger_ms", config.batch.linger_ms, 0, 3_600_000)
-    _check_range("batch.max_bytes", config.batch.max_bytes, 1024, 256 * 1024 * 1024)
+    _check_range("batch.max_bytes", config.batch.max_bytes, 65536, 256 * 1024 * 1024)
     _check_range("retry.initial_backoff_ms", config.retry.initial_backoff_ms, 1, 3_600_000)
     _check_range(
         "retry.max_backoff_ms",

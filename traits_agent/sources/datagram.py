@@ -26,6 +26,8 @@ log = structlog.get_logger(__name__)
 #: the largest datagram we accept (interface: at most 64 KiB); one more byte detects truncation
 MAX_DATAGRAM = 65536
 DRAIN_MAX = 1024
+#: a burst also ends at this many bytes, so 1024 large datagrams never sit in memory at once
+DRAIN_MAX_BYTES = 4 * 1024 * 1024
 
 Sink = Callable[[list[bytes]], None]
 
@@ -140,8 +142,10 @@ def _drain(sock: socket.socket, sink: Sink, name: str, on_error: Callable[[str],
     many datagrams were read."""
     burst: list[bytes] = []
     recv = sock.recv
-    read = 0
+    read = nbytes = 0
     for _ in range(DRAIN_MAX):
+        if nbytes >= DRAIN_MAX_BYTES:
+            break
         try:
             data = recv(MAX_DATAGRAM + 1)
         except (BlockingIOError, InterruptedError):
@@ -154,6 +158,7 @@ def _drain(sock: socket.socket, sink: Sink, name: str, on_error: Callable[[str],
             on_error("too_large")
             continue
         burst.append(data)
+        nbytes += len(data)
     if burst:
         sink(burst)
     return read

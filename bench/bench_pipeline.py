@@ -32,7 +32,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate, timeout=300.0, interval=0.02):
+def wait_for(predicate, timeout=900.0, interval=0.02):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -55,7 +55,13 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
-def run(events: int, per_datagram: int, fsync: str) -> None:
+def fake_admin(url: str, method: str, path: str, body: bytes | None = None) -> None:
+    req = urllib.request.Request(f"{url}{path}", data=body, method=method)
+    req.add_header("Content-Type", "application/json")
+    urllib.request.urlopen(req, timeout=10).read()
+
+
+def run(events: int, per_datagram: int, fsync: str, outage: bool = False) -> None:
     work = Path(tempfile.mkdtemp(prefix="ta-bench-", dir="/tmp"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -78,7 +84,7 @@ def run(events: int, per_datagram: int, fsync: str) -> None:
     config.write_text(
         f'[api]\nendpoint = "{url}"\n'
         f'[listen]\nunix = "{work}/events.sock"\nudp = ""\nforward_unix = ""\n'
-        f'[queue]\ndir = "{work}/queue"\nfsync = "{fsync}"\n'
+        f'[queue]\ndir = "{work}/queue"\nfsync = "{fsync}"\nmax_bytes = 8589934592\n'
         f"[batch]\nlinger_ms = 200\n"
         f'[control]\nsocket = "{work}/control.sock"\n'
         f'[log]\nlevel = "warning"\n'
@@ -109,6 +115,8 @@ def run(events: int, per_datagram: int, fsync: str) -> None:
                 )
                 for s in range(0, events, per_datagram)
             ]
+        if outage:  # the API answers 503 until the whole backlog is on disk
+            fake_admin(url, "POST", "/_fake/faults", b'{"status": 503, "times": null}')
         sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sender.connect(str(work / "events.sock"))
         t0 = time.perf_counter()
@@ -120,10 +128,24 @@ def run(events: int, per_datagram: int, fsync: str) -> None:
             interval=0.005,
         )
         t_ingested = time.perf_counter()
+        rss_backlog = peak_rss_kib(agent.pid)
+        if outage:
+            fake_admin(url, "DELETE", "/_fake/faults")
+            t0 = time.perf_counter()  # from here: draining the backlog
         wait_for(lambda: fake_count(url) >= events, interval=0.01)
         t_delivered = time.perf_counter()
         status = request_status(work / "control.sock")
         rss_peak = peak_rss_kib(agent.pid)
+        if outage:
+            print(
+                f"events={events} per_datagram={per_datagram} fsync={fsync} (API down while "
+                f"sending)\n"
+                f"  backlog drain: {events / (t_delivered - t0):>10,.0f} events/s after the API "
+                f"came back ({t_delivered - t0:.2f} s)\n"
+                f"  agent RSS: idle peak {rss_idle / 1024:.1f} MiB, with the whole backlog queued "
+                f"{rss_backlog / 1024:.1f} MiB, after draining {rss_peak / 1024:.1f} MiB"
+            )
+            return
         print(
             f"events={events} per_datagram={per_datagram} fsync={fsync}\n"
             f"  send:      {events / (t_sent - t0):>10,.0f} events/s (sender, blocking)\n"
@@ -157,9 +179,17 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--per-datagram", type=int, nargs="*", default=[50, 1])
     parser.add_argument("--fsync", default="interval")
+    parser.add_argument(
+        "--outage-events",
+        type=int,
+        default=1_000_000,
+        help="backlog size for the outage scenario (0 skips it)",
+    )
     args = parser.parse_args()
     for n in args.per_datagram:
         run(args.events, n, args.fsync)
+    if args.outage_events:
+        run(args.outage_events, 50, args.fsync, outage=True)
 
 
 if __name__ == "__main__":

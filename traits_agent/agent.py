@@ -1,9 +1,11 @@
 """The agent: one trio nursery tree from sockets to the API, and its shutdown sequence.
 
     root nursery
-    ├── fake API (only with --fake-api)
-    └── delivery nursery ─ one Lane per resource · group-commit syncer · watchdog · STATUS
-        └── intake nursery ─ datagram sources · control socket · signal watcher
+    ├── fake API (only with --fake-api) · signal watcher
+    └── delivery nursery ─ one Lane per resource · CSV spool · group-commit syncer · watchdog ·
+        │                  STATUS
+        └── intake nursery ─ datagram sources · Forward stream listeners (acks after fsync) ·
+                             control socket · /metrics
 
 Start-up: queues are opened and recovered (synchronously, before any socket is bound), then the
 lanes start (a recovered backlog leaves at once), then the sockets are bound and systemd is told
@@ -21,6 +23,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,12 @@ from traits_agent.sources.datagram import (
     bind_unix_datagram,
     serve_datagrams,
     set_receive_buffer,
+)
+from traits_agent.sources.forward import (
+    Durability,
+    ForwardServer,
+    bind_forward_tcp,
+    bind_forward_unix,
 )
 from traits_agent.spool import CsvSpool, receive_upload, spool_dir_for
 from traits_agent.uploader import Uploader, make_client
@@ -303,13 +312,15 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
             linger_s=config.batch.linger_ms / 1000,
         )
     syncer = Syncer(agent)
+    durability = Durability(agent.queues, fsync=config.queue.fsync, request_sync=syncer.dirty)
+    syncer.on_synced = durability.synced
     ingest = Ingest(agent.lanes, agent.counters, on_write_error=syncer.write_failed)
     async with client, trio.open_nursery() as delivery:
         delivery.start_soon(syncer.run)
         lanes = await _start_lanes(agent, delivery)
         await delivery.start(agent.csv_spool.run)
         async with trio.open_nursery() as intake:
-            await _start_sources(agent, ingest, syncer, intake)
+            await _start_sources(agent, ingest, syncer, durability, intake)
             await intake.start(
                 functools.partial(
                     serve_control,
@@ -376,7 +387,9 @@ async def _start_lanes(agent: Agent, nursery: trio.Nursery) -> trio.CancelScope:
     return scope
 
 
-async def _start_sources(agent: Agent, ingest: Ingest, syncer: Syncer, nursery) -> None:
+async def _start_sources(
+    agent: Agent, ingest: Ingest, syncer: Syncer, durability: Durability, nursery
+) -> None:
     config = agent.config.listen
 
     def sink(datagrams: list[bytes]) -> None:
@@ -402,6 +415,19 @@ async def _start_sources(agent: Agent, ingest: Ingest, syncer: Syncer, nursery) 
             sock = bind_udp(host, port)
             set_receive_buffer(sock, config.receive_buffer, "udp")
         sockets.append(("udp", sock, None))
+    streams = []
+    if config.forward_unix:
+        sock = inherited.take(activation.FORWARD_UNIX, Kind.UNIX_STREAM, config.forward_unix)
+        if sock is None:
+            sock = bind_forward_unix(Path(config.forward_unix), config.unix_mode)
+            agent.owned_paths.append(config.forward_unix)
+        streams.append(("forward_unix", sock, config.forward_unix))
+    if config.forward:
+        sock = inherited.take(activation.FORWARD, Kind.TCP, config.forward)
+        if sock is None:
+            host, port = parse_host_port(config.forward)
+            sock = bind_forward_tcp(host, port)
+        streams.append(("forward", sock, None))
     inherited.close_unclaimed()
     for name, sock, label in sockets:
         address = await nursery.start(
@@ -410,6 +436,10 @@ async def _start_sources(agent: Agent, ingest: Ingest, syncer: Syncer, nursery) 
             )
         )
         agent.listening[name] = label or (f"{address[0]}:{address[1]}")
+    forward = ForwardServer(ingest, durability)
+    for name, sock, label in streams:
+        address = await nursery.start(functools.partial(forward.serve, sock, name=name))
+        agent.listening[name] = label or f"{address[0]}:{address[1]}"
 
 
 async def _watch_signals(stop: trio.Event) -> None:
@@ -435,6 +465,8 @@ class Syncer:
         self.interval = agent.config.queue.fsync_interval_ms / 1000
         self._dirty = trio.Event()
         self._ratelimit = RateLimited(interval=10.0)
+        #: called after every round of fsyncs (the Forward source's acks wait for it)
+        self.on_synced: Callable[[], None] = lambda: None
 
     def dirty(self) -> None:
         self._dirty.set()
@@ -451,12 +483,17 @@ class Syncer:
                 suppressed=suppressed,
             )
 
-    async def sync_all(self) -> None:
+    async def sync_all(self) -> bool:
+        """fsync every queue (in a worker thread); False if any failed."""
+        ok = True
         for name, queue in self.agent.queues.items():
             try:
                 await trio.to_thread.run_sync(queue.sync)
             except OSError as e:
+                ok = False
                 self.write_failed(name, e)
+        self.on_synced()
+        return ok
 
     async def run(self) -> None:
         if self.policy == "never":
@@ -464,6 +501,10 @@ class Syncer:
         while True:
             await self._dirty.wait()
             self._dirty = trio.Event()
-            await self.sync_all()
-            if self.policy == "interval":
+            if not await self.sync_all():
+                # held bytes (and Forward acks waiting on them) need another try even if no
+                # new event arrives to mark the queues dirty
+                self._dirty.set()
+                await trio.sleep(max(self.interval, 1.0))
+            elif self.policy == "interval":
                 await trio.sleep(self.interval)

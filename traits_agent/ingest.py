@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import structlog
 
 from traits_agent.log import RateLimited
 from traits_agent.metrics import Counters
 from traits_agent.resources import Rejected, Resource, normalize, resolve_tag
-from traits_agent.wire import decode_datagram
+from traits_agent.wire import Entry, decode_datagram
 
 log = structlog.get_logger(__name__)
 
@@ -64,30 +64,41 @@ class Ingest:
     def handle(self, datagrams: list[bytes]) -> None:
         """The sink for a datagram source: everything in `datagrams`, then flush."""
         now = self.wall_clock()
-        counters = self.counters
         touched: set[str] = set()
-        events = 0
         for data in datagrams:
             result = decode_datagram(data)
             for error in result.errors:
                 self.reject(error, data[:64])
-            for entry in result.entries:
-                events += 1
-                resource = resolve_tag(entry.tag) if isinstance(entry.tag, str) else None
-                if resource is None:
-                    self.reject("unknown_resource", entry.tag)
-                    continue
-                event_time = now if entry.time is None else entry.time
-                if resource.passthrough and isinstance(entry.record, list):
-                    # PlayFab posts arrays of events: store each as its own item
-                    stored = [self._store(resource, one, event_time) for one in entry.record]
-                    if any(stored):
-                        touched.add(resource.name)
-                elif self._store(resource, entry.record, event_time):
-                    touched.add(resource.name)
-        counters.inc("received_datagrams", len(datagrams))
-        counters.inc("received_events", events)
+            touched |= self.store_entries(result.entries, now)
+        self.counters.inc("received_datagrams", len(datagrams))
         self.flush(touched)
+
+    def store_entries(self, entries: Iterable[Entry], now: float) -> set[str]:
+        """Validate decoded entries and append them to their queues (buffered: `flush` after).
+
+        For every source: `handle` uses it, and so does the Forward stream listener, which
+        decodes for itself. `now` is the receive time, used for events sent without one.
+        Counts received, accepted and rejected events. Returns the names of the resources
+        whose queues took at least one item.
+        """
+        touched: set[str] = set()
+        events = 0
+        for entry in entries:
+            events += 1
+            resource = resolve_tag(entry.tag) if isinstance(entry.tag, str) else None
+            if resource is None:
+                self.reject("unknown_resource", entry.tag)
+                continue
+            event_time = now if entry.time is None else entry.time
+            if resource.passthrough and isinstance(entry.record, list):
+                # PlayFab posts arrays of events: store each as its own item
+                stored = [self._store(resource, one, event_time) for one in entry.record]
+                if any(stored):
+                    touched.add(resource.name)
+            elif self._store(resource, entry.record, event_time):
+                touched.add(resource.name)
+        self.counters.inc("received_events", events)
+        return touched
 
     def _store(self, resource: Resource, record: object, event_time: float) -> bool:
         try:

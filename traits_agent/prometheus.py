@@ -86,6 +86,12 @@ COUNTER_HELP: dict[str, str] = {
     "upload_requests": "HTTP requests sent to the API, answered or not.",
     "upload_retries": "Requests that will be retried, by reason (HTTP status or transport).",
     "queue_write_errors": "Failed writes to a resource's queue, by errno.",
+    "forward_connections": "Forward-protocol stream connections accepted, by listener.",
+    "forward_acks": "Forward-protocol chunk acks sent (each after its events were fsynced).",
+    "forward_connections_closed": "Forward-protocol connections closed by the agent, by reason.",
+    "csv_uploaded_files": "CSV files the API accepted, by kind.",
+    "csv_uploaded_bytes": "Bytes of CSV files the API accepted, by kind.",
+    "csv_rejected_files": "CSV files the API rejected (set aside with a note), by kind and reason.",
 }
 HISTOGRAM_HELP: dict[str, str] = {
     "upload_seconds": "Time from sending a batch to the API's answer, in seconds.",

@@ -93,6 +93,14 @@ _UNPACK_OPTIONS: dict[str, Any] = {
 }
 
 
+def stream_unpacker(max_buffer_size: int) -> msgpack.Unpacker:
+    """A streaming `Unpacker` (`feed` it bytes, iterate it for whole values) that reads values
+    exactly as `decode_datagram` does: EventTime as float seconds, non-UTF-8 strings with
+    surrogateescape, any map keys. It holds at most `max_buffer_size` bytes: `feed` raises
+    `msgpack.BufferFull` when a value does not fit."""
+    return msgpack.Unpacker(max_buffer_size=max_buffer_size, **_UNPACK_OPTIONS)
+
+
 def _failure(exc: Exception) -> str:
     if type(exc) is ValueError and "incomplete" in str(exc):
         return "truncated"

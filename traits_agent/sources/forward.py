@@ -1,0 +1,539 @@
+"""Forward-protocol stream source: Fluentd Forward v1 over a Unix stream socket and over TCP.
+
+Any Fluentd / Fluent Bit client library (fluent-logger-python, -golang, -java, -node, NLog,
+Fluent Bit's `out_forward`, Fluentd's `out_forward`) can feed the agent through these
+listeners. A connection carries a stream of msgpack values; each is one entry in one of the
+forms `wire` decodes (Message, Forward, PackedForward, CompressedPackedForward with gzip); a nil
+value is a heartbeat and is ignored. Entries go through the same validation and queues as
+datagrams (`Ingest.store_entries`).
+
+Acknowledgements mean "stored durably"
+--------------------------------------
+A message whose option map carries `chunk` is answered with `{"ack": chunk}` only once every
+record it carried has been fsynced: for each queue it appended to, the queue's `durable_seq`
+has reached the last seq assigned to it when the message was stored. The fsync itself is the
+Syncer's group commit (`queue.fsync` "interval" or "always"); `Durability` is the meeting point:
+the reader marks what a message needs, the Syncer calls `Durability.synced()` after each round,
+and the ack task of the connection waits for the mark. A client that resends un-acked chunks
+(Fluent Bit and Fluentd with `require_ack_response`, fluent-logger-golang with `RequestAck`)
+therefore loses nothing to a crash or a power cut: what was acked survives both (the queue's
+crash guarantees), and what was not acked is sent again (at-least-once: it may arrive twice).
+
+Why so strict: other receivers answer as soon as the events are in memory or written to the OS,
+and lose acknowledged events in a crash: Vector answers its sources' requests before its disk
+buffer fsyncs (vectordotdev/vector#22489); Fluent Bit's in_forward acked chunks it had failed to
+append (fluent/fluent-bit#9288) and lost acked chunks after a SIGKILL (fluent/fluent-bit#10952).
+
+Other cases:
+
+* `queue.fsync = "never"`: the ack is sent once the records are handed to the OS (they survive
+  a crash of the agent, not a power cut). There is no durability promise in that mode.
+* A message rejected as a whole (not a valid entry) or whose every event is invalid is still
+  acked, right away (in order with the others on the connection): the rejection is counted and
+  logged, and resending the same bytes cannot fix it; not acking would make the client resend
+  it forever. The same holds for events dropped because a queue is full (counted as drops).
+* Acks are sent in the order of the messages on the connection. The connection is read on
+  while acks wait (a client may pipeline chunks), up to `ForwardLimits.max_pending_acks`
+  waiting acks; past that reading pauses, which is TCP back-pressure on the client.
+* At shutdown (the intake nursery is cancelled) the bytes the kernel already holds for each
+  connection are read without waiting and stored, as the datagram sources do (a client without
+  acks believes them delivered); acks still pending then are not sent, so a client with acks
+  sends those chunks again after the restart (duplicates, not loss).
+
+Not supported: the optional handshake (HELO / PING / PONG) with `shared_key` and user
+authentication. A client configured with a shared key waits for a HELO that never comes and
+fails to connect (its own timeout); configure clients without one. The listeners are local by
+design: a Unix socket (file permissions are the access control) and loopback TCP (the config
+refuses other addresses unless `listen.allow_remote`).
+
+Limits (`ForwardLimits`): at most `max_connections` concurrent connections across the
+listeners of one `ForwardServer` (more are accepted and closed at once, counted); a value
+larger than `max_buffer_size` closes its connection (`too_large`); a connection that neither
+sends anything nor gets an ack for `idle_timeout_s` is closed. Bytes that are not msgpack
+(`not_msgpack`), or a msgpack value that is not an array (`not_an_entry`: an HTTP request,
+say), mean the peer does not speak this protocol and the stream cannot be resynchronised:
+that connection is closed, the reason counted and logged; every other connection goes on.
+
+Telemetry: counters `forward_connections{source}`, `forward_acks{source}` and
+`forward_connections_closed{source,reason}` (eof, reset, idle_timeout, shutdown; the peer's
+errors not_msgpack, not_an_entry, too_large, too_many_connections, each also counted in
+`rejected_events{reason}` with a rate-limited `event_rejected` log line carrying a sample; and
+internal_error, a bug of ours, logged with its traceback: it closes only that connection).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+import structlog
+import trio
+
+from traits_agent.wire import WireError, decode_value, stream_unpacker
+
+log = structlog.get_logger(__name__)
+
+#: bytes asked of the kernel per receive
+RECEIVE_BYTES = 256 * 1024
+#: the listen(2) backlog of the sockets we bind
+BACKLOG = 128
+#: accept(2) errors that mean "out of resources, try again soon" (as trio.serve_listeners)
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_RETRY_S = 0.1
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@dataclass(frozen=True)
+class ForwardLimits:
+    """What one peer may cost the agent."""
+
+    max_connections: int = 256
+    #: close a connection that neither sent anything nor was acked for this long (a quiet
+    #: client is not an error: fluent-logger-python notices a closed socket only on its next
+    #: emit and sends that event after the one following it, so keep this generous)
+    idle_timeout_s: float = 3600.0
+    #: the largest msgpack value (one message) a connection may send
+    max_buffer_size: int = 32 * 1024 * 1024
+    #: acks waiting for an fsync per connection before reading pauses (back-pressure)
+    max_pending_acks: int = 64
+
+
+DEFAULT_LIMITS = ForwardLimits()
+
+
+# --------------------------------------------------------------------------- durability
+
+
+class _Queue(Protocol):
+    @property
+    def next_seq(self) -> int: ...
+    @property
+    def durable_seq(self) -> int: ...
+
+
+#: (queue, seq) pairs: durable once every queue's durable_seq has reached its seq
+Mark = tuple[tuple[_Queue, int], ...]
+
+
+def _nothing() -> None:
+    pass
+
+
+class Durability:
+    """Tells stream sources when the records they appended are durable (fsynced).
+
+    The source calls `mark(names)` right after appending to the queues `names` and later
+    `await wait(mark)`; the Syncer calls `synced()` after each round of fsyncs (whether every
+    queue succeeded or not: `wait` re-checks `durable_seq`, which only a good fsync advances).
+    `written()` asks the Syncer for a round (group commit). With `fsync="never"` a mark is
+    empty and `wait` returns at once: the caller flushes to the OS first, and that is all.
+
+    Marks use `next_seq - 1` rather than `written_seq`: if a write fails, the records stay
+    buffered in the queue and `durable_seq` does not pass them until a later flush and fsync
+    succeed, so an ack never covers records that only exist in memory.
+    """
+
+    def __init__(
+        self,
+        queues: Mapping[str, _Queue],
+        *,
+        fsync: str = "interval",
+        request_sync: Callable[[], None] = _nothing,
+    ) -> None:
+        self.queues = queues
+        self.waits_for_fsync = fsync != "never"
+        self._request_sync = request_sync
+        self._synced = trio.Event()
+
+    def mark(self, names: Iterable[str]) -> Mark:
+        """What must be durable for every record appended so far to the queues `names`."""
+        if not self.waits_for_fsync:
+            return ()
+        return tuple((q, q.next_seq - 1) for q in (self.queues[name] for name in names))
+
+    @staticmethod
+    def reached(mark: Mark) -> bool:
+        return all(queue.durable_seq >= seq for queue, seq in mark)
+
+    async def wait(self, mark: Mark) -> None:
+        """Return once `mark` is durable (no polling: woken by `synced`)."""
+        while not self.reached(mark):
+            await self._synced.wait()
+
+    def written(self) -> None:
+        """Records were handed to the queues: have them fsynced soon."""
+        self._request_sync()
+
+    def synced(self) -> None:
+        """Called by the Syncer after each round of fsyncs: wake the waiters to re-check."""
+        event, self._synced = self._synced, trio.Event()
+        event.set()
+
+
+# --------------------------------------------------------------------------- binding
+
+
+def bind_forward_unix(path: Path | str, mode: int, *, backlog: int = BACKLOG) -> socket.socket:
+    """A listening Unix stream socket at `path` with permissions `mode`.
+
+    A stale socket file from a crashed run is replaced; anything that is not a socket, or a
+    socket someone still accepts on, is left alone and reported (OSError EEXIST/EADDRINUSE).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        if _stream_socket_is_live(path):
+            raise OSError(errno.EADDRINUSE, f"another process is listening on {path}")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, mode)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _stream_socket_is_live(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a live listener with a full backlog answers EAGAIN, not a hang
+    try:
+        return probe.connect_ex(str(path)) in (0, errno.EAGAIN, errno.EINPROGRESS)
+    finally:
+        probe.close()
+
+
+def bind_forward_tcp(host: str, port: int, *, backlog: int = BACKLOG) -> socket.socket:
+    """A listening TCP socket on `host:port` (port 0: any free port; see getsockname)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # a restart must not fail on the previous run's connections in TIME_WAIT
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class _Ingest(Protocol):
+    wall_clock: Callable[[], float]
+    counters: Any
+
+    def store_entries(self, entries: Iterable[Any], now: float) -> set[str]: ...
+    def flush(self, names: set[str]) -> None: ...
+    def reject(self, reason: str, sample: object = None, **context: object) -> None: ...
+
+
+class _Decoder:
+    """msgpack values out of a byte stream, holding at most `limit` bytes of an unfinished
+    value: a value that does not fit is `too_large`, the values before it still come out."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._unpacker = stream_unpacker(limit)
+        self._fed = 0
+
+    def values(self, data: bytes) -> Iterator[Any]:
+        unpacker = self._unpacker
+        view = memoryview(data)
+        while view:
+            room = self.limit - (self._fed - unpacker.tell())  # tell(): bytes consumed so far
+            if room <= 0:
+                raise _ProtocolError("too_large", f"a value over {self.limit} bytes")
+            piece = view[:room]
+            unpacker.feed(piece)
+            self._fed += len(piece)
+            view = view[len(piece) :]
+            try:
+                yield from unpacker
+            except Exception as e:  # malformed msgpack: the stream cannot be resynchronised
+                raise _ProtocolError("not_msgpack", f"{type(e).__name__}: {e}") from None
+
+
+class _ProtocolError(Exception):
+    """The peer does not speak the protocol; its connection is closed."""
+
+    def __init__(self, reason: str, sample: object) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.sample = sample
+
+
+@dataclass
+class _Connection:
+    stream: trio.SocketStream
+    source: str
+    peer: str
+    scope: trio.CancelScope
+    idle_timeout_s: float
+    reason: str = "eof"
+
+    def progressed(self) -> None:
+        self.scope.deadline = trio.current_time() + self.idle_timeout_s
+
+
+class ForwardServer:
+    """Serves the Forward protocol on any number of listening stream sockets.
+
+    One server holds the connection limit for all its listeners. `serve(sock, name=...)` runs
+    one listener until cancelled; start it with `await nursery.start(server.serve, sock, ...)`
+    so the caller knows the socket is being served (`task_status` gets its address).
+    """
+
+    def __init__(
+        self,
+        ingest: _Ingest,
+        durability: Durability,
+        *,
+        limits: ForwardLimits = DEFAULT_LIMITS,
+    ) -> None:
+        self.ingest = ingest
+        self.durability = durability
+        self.limits = limits
+        self.counters = ingest.counters
+        #: open connections, all listeners together
+        self.connections = 0
+
+    async def serve(
+        self, sock: socket.socket, *, name: str, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept and serve connections on the bound `sock` (ours or inherited from systemd)
+        until cancelled; the socket is closed on return, its file (if any) is left alone."""
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            sock.listen(BACKLOG)  # one that systemd passed listens already, with its Backlog=
+        address = sock.getsockname()
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        async with listener, trio.open_nursery() as handlers:
+            task_status.started(address)
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as e:
+                    if e.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error("forward_accept_failed", source=name, error=str(e))
+                    await trio.sleep(_ACCEPT_RETRY_S)
+                    continue
+                if self.connections >= self.limits.max_connections:
+                    self._closed(name, _peer(stream), "too_many_connections")
+                    self.ingest.reject(
+                        "too_many_connections", None, source=name, limit=self.limits.max_connections
+                    )
+                    await trio.aclose_forcefully(stream)
+                    continue
+                self.connections += 1
+                handlers.start_soon(self._connection, stream, name)
+
+    async def _connection(self, stream: trio.SocketStream, name: str) -> None:
+        conn = _Connection(
+            stream,
+            name,
+            _peer(stream),
+            trio.CancelScope(),
+            self.limits.idle_timeout_s,
+        )
+        self.counters.inc("forward_connections", source=name)
+        log.debug("forward_connected", source=name, peer=conn.peer)
+        conn.progressed()
+        try:
+            with conn.scope:
+                send, receive = trio.open_memory_channel[tuple[Any, Mark]](
+                    self.limits.max_pending_acks
+                )
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_acks, conn, receive, nursery.cancel_scope)
+                    async with send:
+                        await self._read(conn, send, nursery.cancel_scope)
+            if conn.scope.cancelled_caught:
+                conn.reason = "idle_timeout"
+        except Exception:
+            # A bug of ours met by this peer's data. Kill only this connection: a client that
+            # resends its chunk on reconnect must not be able to crash-loop the whole agent.
+            conn.reason = "internal_error"
+            log.exception("forward_connection_failed", source=name, peer=conn.peer)
+        finally:
+            self.connections -= 1
+            self._closed(name, conn.peer, conn.reason)
+            await trio.aclose_forcefully(stream)  # raises Cancelled when we are being cancelled
+
+    def _closed(self, source: str, peer: str, reason: str) -> None:
+        self.counters.inc("forward_connections_closed", source=source, reason=reason)
+        log.debug("forward_connection_closed", source=source, peer=peer, reason=reason)
+
+    async def _read(
+        self,
+        conn: _Connection,
+        acks: trio.MemorySendChannel[tuple[Any, Mark]],
+        nursery_scope: trio.CancelScope,
+    ) -> None:
+        """Receive, decode and store until EOF or a protocol error; hand chunks to ack."""
+        decoder = _Decoder(self.limits.max_buffer_size)
+        try:
+            while True:
+                try:
+                    data = await conn.stream.receive_some(RECEIVE_BYTES)
+                except trio.BrokenResourceError:
+                    conn.reason = "reset"
+                    return
+                if not data:
+                    return  # EOF: acks still owed are sent before the connection closes
+                conn.progressed()
+                pending = self._take(conn, decoder, data)
+                for ack in pending:
+                    await acks.send(ack)
+        except _ProtocolError as e:
+            conn.reason = e.reason
+            self.ingest.reject(e.reason, e.sample, source=conn.source, peer=conn.peer)
+            nursery_scope.cancel()  # no more acks either: the stream is out of step
+        except trio.Cancelled:
+            if not (conn.scope.cancel_called or nursery_scope.cancel_called):
+                conn.reason = "shutdown"
+                self._drain(conn, decoder)
+            raise
+
+    def _take(self, conn: _Connection, decoder: _Decoder, data: bytes) -> list[tuple[Any, Mark]]:
+        """Decode `data`, store every whole value, flush once; the acks the values asked for.
+
+        Raises _ProtocolError when the peer is not speaking the protocol (after storing and
+        flushing what came before the bad bytes).
+        """
+        ingest = self.ingest
+        durability = self.durability
+        now = ingest.wall_clock()
+        touched: set[str] = set()
+        acks: list[tuple[Any, Mark]] = []
+        try:
+            for value in decoder.values(data):
+                if value is None:  # heartbeat
+                    continue
+                if type(value) is not list:
+                    raise _ProtocolError("not_an_entry", _sample(value))
+                try:
+                    entries, option = decode_value(value)
+                except WireError as e:
+                    ingest.reject(e.reason, _sample(value), source=conn.source, peer=conn.peer)
+                    chunk = _chunk_of(value)
+                    names: set[str] = set()
+                else:
+                    chunk = option.get("chunk") if option else None
+                    names = ingest.store_entries(entries, now)
+                    touched |= names
+                if chunk is not None:
+                    acks.append((chunk, durability.mark(names)))
+        finally:
+            if touched:
+                ingest.flush(touched)
+                durability.written()
+        return acks
+
+    def _drain(self, conn: _Connection, decoder: _Decoder) -> None:
+        """At shutdown: store what the kernel already holds for this connection (bounded)."""
+        sock = conn.stream.socket
+        taken = 0
+        try:
+            while taken < self.limits.max_buffer_size:
+                try:
+                    data = _recv_nowait(sock)
+                except BlockingIOError:
+                    break
+                if not data:
+                    break
+                taken += len(data)
+                self._take(conn, decoder, data)
+        except _ProtocolError as e:
+            self.ingest.reject(e.reason, e.sample, source=conn.source, peer=conn.peer)
+        except OSError:
+            pass  # reset by the peer: nothing more to take
+
+    async def _send_acks(
+        self,
+        conn: _Connection,
+        acks: trio.MemoryReceiveChannel[tuple[Any, Mark]],
+        nursery_scope: trio.CancelScope,
+    ) -> None:
+        """Write `{"ack": chunk}` for each chunk, in order, once its records are durable."""
+        durability = self.durability
+        async with acks:
+            async for chunk, mark in acks:
+                await durability.wait(mark)
+                try:
+                    await conn.stream.send_all(msgpack.packb({"ack": chunk}))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    conn.reason = "reset"
+                    nursery_scope.cancel()
+                    return
+                conn.progressed()
+                self.counters.inc("forward_acks", source=conn.source)
+
+
+def _recv_nowait(sock: trio.socket.SocketType) -> bytes:
+    """One non-blocking read of a trio socket, without a checkpoint (usable when cancelled).
+    Raises BlockingIOError when nothing is waiting."""
+    view = socket.socket(fileno=sock.fileno())  # borrows the fd: detached, never closed
+    try:
+        return view.recv(RECEIVE_BYTES, socket.MSG_DONTWAIT)
+    finally:
+        view.detach()
+
+
+def _chunk_of(value: list[Any]) -> object:
+    """The `chunk` of a value that did not decode, if its option map can be found: the 4th
+    element, or the 3rd when the 2nd is not a time (so the 3rd is not a Message's record)."""
+    if len(value) == 4:
+        option = value[3]
+    elif len(value) == 3 and isinstance(value[1], (list, bytes, str)):
+        option = value[2]
+    else:
+        return None
+    return option.get("chunk") if type(option) is dict else None
+
+
+def _sample(value: object) -> str:
+    """A short description of a value for the log, cheap even for a 32 MiB one."""
+    if isinstance(value, (list, tuple)):
+        head = ", ".join(_sample(v) for v in value[:3])
+        more = ", ..." if len(value) > 3 else ""
+        return f"[{head}{more}] ({len(value)} elements)"
+    if isinstance(value, (str, bytes)):
+        return repr(value[:40]) + (f" ({len(value)} long)" if len(value) > 40 else "")
+    if isinstance(value, dict):
+        return f"<map of {len(value)}>"
+    return repr(value)[:80]
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    """Who is at the other end: the process (Unix socket credentials) or host:port."""
+    sock = stream.socket
+    try:
+        if sock.family == socket.AF_UNIX:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            pid, uid, _gid = _PEERCRED.unpack(raw)
+            return f"pid={pid} uid={uid}"
+        host, port = sock.getpeername()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    except (OSError, AttributeError):  # AttributeError: no SO_PEERCRED on this platform
+        return "unknown"

@@ -19,6 +19,8 @@ from typing import Any
 import structlog
 import trio
 
+from traits_agent.unixsock import bind_unix
+
 log = structlog.get_logger(__name__)
 
 MAX_REQUEST = 1024
@@ -44,15 +46,9 @@ async def serve_control(
     spool): the CLI opens the file with the user's rights, the sandboxed agent reads it
     through the descriptor and never needs to see the user's paths.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        if _is_live(path):
-            raise OSError(f"another agent answers on {path}")
-        path.unlink()
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(str(path))
-    os.chmod(path, mode)
-    sock.listen(16)
+    std = bind_unix(path, socket.SOCK_STREAM, mode)
+    std.listen(16)
+    sock = trio.socket.from_stdlib_socket(std)
     listener = trio.SocketListener(sock)
     task_status.started(path)
 
@@ -104,15 +100,21 @@ async def _receive_request(sock: Any) -> tuple[bytes, list[int]]:
     return request, fds
 
 
-def send_upload(path: Path, kind: str, fd: int, name: str, timeout: float = 600.0) -> dict:
-    """Blocking client: hand an open file to the agent's spool. Raises AgentNotRunning."""
+def _connect(path: Path, timeout: float) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise AgentNotRunning(f"no agent is running (nothing answers on {path})") from e
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        sock.close()
+        raise AgentNotRunning(f"no agent is running (nothing answers on {path})") from e
+    return sock
+
+
+def send_upload(path: Path, kind: str, fd: int, name: str, timeout: float = 600.0) -> dict:
+    """Blocking client: hand an open file to the agent's spool. Raises AgentNotRunning."""
+    sock = _connect(path, timeout)
+    try:
         line = f"upload {kind} {name}\n".encode()
         socket.send_fds(sock, [line], [fd])
         return json.loads(_read_all(sock))
@@ -127,27 +129,10 @@ def _read_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def _is_live(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
 def request_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
     """Blocking client for the CLI. Raises AgentNotRunning when nobody answers."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    sock = _connect(path, timeout)
     try:
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise AgentNotRunning(f"no agent is running (nothing answers on {path})") from e
         sock.sendall(b"status\n")
         return json.loads(_read_all(sock))
     finally:

@@ -64,13 +64,13 @@ from traits_agent.backoff import Backoff, parse_retry_after
 from traits_agent.log import RateLimited
 from traits_agent.metrics import Counters
 from traits_agent.uploader import (
-    HOLD_PROBE_MAX_S,
-    HOLD_PROBE_MIN_S,
     USER_AGENT,
     Outcome,
+    RetryTimer,
     Stopping,
     UpstreamState,
     classify,
+    wait_to_retry,
 )
 
 log = structlog.get_logger(__name__)
@@ -538,7 +538,7 @@ class CsvSpool:
         kind = spooled.kind
         st = self.states[kind]
         key = idempotency_key(self.agent_id, kind, spooled.name)
-        attempt = hold_attempt = 0
+        timer = RetryTimer(self.backoff)
         self.uploading[kind] = spooled.name
         try:
             while True:
@@ -561,38 +561,23 @@ class CsvSpool:
                     st.state, st.next_retry_at = "ok", None  # the API answered about the file
                     self._reject(spooled, status, detail, reason=reason)
                     return
-                error = detail.get("error") or f"HTTP {status} {detail.get('message', '')}".strip()
-                st.last_error = error
-                st.last_error_at = datetime.now(UTC).isoformat(timespec="seconds")
+                error, delay = timer.failed(st, outcome, status, detail, retry_after)
                 if outcome in (Outcome.AUTH, Outcome.ENDPOINT):
-                    st.state = outcome.value
-                    delay = min(
-                        HOLD_PROBE_MAX_S, max(HOLD_PROBE_MIN_S, self.backoff.delay(hold_attempt))
-                    )
-                    hold_attempt += 1
                     self._log_hold(kind, outcome, status, error, delay)
                 else:
-                    st.state = "retrying"
-                    delay = retry_after if retry_after is not None else self.backoff.delay(attempt)
-                    attempt += 1
                     log.warning(
                         "csv_upload_retrying",
                         kind=kind,
                         file=spooled.name,
                         status=status or None,
                         error=error,
-                        attempt=attempt,
+                        attempt=timer.attempt,
                         retry_in_s=round(delay, 3),
                     )
-                st.retries += 1
                 self.counters.inc(
                     "upload_retries", resource=f"csv_{kind}", reason=str(status or "transport")
                 )
-                st.next_retry_at = trio.current_time() + delay
-                with trio.move_on_after(delay):
-                    await self._stopping.wait()
-                if self._stopping.is_set():
-                    raise Stopping
+                await wait_to_retry(st, delay, self._stopping)
         finally:
             self.uploading[kind] = None
 

@@ -94,6 +94,50 @@ class UpstreamState:
     retries: int = 0
 
 
+@dataclass
+class RetryTimer:
+    """Retry bookkeeping for one request that has not yet had an answer about its data;
+    shared by the event uploader and the CSV spool, which log differently but wait alike."""
+
+    backoff: Backoff
+    attempt: int = 0
+    hold_attempt: int = 0
+
+    def failed(
+        self,
+        st: UpstreamState,
+        outcome: Outcome,
+        status: int,
+        detail: dict,
+        retry_after: float | None,
+    ) -> tuple[str, float]:
+        """Record a failed answer in `st`; return (error text, seconds to wait)."""
+        error = detail.get("error") or f"HTTP {status} {detail.get('message', '')}".strip()
+        st.last_error = error
+        st.last_error_at = datetime.now(UTC).isoformat(timespec="seconds")
+        if outcome in (Outcome.AUTH, Outcome.ENDPOINT):
+            st.state = outcome.value
+            delay = min(
+                HOLD_PROBE_MAX_S, max(HOLD_PROBE_MIN_S, self.backoff.delay(self.hold_attempt))
+            )
+            self.hold_attempt += 1
+        else:
+            st.state = "retrying"
+            delay = retry_after if retry_after is not None else self.backoff.delay(self.attempt)
+            self.attempt += 1
+        return error, delay
+
+
+async def wait_to_retry(st: UpstreamState, delay: float, stopping: trio.Event) -> None:
+    """Sleep `delay` (shown in status as the next retry); raise Stopping if the agent stops."""
+    st.retries += 1
+    st.next_retry_at = trio.current_time() + delay
+    with trio.move_on_after(delay):
+        await stopping.wait()
+    if stopping.is_set():
+        raise Stopping
+
+
 def build_body(resource: Resource, payloads: list[bytes]) -> bytes:
     """The JSON body, assembled from the stored JSON documents without re-encoding them."""
     items = b"[" + b",".join(payloads) + b"]"
@@ -228,8 +272,7 @@ class Uploader:
     ) -> tuple[Outcome, int, dict]:
         """POST `part` until the answer is about the items (2xx, 400/422/413), not about
         the connection, the server's load or our credentials."""
-        attempt = 0
-        hold_attempt = 0
+        timer = RetryTimer(self.backoff)
         while True:
             limit = self.byte_limit.get(resource.name)
             body = build_body(resource, part)
@@ -247,36 +290,21 @@ class Uploader:
                 if outcome is Outcome.TOO_LARGE:
                     self.byte_limit[resource.name] = max(1024, len(body) // 2)
                 return outcome, status, detail
-            error = detail.get("error") or f"HTTP {status} {detail.get('message', '')}".strip()
-            st.last_error = error
-            st.last_error_at = datetime.now(UTC).isoformat(timespec="seconds")
+            error, delay = timer.failed(st, outcome, status, detail, retry_after)
             if outcome in (Outcome.AUTH, Outcome.ENDPOINT):
-                st.state = outcome.value
-                delay = min(
-                    HOLD_PROBE_MAX_S, max(HOLD_PROBE_MIN_S, self.backoff.delay(hold_attempt))
-                )
-                hold_attempt += 1
                 self._log_hold(resource, outcome, status, error, delay)
             else:
-                st.state = "retrying"
-                delay = retry_after if retry_after is not None else self.backoff.delay(attempt)
-                attempt += 1
                 log.warning(
                     "upload_retrying",
                     resource=resource.name,
                     items=len(part),
                     status=status or None,
                     error=error,
-                    attempt=attempt,
+                    attempt=timer.attempt,
                     retry_in_s=round(delay, 3),
                 )
-            st.retries += 1
             self.counters.inc("upload_retries", resource=resource.name, reason=_reason(status))
-            st.next_retry_at = trio.current_time() + delay
-            with trio.move_on_after(delay):
-                await self._stopping.wait()
-            if self._stopping.is_set():
-                raise Stopping
+            await wait_to_retry(st, delay, self._stopping)
 
     def _log_hold(
         self, resource: Resource, outcome: Outcome, status: int, error: str, delay: float

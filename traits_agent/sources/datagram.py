@@ -11,15 +11,14 @@ dropped 63% of a 300k burst; the drain loop ~175k/s and dropped none.
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import socket
-import stat
 from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 import trio
+
+from traits_agent.unixsock import bind_unix
 
 log = structlog.get_logger(__name__)
 
@@ -60,41 +59,8 @@ def set_receive_buffer(sock: socket.socket, wanted: int, name: str) -> int:
 
 
 def bind_unix_datagram(path: Path, mode: int) -> socket.socket:
-    """Bind a Unix datagram socket at `path` with explicit permissions.
-
-    A stale socket file from a crashed run is replaced; anything that is not a socket, or a
-    socket someone still answers on, is left alone and reported.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        if _socket_is_live(path):
-            raise OSError(errno.EADDRINUSE, f"another process is receiving on {path}")
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        sock.bind(str(path))
-        os.chmod(path, mode)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _socket_is_live(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
+    """Bind the Unix datagram socket game servers send to (see `unixsock.bind_unix`)."""
+    return bind_unix(path, socket.SOCK_DGRAM, mode)
 
 
 def bind_udp(host: str, port: int) -> socket.socket:

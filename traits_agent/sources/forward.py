@@ -64,9 +64,7 @@ internal_error, a bug of ours, logged with its traceback: it closes only that co
 from __future__ import annotations
 
 import errno
-import os
 import socket
-import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -77,6 +75,7 @@ import msgpack
 import structlog
 import trio
 
+from traits_agent.unixsock import bind_unix
 from traits_agent.wire import WireError, decode_value, stream_unpacker
 
 log = structlog.get_logger(__name__)
@@ -182,41 +181,15 @@ class Durability:
 
 
 def bind_forward_unix(path: Path | str, mode: int, *, backlog: int = BACKLOG) -> socket.socket:
-    """A listening Unix stream socket at `path` with permissions `mode`.
-
-    A stale socket file from a crashed run is replaced; anything that is not a socket, or a
-    socket someone still accepts on, is left alone and reported (OSError EEXIST/EADDRINUSE).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A listening Unix stream socket at `path` with permissions `mode` (stale socket files
+    replaced, live ones and non-sockets refused: see `unixsock.bind_unix`)."""
+    sock = bind_unix(path, socket.SOCK_STREAM, mode)
     try:
-        st = path.lstat()
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        if _stream_socket_is_live(path):
-            raise OSError(errno.EADDRINUSE, f"another process is listening on {path}")
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        os.chmod(path, mode)
         sock.listen(backlog)
     except BaseException:
         sock.close()
         raise
     return sock
-
-
-def _stream_socket_is_live(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)  # a live listener with a full backlog answers EAGAIN, not a hang
-    try:
-        return probe.connect_ex(str(path)) in (0, errno.EAGAIN, errno.EINPROGRESS)
-    finally:
-        probe.close()
 
 
 def bind_forward_tcp(host: str, port: int, *, backlog: int = BACKLOG) -> socket.socket:

@@ -16,46 +16,17 @@ import pytest
 import trio
 
 from tests.e2e.harness import AgentProcess, write_config
+from tests.reference_examples import EXAMPLES as REFERENCE_EXAMPLES
 from traits_agent.client import Client
 from traits_agent.fakeapi import Fault
 from traits_agent.wire import encode_event, encode_forward
 
 GUARD_S = 60
 
+# the reference's examples without their timestamp: the agent fills it from the event time
 EXAMPLES = {
-    "actions": {
-        "user_id": "1001",
-        "action_id": "2002",
-        "action_name": "buy_item",
-        "action_params": [{"key": "item_id", "value": "3003"}],
-    },
-    "logins": {
-        "user_id": "1001",
-        "clan_id": "2002",
-        "level": 10,
-        "device": "iPhone X",
-        "country": "US",
-        "language": "en-US",
-        "platform": "Apple",
-        "register_date": "2018-11-14",
-        "last_login_timestamp": "2019-01-01 11:10:06",
-    },
-    "purchases": {"user_id": "1001", "item_id": "2002", "count": 1, "price": 25.5},
-    "virtual_purchases": {
-        "user_id": "1001",
-        "item_id": "2002",
-        "count": 1,
-        "virtual_price": 25.5,
-        "currency": "gold",
-    },
-    "level_ups": {"user_id": "1001", "level": 10},
-    "items": {"item_id": "1001", "price": 25.5, "currency": "USD", "name": "Axe", "type": "weapon"},
-    "social_dynamics": {
-        "user_id": "1001",
-        "target_user_id": "1002",
-        "connection": "linked",
-        "interaction": "friend",
-    },
+    name: {k: v for k, v in item.items() if k != "timestamp"}
+    for name, item in REFERENCE_EXAMPLES.items()
 }
 EVENT_TIME = 1546355045  # 2019-01-01 15:04:05 UTC
 

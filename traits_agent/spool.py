@@ -60,7 +60,7 @@ import httpx
 import structlog
 import trio
 
-from traits_agent.backoff import Backoff, parse_retry_after
+from traits_agent.backoff import Backoff
 from traits_agent.log import RateLimited
 from traits_agent.metrics import Counters
 from traits_agent.uploader import (
@@ -70,6 +70,7 @@ from traits_agent.uploader import (
     Stopping,
     UpstreamState,
     classify,
+    read_answer,
     wait_to_retry,
 )
 
@@ -606,16 +607,7 @@ class CsvSpool:
                 self.counters.inc("upload_requests", resource=f"csv_{kind}")
             elapsed = trio.current_time() - start
         self.counters.observe("upload_seconds", elapsed, resource=f"csv_{kind}")
-        detail: dict = {}
-        try:
-            parsed = response.json()
-            if isinstance(parsed, dict):
-                detail = parsed
-        except ValueError:
-            detail = {"message": response.text[:200]}
-        retry_after = None
-        if response.status_code in (429, 503):
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
+        detail, retry_after = read_answer(response)
         return response.status_code, detail, retry_after, size
 
     def _delivered(

@@ -354,21 +354,13 @@ class Uploader:
             except httpx.TransportError as e:
                 # the message may echo the URL, which for playfab holds the key: log.redact
                 # scrubs it, and we name only the exception type here
-                return 0, {"error": f"{type(e).__name__}: {e}"}, None
+                error = f"{type(e).__name__}: {e}".replace(self.api_key, "***")
+                return 0, {"error": error}, None
             finally:
                 self.counters.inc("upload_requests", resource=resource.name)
             elapsed = trio.current_time() - start
             self.counters.observe("upload_seconds", elapsed, resource=resource.name)
-        detail: dict = {}
-        try:
-            parsed = response.json()
-            if isinstance(parsed, dict):
-                detail = parsed
-        except ValueError:
-            detail = {"message": response.text[:200]}
-        retry_after = None
-        if response.status_code in (429, 503):
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
+        detail, retry_after = read_answer(response)
         log.debug(
             "upload_answered",
             resource=resource.name,
@@ -378,6 +370,22 @@ class Uploader:
             seconds=round(elapsed, 4),
         )
         return response.status_code, detail, retry_after
+
+
+def read_answer(response: httpx.Response) -> tuple[dict, float | None]:
+    """The API's JSON answer (or its first 200 characters as `message`) and, on 429/503, the
+    clamped Retry-After in seconds."""
+    detail: dict = {}
+    try:
+        parsed = response.json()
+        if isinstance(parsed, dict):
+            detail = parsed
+    except ValueError:
+        detail = {"message": response.text[:200]}
+    retry_after = None
+    if response.status_code in (429, 503):
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+    return detail, retry_after
 
 
 def _reason(status: int) -> str:

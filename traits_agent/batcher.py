@@ -25,6 +25,9 @@ from traits_agent.uploader import Stopping
 
 log = structlog.get_logger(__name__)
 
+#: how soon a lane looks again when items are counted but not yet readable
+UNREADABLE_RETRY_S = 1.0
+
 
 class BatchLike(Protocol):
     payloads: list[bytes]
@@ -114,9 +117,10 @@ class Lane:
                 await self._wait(deadline)
                 continue
             if not await self.send_one():
-                # the count said "pending" but nothing was readable (damage skipped at read
-                # time): wait for new items instead of spinning
-                await self._wait()
+                # the count says "pending" but nothing is readable yet: the bytes are held in
+                # memory after a write error (full or read-only disk) until the syncer gets
+                # them onto disk, or damage was skipped. Look again soon; never spin.
+                await self._wait(trio.current_time() + UNREADABLE_RETRY_S)
 
     async def send_one(self) -> bool:
         """Cut one batch now and deliver it; False if nothing was pending."""

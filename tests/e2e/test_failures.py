@@ -119,10 +119,12 @@ async def test_quota_drops_are_counted_and_logged(workdir, api, on_full):
     assert await agent.terminate() == 0
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-async def test_full_disk_loses_nothing_and_recovers(workdir, api):
-    """The queue's filesystem fills up: the agent keeps running, counts and logs the write
-    errors, holds events in memory, and writes and delivers them all once space returns."""
+@pytest.fixture
+async def tmpfs_queue(workdir):
+    """`workdir/queue` on its own 4 MiB tmpfs (root only), so a test can fill it or make it
+    read-only under a running agent."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
     qdir = workdir / "queue"
     qdir.mkdir()
     mounted = await trio.run_process(
@@ -133,44 +135,48 @@ async def test_full_disk_loses_nothing_and_recovers(workdir, api):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount tmpfs here: {mounted.stderr!r}")
     try:
-        api.inject(Fault(status=503, times=None))
-        agent = await start_agent(
-            workdir, api, queue={"segment_bytes": 65536, "max_bytes": 8 * 1024 * 1024}
-        )
-        filler = qdir / "filler"
-        with open(filler, "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
-        n = 2000
-        datagrams = [
-            encode_forward(
-                "level_ups",
-                [(EVENT_TIME, {"user_id": f"{i:06d}", "level": 4}) for i in range(s, s + 50)],
-            )
-            for s in range(0, n, 50)
-        ]
-        await trio.to_thread.run_sync(send_blocking, agent.unix_socket, datagrams)
-        await wait_status(agent, lambda s: s["received"]["events"] == n)
-        assert any(e.get("event") == "queue_write_failed" for e in agent.log_events())
-        filler.unlink()
-        api.clear_faults()
-        # the next ingest burst (or sync) writes the held bytes; nudge with one more event
-        await trio.to_thread.run_sync(
-            send_blocking,
-            agent.unix_socket,
-            [encode_event("level_ups", {"user_id": "last", "level": 1}, EVENT_TIME)],
-        )
-        with trio.fail_after(GUARD_S):
-            await api.wait_for_items(n + 1, "level_ups")
-        ids = [i["user_id"] for i in api.received["level_ups"]]
-        assert ids == [f"{i:06d}" for i in range(n)] + ["last"]
-        assert await agent.terminate() == 0
+        yield qdir
     finally:
         await trio.run_process(["umount", "-l", str(qdir)], check=False)
+
+
+def level_up_datagrams(n: int) -> list[bytes]:
+    return [
+        encode_forward(
+            "level_ups",
+            [(EVENT_TIME, {"user_id": f"{i:06d}", "level": 4}) for i in range(s, s + 50)],
+        )
+        for s in range(0, n, 50)
+    ]
+
+
+async def test_full_disk_loses_nothing_and_recovers(workdir, api, tmpfs_queue):
+    """The queue's filesystem fills up: the agent keeps running, counts and logs the write
+    errors, holds events in memory, and by itself writes and delivers them all once space
+    returns (no new event needed to trigger it)."""
+    api.inject(Fault(status=503, times=None))
+    agent = await start_agent(
+        workdir, api, queue={"segment_bytes": 65536, "max_bytes": 8 * 1024 * 1024}
+    )
+    filler = tmpfs_queue / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    n = 2000
+    await trio.to_thread.run_sync(send_blocking, agent.unix_socket, level_up_datagrams(n))
+    await wait_status(agent, lambda s: s["received"]["events"] == n)
+    assert any(e.get("event") == "queue_write_failed" for e in agent.log_events())
+    filler.unlink()
+    api.clear_faults()
+    with trio.fail_after(GUARD_S):
+        await api.wait_for_items(n, "level_ups")
+    ids = [i["user_id"] for i in api.received["level_ups"]]
+    assert ids == [f"{i:06d}" for i in range(n)]
+    assert await agent.terminate() == 0
 
 
 async def test_api_key_from_key_file(workdir, api):

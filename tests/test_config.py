@@ -157,3 +157,21 @@ def test_cli_without_key_says_how_to_get_one(tmp_path):
     )
     assert proc.returncode == 2
     assert "--fake-api" in proc.stderr
+
+
+def test_replay_datagrams_stay_under_the_datagram_limit():
+    """dead-letters replay packs items into datagrams the agent accepts (< 64 KiB), all of
+    them, in order; an item no datagram can carry stops the replay (its file is kept)."""
+    import msgpack
+
+    from traits_agent.cli import REPLAY_DATAGRAM_BYTES, _replay_datagrams
+
+    records = [{"item": {"user_id": str(i), "blob": "x" * 2000}} for i in range(60)]
+    datagrams = list(_replay_datagrams("level_ups", records))
+    assert all(len(d.data) <= REPLAY_DATAGRAM_BYTES for d in datagrams)
+    assert len(datagrams) > 1
+    items = [rec for d in datagrams for _t, rec in msgpack.unpackb(d.data)[1]]
+    assert [i["user_id"] for i in items] == [str(i) for i in range(60)]
+    assert sum(d.items for d in datagrams) == 60
+    with pytest.raises(ValueError, match="larger than a datagram"):
+        list(_replay_datagrams("level_ups", [{"item": {"blob": "x" * 70_000}}]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from functools import partial
 
 import httpx
 import pytest
@@ -284,3 +285,120 @@ async def test_resources_do_not_block_each_other(autojump_clock, nursery, api, c
     await api.wait_for_items(3, "level_ups")
     assert trio.current_time() - t0 < 0.01
     assert stuck.queue.pending_items == 1
+
+
+async def test_2xx_with_an_undecodable_body_counts_as_delivered(autojump_clock, nursery, tmp_path):
+    """A 201 whose gzip body is garbage: the status line is the answer (delivered), and the
+    lane goes on instead of crashing the agent."""
+    requests = 0
+
+    async def server(stream: trio.SocketStream) -> None:
+        nonlocal requests
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                body += await stream.receive_some(65536)
+            requests += 1
+            await stream.send_all(
+                b"HTTP/1.1 201 Created\r\nContent-Encoding: gzip\r\n"
+                b"Content-Length: 5\r\nConnection: close\r\n\r\nabcde"
+            )
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, server, 0, host="127.0.0.1"))
+    port = listener.socket.getsockname()[1]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=1e6) as client:
+        rig = Rig(tmp_path, None, client, "level_ups", linger_s=0.0)
+        await nursery.start(rig.lane.run)
+        rig.add(level_ups(3))
+        await settled(rig)
+        assert requests == 1
+        assert rig.counters.total("delivered_items") == 3
+        assert rig.lane.failures == 0
+
+
+async def test_lone_surrogate_in_api_message_is_dead_lettered(
+    autojump_clock, nursery, api, client, tmp_path
+):
+    """An API message with a lone surrogate still makes a readable dead letter."""
+    api.inject(Fault(status=400, body={"code": 400, "message": "bad \ud800", "errors": {}}))
+    rig = Rig(tmp_path, api, client, "level_ups", linger_s=0.0)
+    await nursery.start(rig.lane.run)
+    rig.add(level_ups(1))
+    await settled(rig)
+    (letter,) = rig.dead.read("level_ups")
+    assert letter["message"].startswith("bad ")
+    assert rig.lane.failures == 0
+
+
+async def test_dead_letter_write_failure_keeps_items_queued(
+    autojump_clock, nursery, api, client, tmp_path
+):
+    """While the dead-letter file cannot be written the rejected item stays in the queue;
+    once it can, the item is dead-lettered and the queue moves on."""
+    api.inject(Fault(reject_field="user_id", reject_value="bad", times=None))
+    rig = Rig(tmp_path, api, client, "level_ups", linger_s=0.0)
+    blocker = tmp_path / "dead"
+    blocker.write_text("a file where the dead-letter directory should be")
+    await nursery.start(rig.lane.run)
+    items = level_ups(1)
+    items[0]["user_id"] = "bad"
+    rig.add(items)
+    await trio.sleep(30)
+    assert rig.queue.pending_items == 1
+    assert rig.counters.total("dead_lettered_items") == 0
+    blocker.unlink()
+    await settled(rig)
+    assert [d["item"]["user_id"] for d in rig.dead.read("level_ups")] == ["bad"]
+
+
+async def test_413_for_a_single_item_teaches_no_limit(
+    autojump_clock, nursery, api, client, tmp_path
+):
+    """A lone item answered 413 is dead-lettered; it does not shrink later batches."""
+    api.inject(Fault(status=413, times=1))
+    rig = Rig(tmp_path, api, client, "level_ups", linger_s=0.0)
+    await nursery.start(rig.lane.run)
+    rig.add(level_ups(1))
+    await settled(rig)
+    assert rig.counters.total("dead_lettered_items") == 1
+    assert "level_ups" not in rig.uploader.byte_limit
+    rig.add(level_ups(500, start=1))
+    await settled(rig)
+    assert api.requests[-1].item_count == 500
+
+
+async def test_learned_413_limit_is_forgotten(autojump_clock, nursery, api, client, tmp_path):
+    """A 413 from a passing proxy splits batches for a while, not forever."""
+    from traits_agent.uploader import LIMIT_FORGET_AFTER
+
+    api.inject(Fault(status=413, min_items=2, times=1))
+    rig = Rig(tmp_path, api, client, "level_ups", linger_s=0.0, max_items=4)
+    await nursery.start(rig.lane.run)
+    rig.add(level_ups(4))
+    await settled(rig)
+    assert "level_ups" in rig.uploader.byte_limit
+    rig.add(level_ups(4 * LIMIT_FORGET_AFTER, start=4))
+    await settled(rig)
+    assert "level_ups" not in rig.uploader.byte_limit
+    rig.add(level_ups(4, start=10_000))
+    await settled(rig)
+    assert api.requests[-1].item_count == 4
+
+
+async def test_key_echoed_in_an_answer_never_reaches_status(
+    autojump_clock, nursery, api, client, tmp_path
+):
+    """A proxy page echoing the PlayFab URL (with ?api_key=) is scrubbed before status."""
+    api.inject(Fault(status=404, times=1, body={"message": f"no route /v1/playfab?api_key={KEY}"}))
+    rig = Rig(tmp_path, api, client, "playfab", linger_s=0.0)
+    await nursery.start(rig.lane.run)
+    rig.add([{"EventName": "x"}])
+    await api.wait_until(lambda: len(api.requests) >= 1)
+    await trio.sleep(0.01)
+    st = rig.uploader.state("playfab")
+    assert st.last_error and KEY not in st.last_error
+    await settled(rig)

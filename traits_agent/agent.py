@@ -137,7 +137,7 @@ class Agent:
                 for s in self.uploader.states.values()
                 if s.last_error
             ]
-            last_error = max(errors)[1] if errors else None
+            last_error = max(errors, key=lambda e: str(e[0]))[1] if errors else None
         csv = self.csv_spool.status() if self.csv_spool else None
         if csv is not None:
             states.append(csv["state"])
@@ -292,6 +292,7 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
         ),
         max_in_flight=config.api.max_in_flight,
         agent_id=agent_id,
+        request_deadline_s=2 * config.api.timeout_s,
     )
     agent.csv_spool = CsvSpool(
         spool_dir_for(config),

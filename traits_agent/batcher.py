@@ -27,6 +27,8 @@ log = structlog.get_logger(__name__)
 
 #: how soon a lane looks again when items are counted but not yet readable
 UNREADABLE_RETRY_S = 1.0
+#: how long a lane waits after delivery failed with an unexpected error
+FAILURE_RETRY_S = 30.0
 
 
 class BatchLike(Protocol):
@@ -74,6 +76,7 @@ class Lane:
         self.in_flight = 0
         self.batches_sent = 0
         self.last_progress = 0.0
+        self.failures = 0
         self._stopping = False
 
     @property
@@ -135,6 +138,14 @@ class Lane:
             await self.deliver(self.resource, batch.payloads, batch.first_seq)
         except Stopping:
             return True  # not committed: the batch stays queued for the next run
+        except Exception:
+            # a bug or an answer nobody foresaw must not take the agent (and every other
+            # resource) down: keep the batch, say so, try again later
+            self.failures += 1
+            log.exception("delivery_failed", resource=self.resource.name, items=len(batch.payloads))
+            self.in_flight = 0
+            await trio.sleep(FAILURE_RETRY_S)
+            return True
         finally:
             self.in_flight = 0
         self.queue.commit(batch)

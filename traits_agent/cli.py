@@ -11,7 +11,7 @@ import json
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from traits_agent import __version__
 from traits_agent.config import (
@@ -134,13 +134,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         trio.run(lambda: agent.run(config, key, fake_api=args.fake_api))
-    except (OSError, QueueLockedError) as e:
+    except (OSError, QueueLockedError, BaseExceptionGroup) as e:
+        # a start-up failure (address in use, queue locked, directory not writable) arrives
+        # wrapped by the nurseries it passed through: name the first cause in one line
+        cause = _first_cause(e, (OSError, QueueLockedError))
+        if cause is None:
+            raise
         import structlog
 
-        structlog.get_logger("traits_agent").error("agent_failed", error=str(e))
-        print(f"{PROG}: {e}", file=sys.stderr)
+        structlog.get_logger("traits_agent").error("agent_failed", error=str(cause))
+        print(f"{PROG}: {cause}", file=sys.stderr)
         return 1
     return 0
+
+
+def _first_cause(error: BaseException, kinds: tuple[type[BaseException], ...]):
+    """The first leaf of `error` (an exception group, maybe nested) when every leaf is one of
+    `kinds`; None when something else is in there (that is a bug: let the traceback show)."""
+    if isinstance(error, BaseExceptionGroup):
+        matched, rest = error.split(kinds)
+        if rest is not None or matched is None:
+            return None
+        while isinstance(matched, BaseExceptionGroup):
+            matched = matched.exceptions[0]
+        return matched
+    return error if isinstance(error, kinds) else None
 
 
 # -- send -------------------------------------------------------------------------------------
@@ -184,8 +202,11 @@ def _send_datagram(config: Config, datagram: bytes) -> str:
     if config.listen.udp:
         host, port = parse_host_port(config.listen.udp)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.sendto(datagram, (host, port))
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.sendto(datagram, (host, port))
+        except OSError as e:
+            raise UsageError(f"cannot send to udp {config.listen.udp}: {e.strerror or e}") from e
         # UDP cannot tell whether anyone listens; say where it went
         return f"udp {config.listen.udp}"
     raise UsageError("no agent socket reachable: " + "; ".join(errors or ["none configured"]))
@@ -202,6 +223,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         snapshot = request_status(Path(config.control.socket))
     except AgentNotRunning as e:
         print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(
+            f"{PROG}: permission denied on {config.control.socket} "
+            "(join the agent's group, e.g. traits-agent)",
+            file=sys.stderr,
+        )
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"{PROG}: the agent did not answer: {e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(snapshot, indent=2))
@@ -296,8 +327,6 @@ def _replay_dead_letters(config: Config, letters: Any, resource: str) -> int:
     """Send dead letters back through the running agent (after fixing what the API disliked,
     e.g. a schema or an endpoint). They are validated again like any event; a file is removed
     only after all its items were handed to the agent's socket."""
-    from traits_agent.wire import encode_forward
-
     if not config.listen.unix:
         raise UsageError("dead-letters replay: needs [listen] unix (a datagram socket that waits)")
     files = letters.take(resource)
@@ -306,17 +335,11 @@ def _replay_dead_letters(config: Config, letters: Any, resource: str) -> int:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.connect(config.listen.unix)  # blocking: waits instead of dropping
             for path in files:
-                batch: list[tuple[None, Any]] = []
-                for record in _read_ndjson(path):
-                    batch.append((None, record["item"]))
-                    if len(batch) == 50:
-                        s.send(encode_forward(resource, batch))
-                        sent, batch = sent + len(batch), []
-                if batch:
-                    s.send(encode_forward(resource, batch))
-                    sent += len(batch)
+                for datagram in _replay_datagrams(resource, _read_ndjson(path)):
+                    s.send(datagram.data)
+                    sent += datagram.items
                 path.unlink()
-    except OSError as e:
+    except (OSError, ValueError) as e:
         for path in files:  # put back what was not sent, so nothing is lost
             if path.exists():
                 letters.restore(resource, path)
@@ -324,6 +347,40 @@ def _replay_dead_letters(config: Config, letters: Any, resource: str) -> int:
         return 1
     print(f"replayed {sent} dead letters of {resource} through {config.listen.unix}")
     return 0
+
+
+class _Datagram(NamedTuple):
+    data: bytes
+    items: int
+
+
+#: replay datagrams stay well under the agent's 64 KiB datagram limit
+REPLAY_DATAGRAM_BYTES = 60_000
+
+
+def _replay_datagrams(resource: str, records: Any) -> Any:
+    """Forward-form datagrams of dead-letter items, each under REPLAY_DATAGRAM_BYTES (sizes
+    are added up per item; the array headers add at most a few bytes). An item too large for
+    any datagram raises ValueError (its file is kept)."""
+    import msgpack
+
+    from traits_agent.wire import encode_forward
+
+    overhead = len(encode_forward(resource, [])) + 8
+    batch: list[tuple[None, Any]] = []
+    size = overhead
+    for record in records:
+        entry = (None, record["item"])
+        entry_size = len(msgpack.packb(entry, use_bin_type=True))
+        if overhead + entry_size > REPLAY_DATAGRAM_BYTES:
+            raise ValueError("a dead letter is larger than a datagram may be; it was kept")
+        if size + entry_size > REPLAY_DATAGRAM_BYTES:
+            yield _Datagram(encode_forward(resource, batch), len(batch))
+            batch, size = [], overhead
+        batch.append(entry)
+        size += entry_size
+    if batch:
+        yield _Datagram(encode_forward(resource, batch), len(batch))
 
 
 def _read_ndjson(path: Path) -> Any:

@@ -308,7 +308,7 @@ def _check_endpoint(endpoint: str) -> None:
 def resolve_api_key(config: Config, env: Mapping[str, str] = os.environ) -> Secret | None:
     """`$TRAITS_API_KEY`, else `[api] key_file`, else `$CREDENTIALS_DIRECTORY/api_key`."""
     if env.get("TRAITS_API_KEY"):
-        return Secret(env["TRAITS_API_KEY"].strip())
+        return _checked_key("$TRAITS_API_KEY", env["TRAITS_API_KEY"].strip())
     candidates = []
     if config.api.key_file:
         candidates.append(("api.key_file", Path(config.api.key_file)))
@@ -327,5 +327,13 @@ def resolve_api_key(config: Config, env: Mapping[str, str] = os.environ) -> Secr
             raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
         if not text:
             raise ConfigError(key, f"{path} is empty")
-        return Secret(text)
+        return _checked_key(key, text)
     return None
+
+
+def _checked_key(source: str, text: str) -> Secret:
+    """An API key goes into an HTTP header: printable ASCII only (a stray UTF-8 BOM or a
+    pasted non-breaking space would otherwise fail every request, forever)."""
+    if not (text.isascii() and text.isprintable()) or " " in text:
+        raise ConfigError(source, "the API key has characters an HTTP header cannot carry")
+    return Secret(text)

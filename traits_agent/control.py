@@ -53,27 +53,36 @@ async def serve_control(
     task_status.started(path)
 
     async def handle(stream: trio.SocketStream) -> None:
+        """One request. Whatever a client does (hangs up, stays silent, sends junk) ends its
+        connection only: an exception here would otherwise end the whole agent."""
         fds: list[int] = []
-        async with stream:
-            try:
+        try:
+            async with stream:
+                request = b""
                 with trio.move_on_after(5):
                     request, fds = await _receive_request(stream.socket)
-                command, _, rest = request.strip().decode("utf-8", "replace").partition(" ")
-                if command == "status":
-                    answer: dict[str, Any] = snapshot()
-                elif command == "upload" and upload is not None and len(fds) == 1:
-                    kind, _, name = rest.partition(" ")
-                    fd = fds.pop()
-                    try:
-                        answer = await trio.to_thread.run_sync(upload, kind, fd, name)
-                    finally:
-                        os.close(fd)
-                else:
-                    answer = {"error": f"unknown command {command[:40]!r}"}
+                answer = await _answer(request, fds)
                 await stream.send_all(json.dumps(answer).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the client went away
+        except Exception as e:
+            log.exception("control_request_failed", error=repr(e))
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    async def _answer(request: bytes, fds: list[int]) -> dict[str, Any]:
+        command, _, rest = request.strip().decode("utf-8", "replace").partition(" ")
+        if command == "status":
+            return snapshot()
+        if command == "upload" and upload is not None and len(fds) == 1:
+            kind, _, name = rest.partition(" ")
+            fd = fds.pop()
+            try:
+                return await trio.to_thread.run_sync(upload, kind, fd, name)
             finally:
-                for fd in fds:
-                    os.close(fd)
+                os.close(fd)
+        return {"error": f"unknown command {command[:40]!r}"}
 
     try:
         await trio.serve_listeners(handle, [listener])

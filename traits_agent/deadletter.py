@@ -62,7 +62,8 @@ class DeadLetters:
                 "item": item,
             }
             lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
-        data = ("\n".join(lines) + "\n").encode()
+        # an API message may carry lone surrogates: keep them visible, never fail on them
+        data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")
         path = self.path(resource)
         discarded = 0
         try:
@@ -73,12 +74,7 @@ class DeadLetters:
             old = path.with_name(path.name + ".1")
             discarded = _count_lines(old)
             os.replace(path, old)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _append_durably(path, data)
         return discarded
 
     def resources(self) -> list[str]:
@@ -120,13 +116,7 @@ class DeadLetters:
     def restore(self, resource: str, taken: Path) -> None:
         """Put a file moved aside by `take` back (appended to the live file): a replay that
         failed half-way may repeat some items later, but loses none."""
-        data = taken.read_bytes()
-        fd = os.open(self.path(resource), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _append_durably(self.path(resource), taken.read_bytes())
         taken.unlink()
 
     def purge(self, resource: str) -> int:
@@ -136,6 +126,17 @@ class DeadLetters:
         for p in (path, path.with_name(path.name + ".1")):
             p.unlink(missing_ok=True)
         return n
+
+
+def _append_durably(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _count_lines(path: Path) -> int:

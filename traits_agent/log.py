@@ -27,16 +27,17 @@ def add_secret(value: str | None) -> None:
         _secrets.append(value)
 
 
-def _scrub(value: Any) -> Any:
+def scrub(value: Any) -> Any:
+    """`value` with every registered secret replaced (strings, dicts, lists, recursively)."""
     if isinstance(value, str):
         for secret in _secrets:
             if secret in value:
                 value = value.replace(secret, REDACTED)
         return value
     if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items()}
+        return {k: scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_scrub(v) for v in value)
+        return type(value)(scrub(v) for v in value)
     return value
 
 
@@ -44,7 +45,7 @@ def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> 
     """structlog processor: replace every registered secret in every value."""
     if not _secrets:
         return event_dict
-    return {k: _scrub(v) if k != "event" else v for k, v in event_dict.items()}
+    return {k: scrub(v) if k != "event" else v for k, v in event_dict.items()}
 
 
 def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:

@@ -607,7 +607,7 @@ class CsvSpool:
                 self.counters.inc("upload_requests", resource=f"csv_{kind}")
             elapsed = trio.current_time() - start
         self.counters.observe("upload_seconds", elapsed, resource=f"csv_{kind}")
-        detail, retry_after = read_answer(response)
+        detail, retry_after = read_answer(response.status_code, response.headers, response.content)
         return response.status_code, detail, retry_after, size
 
     def _delivered(

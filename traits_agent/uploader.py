@@ -24,8 +24,9 @@ queue's commit re-sends that batch after restart.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
-from collections.abc import Callable
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -36,7 +37,7 @@ import trio
 from traits_agent import __version__
 from traits_agent.backoff import Backoff, parse_retry_after
 from traits_agent.deadletter import DeadLetters
-from traits_agent.log import RateLimited
+from traits_agent.log import RateLimited, add_secret, scrub
 from traits_agent.metrics import Counters
 from traits_agent.resources import Resource
 
@@ -49,6 +50,10 @@ HOLD_PROBE_MAX_S = 60.0
 #: with at least this many items rejected one by one in a batch, and more than half of what was
 #: tried, stop bisecting: it is schema drift, not a bad item
 DRIFT_MIN_REJECTED = 16
+#: a learned 413 size limit is forgotten after this many deliveries under it
+LIMIT_FORGET_AFTER = 100
+#: we read at most this much of an answer (the API's are tiny; a broken proxy's may not be)
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 class Stopping(Exception):
@@ -112,7 +117,7 @@ class RetryTimer:
         retry_after: float | None,
     ) -> tuple[str, float]:
         """Record a failed answer in `st`; return (error text, seconds to wait)."""
-        error = detail.get("error") or f"HTTP {status} {detail.get('message', '')}".strip()
+        error = str(detail.get("error") or f"HTTP {status} {detail.get('message', '')}".strip())
         st.last_error = error
         st.last_error_at = datetime.now(UTC).isoformat(timespec="seconds")
         if outcome in (Outcome.AUTH, Outcome.ENDPOINT):
@@ -165,7 +170,7 @@ class Uploader:
         backoff: Backoff,
         max_in_flight: int = 4,
         agent_id: str = "",
-        wall_clock: Callable[[], float] | None = None,
+        request_deadline_s: float = 60.0,
     ) -> None:
         self.client = client
         self.api_key = api_key
@@ -177,8 +182,13 @@ class Uploader:
         self.states: dict[str, UpstreamState] = {}
         #: shrinks after a 413 so later batches fit (bytes of JSON body)
         self.byte_limit: dict[str, int] = {}
+        self._limit_successes: dict[str, int] = {}
         self._ratelimit = RateLimited(interval=60.0, clock=trio.current_time)
         self._stopping = trio.Event()
+        #: a request (send + answer) that takes longer than this is abandoned as a timeout;
+        #: httpx's timeouts are per read, so a server trickling bytes would never trip them
+        self.request_deadline_s = request_deadline_s
+        add_secret(api_key)  # answers echoing the key are scrubbed before status shows them
 
     def stop(self) -> None:
         """Abandon retry waits now (requests on the wire are left to finish)."""
@@ -212,14 +222,16 @@ class Uploader:
                     message=detail.get("message"),
                 )
                 continue
-            # REJECTED or TOO_LARGE
-            if len(part) > 1 and not drift:
+            # REJECTED or TOO_LARGE: the answer is about these items. A too-large part is
+            # always split (its items were maybe never even sent); a rejected one is bisected
+            # until drift says the schema, not an item, is wrong.
+            if len(part) > 1 and (outcome is Outcome.TOO_LARGE or not drift):
                 half = len(part) // 2
                 parts[0:0] = [(offset, part[:half]), (offset + half, part[half:])]
                 continue
             tried += len(part)
             rejected += len(part)
-            self._dead_letter(resource, part, status, detail, drift)
+            await self._dead_letter(resource, part, status, detail, drift)
             if not drift and rejected >= DRIFT_MIN_REJECTED and rejected * 2 > tried:
                 drift = True
                 log.error(
@@ -232,24 +244,38 @@ class Uploader:
                     hint="most items are rejected: check the event schema against the API",
                 )
 
-    def _dead_letter(
+    async def _dead_letter(
         self, resource: Resource, part: list[bytes], status: int, detail: dict, drift: bool
     ) -> None:
+        """Write the rejected items to the dead-letter file, retrying until it works: the
+        batch is committed (and the items leave the queue) only after this returns."""
         st = self.state(resource.name)
-        st.dead_lettered += len(part)
         reason = "schema_drift" if drift else ("too_large" if status == 413 else "rejected")
+        write = functools.partial(
+            self.dead_letters.add,
+            resource.name,
+            part,
+            status=status,
+            message=str(detail.get("message", "")),
+            errors=detail.get("errors"),
+        )
+        attempt = 0
+        while True:
+            try:
+                lost = await trio.to_thread.run_sync(write)
+                break
+            except (OSError, ValueError) as e:
+                log.error(
+                    "dead_letter_write_failed",
+                    resource=resource.name,
+                    items=len(part),
+                    error=str(e),
+                    hint="the items stay queued until the dead-letter file can be written",
+                )
+                await wait_to_retry(st, self.backoff.delay(attempt), self._stopping)
+                attempt += 1
+        st.dead_lettered += len(part)
         self.counters.inc("dead_lettered_items", len(part), resource=resource.name, reason=reason)
-        try:
-            lost = self.dead_letters.add(
-                resource.name,
-                part,
-                status=status,
-                message=str(detail.get("message", "")),
-                errors=detail.get("errors"),
-            )
-        except OSError as e:
-            lost = len(part)
-            log.error("dead_letter_write_failed", resource=resource.name, error=str(e))
         if lost:
             self.counters.inc(
                 "dropped_items", lost, resource=resource.name, reason="dead_letter_rotated"
@@ -281,14 +307,19 @@ class Uploader:
             status, detail, retry_after = await self._post(resource, body, key, len(part))
             st.requests += 1
             outcome = classify(status) if status else Outcome.RETRY
-            if outcome is Outcome.DELIVERED:
+            if outcome in (Outcome.DELIVERED, Outcome.REJECTED, Outcome.TOO_LARGE):
+                # an answer about the data: the upstream itself is fine
                 if st.state != "ok":
                     log.info("upstream_recovered", resource=resource.name, previous=st.state)
                 st.state, st.next_retry_at = "ok", None
+            if outcome is Outcome.DELIVERED:
+                self._learned_limit_worked(resource.name)
                 return outcome, status, detail
             if outcome in (Outcome.REJECTED, Outcome.TOO_LARGE):
-                if outcome is Outcome.TOO_LARGE:
+                if outcome is Outcome.TOO_LARGE and len(part) > 1:
+                    # learn from batches only: a single item too large is that item's fault
                     self.byte_limit[resource.name] = max(1024, len(body) // 2)
+                    self._limit_successes[resource.name] = 0
                 return outcome, status, detail
             error, delay = timer.failed(st, outcome, status, detail, retry_after)
             if outcome in (Outcome.AUTH, Outcome.ENDPOINT):
@@ -305,6 +336,16 @@ class Uploader:
                 )
             self.counters.inc("upload_retries", resource=resource.name, reason=_reason(status))
             await wait_to_retry(st, delay, self._stopping)
+
+    def _learned_limit_worked(self, name: str) -> None:
+        """Forget a learned 413 limit after LIMIT_FORGET_AFTER deliveries under it: a proxy's
+        passing 413 must not split every later batch for the rest of the agent's life."""
+        if name not in self.byte_limit:
+            return
+        self._limit_successes[name] = self._limit_successes.get(name, 0) + 1
+        if self._limit_successes[name] >= LIMIT_FORGET_AFTER:
+            del self.byte_limit[name]
+            self._limit_successes.pop(name, None)
 
     def _log_hold(
         self, resource: Resource, outcome: Outcome, status: int, error: str, delay: float
@@ -347,20 +388,23 @@ class Uploader:
         }
         async with self.limiter:
             start = trio.current_time()
+            request = self.client.build_request(
+                "POST", resource.path, content=body, headers=headers, params=params
+            )
             try:
-                response = await self.client.post(
-                    resource.path, content=body, headers=headers, params=params
-                )
-            except httpx.TransportError as e:
-                # the message may echo the URL, which for playfab holds the key: log.redact
-                # scrubs it, and we name only the exception type here
-                error = f"{type(e).__name__}: {e}".replace(self.api_key, "***")
-                return 0, {"error": error}, None
+                with trio.move_on_after(self.request_deadline_s) as deadline:
+                    response = await self.client.send(request, stream=True)
+                    raw = await read_body(response)
+            except httpx.HTTPError as e:
+                # the message may echo the URL, which for playfab holds the key
+                return 0, {"error": scrub(f"{type(e).__name__}: {e}")}, None
             finally:
                 self.counters.inc("upload_requests", resource=resource.name)
+            if deadline.cancelled_caught:
+                return 0, {"error": f"no answer within {self.request_deadline_s:g} s"}, None
             elapsed = trio.current_time() - start
             self.counters.observe("upload_seconds", elapsed, resource=resource.name)
-        detail, retry_after = read_answer(response)
+        detail, retry_after = read_answer(response.status_code, response.headers, raw)
         log.debug(
             "upload_answered",
             resource=resource.name,
@@ -372,20 +416,38 @@ class Uploader:
         return response.status_code, detail, retry_after
 
 
-def read_answer(response: httpx.Response) -> tuple[dict, float | None]:
-    """The API's JSON answer (or its first 200 characters as `message`) and, on 429/503, the
-    clamped Retry-After in seconds."""
+async def read_body(response: httpx.Response) -> bytes:
+    """At most MAX_ANSWER_BYTES of a streamed response's body, then close it. A body that
+    breaks off or cannot be decoded reads as what arrived: the status line is the answer."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= MAX_ANSWER_BYTES:
+                break
+    except httpx.HTTPError:
+        pass
+    finally:
+        await response.aclose()
+    return b"".join(chunks)[:MAX_ANSWER_BYTES]
+
+
+def read_answer(status: int, headers: httpx.Headers, body: bytes) -> tuple[dict, float | None]:
+    """The API's JSON answer (or its first 200 characters as `message`), with any secret
+    scrubbed, and on 429/503 the clamped Retry-After in seconds."""
     detail: dict = {}
     try:
-        parsed = response.json()
+        parsed = json.loads(body)
         if isinstance(parsed, dict):
             detail = parsed
     except ValueError:
-        detail = {"message": response.text[:200]}
+        detail = {"message": body[:200].decode("utf-8", "replace")}
     retry_after = None
-    if response.status_code in (429, 503):
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
-    return detail, retry_after
+    if status in (429, 503):
+        retry_after = parse_retry_after(headers.get("retry-after"))
+    return scrub(detail), retry_after
 
 
 def _reason(status: int) -> str:

@@ -7,6 +7,7 @@ hang guards, never speed assertions.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -264,3 +265,49 @@ def test_bad_config_exits_2(workdir, bad):
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+async def test_control_clients_that_hang_up_do_not_hurt_the_agent(workdir, api):
+    """Clients that connect and vanish, or send junk, end only their own connection."""
+    agent = await start_agent(workdir, api)
+    control = str(workdir / "control.sock")
+    for payload in (b"", b"status", b"\xff\xfe junk\n", b"upload kpis x.csv\n"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(control)
+            if payload:
+                s.sendall(payload)
+    assert agent.status()["upstream"] == "ok"
+    assert agent.proc.poll() is None
+    assert await agent.terminate() == 0
+
+
+async def test_start_up_failure_is_one_line(workdir, api):
+    """The UDP port is taken: exit 1 with one stderr line naming the problem, no traceback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        config = write_config(workdir, api.url, listen={"udp": f"127.0.0.1:{port}"})
+        proc = await trio.run_process(
+            [sys.executable, "-m", "traits_agent", "run", "--config", str(config)],
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+            env={**os.environ, "TRAITS_API_KEY": "test-key"},
+        )
+    assert proc.returncode == 1
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "in use" in lines[0]
+
+
+def test_a_key_no_header_can_carry_exits_2(workdir):
+    """A key with a non-ASCII character (a pasted BOM) is a configuration error."""
+    config = workdir / "agent.toml"
+    config.write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "traits_agent", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TRAITS_API_KEY": "\ufeffkey"},
+    )
+    assert proc.returncode == 2 and "$TRAITS_API_KEY" in proc.stderr

@@ -43,6 +43,7 @@ from traits_agent.log import RateLimited
 from traits_agent.metrics import Counters
 from traits_agent.prometheus import serve_metrics
 from traits_agent.queue import DiskQueue
+from traits_agent.quota import SharedQuota
 from traits_agent.resources import RESOURCES
 from traits_agent.sources.datagram import (
     bind_udp,
@@ -214,7 +215,6 @@ def open_queues(config: Config) -> dict[str, DiskQueue]:
     """Open (and recover) one queue per resource, logging what recovery found."""
     root = Path(config.queue.dir)
     root.mkdir(parents=True, exist_ok=True)
-    per_resource_max = max(2 * config.queue.segment_bytes, config.queue.max_bytes // len(RESOURCES))
     queues: dict[str, DiskQueue] = {}
     try:
         for name in RESOURCES:
@@ -222,7 +222,7 @@ def open_queues(config: Config) -> dict[str, DiskQueue]:
                 root / name,
                 segment_bytes=config.queue.segment_bytes,
                 fsync=config.queue.fsync,
-                max_bytes=per_resource_max,
+                max_bytes=config.queue.max_bytes,  # then shared: see SharedQuota
                 on_full=config.queue.on_full,
             )
             queues[name] = q
@@ -313,9 +313,16 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
             linger_s=config.batch.linger_ms / 1000,
         )
     syncer = Syncer(agent)
+    quota = SharedQuota(agent.queues, config.queue.max_bytes, floor=2 * config.queue.segment_bytes)
+    quota.rebalance()
     durability = Durability(agent.queues, fsync=config.queue.fsync, request_sync=syncer.dirty)
     syncer.on_synced = durability.synced
-    ingest = Ingest(agent.lanes, agent.counters, on_write_error=syncer.write_failed)
+    ingest = Ingest(
+        agent.lanes,
+        agent.counters,
+        on_write_error=syncer.write_failed,
+        after_flush=quota.rebalance,
+    )
     async with client, trio.open_nursery() as delivery:
         delivery.start_soon(syncer.run)
         lanes = await _start_lanes(agent, delivery)

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from traits_agent import paths
+from traits_agent.resources import RESOURCES
 
 ENDPOINTS = {
     "production": "https://api.12traits.com",
@@ -219,7 +220,13 @@ def validate(config: Config) -> Config:
     _check_choice("queue.on_full", config.queue.on_full, ON_FULL_POLICIES)
     _check_range("queue.fsync_interval_ms", config.queue.fsync_interval_ms, 1, 60_000)
     _check_range("queue.segment_bytes", config.queue.segment_bytes, 64 * 1024, 1 << 30)
-    _check_range("queue.max_bytes", config.queue.max_bytes, 2 * config.queue.segment_bytes, 1 << 50)
+    # every resource's queue keeps at least two segments (see quota.py)
+    _check_range(
+        "queue.max_bytes",
+        config.queue.max_bytes,
+        2 * config.queue.segment_bytes * len(RESOURCES),
+        1 << 50,
+    )
     _check_range("batch.max_items", config.batch.max_items, 1, API_ITEM_LIMIT)
     _check_range("batch.linger_ms", config.batch.linger_ms, 0, 3_600_000)
     _check_range("batch.max_bytes", config.batch.max_bytes, 65536, 256 * 1024 * 1024)

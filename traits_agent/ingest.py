@@ -37,12 +37,15 @@ class Ingest:
         *,
         wall_clock: Callable[[], float] = time.time,
         on_write_error: Callable[[str, OSError], None] | None = None,
+        after_flush: Callable[[], None] | None = None,
     ) -> None:
         #: canonical resource name → Lane (its `.queue` and `.notify()`)
         self.lanes = lanes
         self.counters = counters
         self.wall_clock = wall_clock
         self.on_write_error = on_write_error
+        #: runs after every burst (the shared disk quota rebalances the queues' caps)
+        self.after_flush = after_flush
         self._ratelimit = RateLimited(interval=10.0)
         self._drops_seen: dict[tuple[str, str], int] = {}
         self._drops_unlogged: dict[tuple[str, str], int] = {}
@@ -129,6 +132,8 @@ class Ingest:
                     self.on_write_error(name, e)
             lane.notify()
             self._report_drops(name, lane.queue)
+        if names and self.after_flush is not None:
+            self.after_flush()
 
     def _report_drops(self, name: str, queue: object) -> None:
         """Log what the queue's quota (or a write error) dropped since last time: one line per

@@ -78,29 +78,34 @@ async def test_rejected_items_dead_lettered_and_replayed(workdir, api):
 
 @pytest.mark.parametrize("on_full", ["drop_newest", "drop_oldest"])
 async def test_quota_drops_are_counted_and_logged(workdir, api, on_full):
-    """With the API down and a tiny quota, the queue stays within it, every drop is counted
-    by reason and logged; what was kept is delivered once the API is back."""
+    """With the API down, one resource may fill the shared quota (not just its share of it);
+    past it every drop is counted by reason and logged, another resource's events are not
+    evicted, and what was kept is delivered once the API is back."""
     api.inject(Fault(status=503, times=None))
+    quota = 8 * 131072  # the smallest allowed: 2 segments of 64 KiB per resource
     agent = await start_agent(
         workdir,
         api,
-        queue={"max_bytes": 8 * 131072, "segment_bytes": 65536, "on_full": on_full},
+        queue={"max_bytes": quota, "segment_bytes": 65536, "on_full": on_full},
     )
-    n = 6000
-    datagrams = [
-        encode_forward(
-            "level_ups",
-            [(EVENT_TIME, {"user_id": f"{i:06d}", "level": 4}) for i in range(s, s + 50)],
+    actions = [
+        encode_event(
+            "actions", {"user_id": str(i), "action_id": "1", "action_name": "a"}, EVENT_TIME
         )
-        for s in range(0, n, 50)
+        for i in range(100)
     ]
-    await trio.to_thread.run_sync(send_blocking, agent.unix_socket, datagrams)
-    status = await wait_status(agent, lambda s: s["received"]["events"] == n)
+    await trio.to_thread.run_sync(send_blocking, agent.unix_socket, actions)
+    n = 15000
+    await trio.to_thread.run_sync(send_blocking, agent.unix_socket, level_up_datagrams(n))
+    status = await wait_status(agent, lambda s: s["received"]["events"] == n + 100)
     res = status["resources"]["level_ups"]
     dropped = res["dropped"].get(on_full, 0)
     assert dropped > 0
-    assert res["queued_bytes"] <= 131072
+    total = sum(r["queued_bytes"] for r in status["resources"].values())
+    assert total <= quota
+    assert res["queued_bytes"] > quota // 2  # far more than an eighth of it
     assert res["accepted"] + res["dropped"].get("drop_newest", 0) == n
+    assert status["resources"]["actions"]["queued_items"] == 100
     assert any(
         e.get("event") == "events_dropped" and e.get("reason") == on_full.removeprefix("drop_")
         for e in agent.log_events()
@@ -109,6 +114,7 @@ async def test_quota_drops_are_counted_and_logged(workdir, api, on_full):
     kept = res["queued_items"]
     with trio.fail_after(GUARD_S):
         await api.wait_for_items(kept, "level_ups")
+        await api.wait_for_items(100, "actions")
     ids = [i["user_id"] for i in api.received["level_ups"]]
     assert len(ids) == kept == n - dropped
     assert ids == sorted(ids)  # order kept

@@ -263,12 +263,18 @@ async def run(
             await _run_pipeline(agent, base_url, task_status)
             root.cancel_scope.cancel()
     finally:
+        close_errors: list[OSError] = []
         for q in agent.queues.values():
             try:
                 q.close()
             except OSError as e:
+                close_errors.append(e)
                 log.error("queue_close_failed", path=str(getattr(q, "directory", "")), error=str(e))
         log.info("agent_stopped", queued=sum(q.pending_items for q in agent.queues.values()))
+    if close_errors:
+        # what was received may not be on disk: say so with the exit status (1), not only
+        # in the log
+        raise close_errors[0]
 
 
 async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from tests.e2e.harness import remove_tree, short_tmpdir
+from tests.e2e.harness import kill_leftovers, remove_tree, short_tmpdir
 from traits_agent.fakeapi import FakeAPI
 
 
@@ -13,6 +13,7 @@ from traits_agent.fakeapi import FakeAPI
 def workdir():
     path = short_tmpdir()
     yield path
+    kill_leftovers()
     remove_tree(path)
 
 

@@ -57,6 +57,19 @@ def write_config(directory: Path, endpoint: str, **sections: dict[str, Any]) -> 
     return path
 
 
+#: every agent started by a test, so the fixture can kill what a failed test left running
+STARTED: list[AgentProcess] = []
+
+
+def kill_leftovers() -> None:
+    """SIGKILL every agent a test started and did not stop (a failed assertion skips the
+    test's own terminate): no orphan outlives its test."""
+    while STARTED:
+        agent = STARTED.pop()
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.proc.kill()
+
+
 class AgentProcess:
     """One `traits-agent run` subprocess with its own config, sockets and log file."""
 
@@ -96,6 +109,7 @@ class AgentProcess:
             stdout=self._log_file,
             stderr=self._log_file,
         )
+        STARTED.append(self)
         with trio.fail_after(READY_TIMEOUT_S):
             while "READY=1" not in self.notifications:
                 if self.proc.poll() is not None:

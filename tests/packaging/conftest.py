@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,26 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "deb: builds and dpkg-installs the Debian package (root, dpkg; about half a minute)",
     )
+
+
+#: the sysctls postinst raises for good; put back afterwards, so the rest of the suite and the
+#: machine keep the host's own values (max_dgram_qlen is 10 on some hosts: tests must see it)
+SYSCTLS = ("net/unix/max_dgram_qlen", "net/core/rmem_max")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def host_sysctls_restored() -> Iterator[None]:
+    saved = {}
+    for name in SYSCTLS:
+        try:
+            saved[name] = (Path("/proc/sys") / name).read_text()
+        except OSError:
+            continue
+    yield
+    for name, value in saved.items():
+        # not root, or a read-only /proc/sys: then the package could not change it either
+        with contextlib.suppress(OSError):
+            (Path("/proc/sys") / name).write_text(value)
 
 
 @pytest.fixture(scope="session")

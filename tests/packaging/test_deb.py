@@ -63,14 +63,8 @@ def group_exists(name: str) -> bool:
     return True
 
 
-#: the sysctls postinst raises; the test puts them back, so the rest of the suite (and the
-#: machine) keeps the host's own values (max_dgram_qlen is 10 on some hosts: tests must see it)
-SYSCTLS = ("net/unix/max_dgram_qlen", "net/core/rmem_max")
-
-
 @pytest.fixture(scope="module")
 def installed(deb: Path) -> Iterator[Path]:
-    saved = {name: (Path("/proc/sys") / name).read_text() for name in SYSCTLS}
     result = run("dpkg", "-i", deb, check=False)
     assert result.returncode == 0, f"dpkg -i failed:\n{result.stdout}\n{result.stderr}"
     try:
@@ -78,8 +72,6 @@ def installed(deb: Path) -> Iterator[Path]:
     finally:
         if is_known_to_dpkg():
             run("dpkg", "--purge", PACKAGE, check=False)
-        for name, value in saved.items():
-            (Path("/proc/sys") / name).write_text(value)
 
 
 def test_the_deb_is_named_and_described_from_pyproject(deb: Path) -> None:

@@ -53,7 +53,8 @@ def set_receive_buffer(sock: socket.socket, wanted: int, name: str) -> int:
             source=name,
             wanted=wanted,
             granted=granted,
-            hint="raise net.core.rmem_max (see systemd/60-traits-agent.conf)",
+            hint="raise net.core.rmem_max (the package does, in "
+            "/usr/lib/sysctl.d/60-traits-agent.conf; traits-agent doctor checks it)",
         )
     return granted
 

@@ -49,6 +49,9 @@ from traits_agent.fakeapi.multipart import parse_form_data
 from traits_agent.httpserver import DropConnection, Request, Response, json_response, serve_http
 from traits_agent.resources import RESOURCES, Resource, check_api_item
 
+#: the largest request body the fake accepts: a CSV at the spool's limit, plus multipart room
+FAKE_MAX_BODY = 256 * 1024 * 1024 + 1024 * 1024
+
 log = structlog.get_logger(__name__)
 
 DEFAULT_API_KEY = "test-key"
@@ -191,7 +194,8 @@ class FakeAPI:
         """Serve until cancelled; reports (and sets :attr:`url`) once bound."""
         async with trio.open_nursery() as nursery:
             bound_host, bound_port = await nursery.start(
-                partial(serve_http, self.handle, host, port)
+                # CSV uploads may be as large as the agent's spool allows (256 MiB)
+                partial(serve_http, self.handle, host, port, max_body_size=FAKE_MAX_BODY)
             )
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
             self.url = f"http://{shown}:{bound_port}"

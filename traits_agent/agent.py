@@ -58,7 +58,7 @@ from traits_agent.sources.forward import (
     bind_forward_unix,
 )
 from traits_agent.spool import CsvSpool, receive_upload, spool_dir_for
-from traits_agent.uploader import Uploader, make_client
+from traits_agent.uploader import Uploader, make_client, worst_state
 
 log = structlog.get_logger(__name__)
 
@@ -71,7 +71,7 @@ BODY_OVERHEAD = 64
 
 @dataclass
 class Agent:
-    """Everything one running agent owns; built by `open_agent`, run by `run`."""
+    """Everything one running agent owns; built and run by `run`."""
 
     config: Config
     api_key: str
@@ -85,7 +85,7 @@ class Agent:
     base_url: str = ""
     started_at: float = field(default_factory=time.time)
     stopping: bool = False
-    #: set by SIGTERM/SIGINT (or `request_stop`): stop reading, flush, exit
+    #: set by SIGTERM/SIGINT: stop reading, flush, exit
     stop_requested: trio.Event = field(default_factory=trio.Event)
     lanes_done: trio.Event = field(default_factory=trio.Event)
     #: socket files we bound ourselves (inherited ones belong to systemd's socket unit)
@@ -149,7 +149,7 @@ class Agent:
             "uptime_s": round(time.time() - self.started_at, 1),
             "endpoint": self.base_url,
             "listening": self.listening,
-            "upstream": _worst(states),
+            "upstream": worst_state(states),
             "last_error": last_error,
             "received": {
                 "datagrams": c.total("received_datagrams"),
@@ -174,7 +174,7 @@ class Agent:
         queued = sum(q.pending_items for q in self.queues.values())
         delivered = self.counters.total("delivered_items")
         states = [self.uploader.state(n).state for n in self.queues] if self.uploader else []
-        return f"upstream {_worst(states)}, {queued} queued, {delivered} delivered"
+        return f"upstream {worst_state(states)}, {queued} queued, {delivered} delivered"
 
     def is_progressing(self) -> bool:
         """False when some lane has a backlog, a healthy upstream, and has not moved for long:
@@ -189,13 +189,6 @@ class Agent:
                 if waiting is not None and now - waiting > STALL_AFTER_S + lane.linger_s:
                     return False
         return True
-
-
-def _worst(states: list[str]) -> str:
-    for s in ("auth_failed", "endpoint_error", "retrying"):
-        if s in states:
-            return s
-    return "ok"
 
 
 def _agent_id(directory: Path) -> str:

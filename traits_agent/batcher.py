@@ -74,8 +74,6 @@ class Lane:
         #: we started (a backlog recovered from disk is sent at once)
         self._waiting_since: float | None = -math.inf if queue.pending_items else None
         self.in_flight = 0
-        self.batches_sent = 0
-        self.last_progress = 0.0
         self.failures = 0
         self._stopping = False
 
@@ -149,8 +147,6 @@ class Lane:
         finally:
             self.in_flight = 0
         self.queue.commit(batch)
-        self.batches_sent += 1
-        self.last_progress = trio.current_time()
         # What is left arrived after the cut (a partial batch took everything pending) or is
         # as old as what we just sent (a full batch); either way the bound stays correct.
         if not full:

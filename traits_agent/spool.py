@@ -72,6 +72,7 @@ from traits_agent.uploader import (
     classify,
     read_answer,
     wait_to_retry,
+    worst_state,
 )
 
 log = structlog.get_logger(__name__)
@@ -728,10 +729,3 @@ class CsvSpool:
                     log.info("csv_spool_stale_temp_removed", kind=kind, file=entry.name)
             except OSError:
                 continue
-
-
-def worst_state(states: list[str]) -> str:
-    for s in ("auth_failed", "endpoint_error", "retrying"):
-        if s in states:
-            return s
-    return "ok"

@@ -143,6 +143,14 @@ async def wait_to_retry(st: UpstreamState, delay: float, stopping: trio.Event) -
         raise Stopping
 
 
+def worst_state(states: list[str]) -> str:
+    """The state to show for several upstreams: the most serious one present."""
+    for state in ("auth_failed", "endpoint_error", "retrying"):
+        if state in states:
+            return state
+    return "ok"
+
+
 def build_body(resource: Resource, payloads: list[bytes]) -> bytes:
     """The JSON body, assembled from the stored JSON documents without re-encoding them."""
     items = b"[" + b",".join(payloads) + b"]"

@@ -37,7 +37,7 @@ from traits_agent.backoff import Backoff
 from traits_agent.batcher import Lane, oldest_pending_age
 from traits_agent.config import Config, parse_host_port
 from traits_agent.control import serve_control
-from traits_agent.deadletter import DeadLetters
+from traits_agent.deadletter import DeadLetters, dead_letters_for
 from traits_agent.ingest import Ingest
 from traits_agent.log import RateLimited
 from traits_agent.metrics import Counters
@@ -272,7 +272,7 @@ async def run(
 
 async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
     config = agent.config
-    agent.dead_letters = DeadLetters(Path(config.queue.dir) / "dead-letters")
+    agent.dead_letters = dead_letters_for(config)
     client = make_client(
         base_url,
         connect_timeout=config.api.connect_timeout_s,
@@ -403,9 +403,6 @@ async def _start_sources(
         ingest.handle(datagrams)
         syncer.dirty()
 
-    def count_error(reason: str) -> None:
-        ingest.reject(reason)
-
     inherited = InheritedSockets.from_environment()
     sockets = []
     if config.unix:
@@ -439,7 +436,7 @@ async def _start_sources(
     for name, sock, label in sockets:
         address = await nursery.start(
             lambda task_status, s=sock, n=name: serve_datagrams(
-                s, sink, name=n, on_error=count_error, task_status=task_status
+                s, sink, name=n, on_error=ingest.reject, task_status=task_status
             )
         )
         agent.listening[name] = label or (f"{address[0]}:{address[1]}")

@@ -302,10 +302,10 @@ def cmd_fake_api(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    from traits_agent.deadletter import DeadLetters
+    from traits_agent.deadletter import dead_letters_for
 
     config = _config(args)
-    letters = DeadLetters(Path(config.queue.dir) / "dead-letters")
+    letters = dead_letters_for(config)
     if args.action == "list":
         for name in letters.resources():
             print(f"{name}\t{letters.count(name)}")

@@ -20,6 +20,11 @@ from typing import Any
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 
+def dead_letters_for(config: Any) -> DeadLetters:
+    """The dead letters of the agent configured by `config` (`<queue.dir>/dead-letters/`)."""
+    return DeadLetters(Path(config.queue.dir) / "dead-letters")
+
+
 class DeadLetters:
     """Append-only, rotated NDJSON files of rejected items, one per resource."""
 

@@ -84,19 +84,6 @@ def level_ups(n: int, start: int = 0) -> list[dict]:
     ]
 
 
-@pytest.fixture
-async def api(nursery):
-    fake = FakeAPI(KEY)
-    await nursery.start(fake.serve)
-    return fake
-
-
-@pytest.fixture
-async def client(api):
-    async with httpx.AsyncClient(base_url=api.url, timeout=1e6) as c:
-        yield c
-
-
 async def test_partial_batch_waits_exactly_linger(autojump_clock, nursery, api, client, tmp_path):
     """Five items leave together, exactly linger_s after the first arrived."""
     rig = Rig(tmp_path, api, client, "level_ups", linger_s=1.0)

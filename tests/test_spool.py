@@ -299,19 +299,6 @@ def test_upload_command_unwritable_spool_exits_1(tmp_path, capsys):
 # -- CsvSpool against the fake API --------------------------------------------------------------
 
 
-@pytest.fixture
-async def api(nursery):
-    fake = FakeAPI(KEY)
-    await nursery.start(fake.serve)
-    return fake
-
-
-@pytest.fixture
-async def client(api):
-    async with httpx.AsyncClient(base_url=api.url, timeout=1e6) as c:
-        yield c
-
-
 def make_spool(tmp_path, client, *, api_key=KEY, seed=1, max_s=8.0) -> CsvSpool:
     return CsvSpool(
         tmp_path / "spool",

@@ -1,12 +1,10 @@
-"""Fixtures for end-to-end tests: a real fake API in the test process, the agent as a process."""
+"""Fixtures for end-to-end tests: the agent as a process (the fake API is tests/conftest.py's)."""
 
 from __future__ import annotations
 
 import pytest
-import trio
 
 from tests.e2e.harness import kill_leftovers, remove_tree, short_tmpdir
-from traits_agent.fakeapi import FakeAPI
 
 
 @pytest.fixture
@@ -15,10 +13,3 @@ def workdir():
     yield path
     kill_leftovers()
     remove_tree(path)
-
-
-@pytest.fixture
-async def api(nursery: trio.Nursery) -> FakeAPI:
-    fake = FakeAPI("test-key")
-    await nursery.start(fake.serve)
-    return fake

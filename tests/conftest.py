@@ -1,0 +1,29 @@
+"""Fixtures shared by the suites: the fake 12traits API on loopback and a client for it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import trio
+
+from traits_agent.fakeapi import FakeAPI
+
+#: the key the shared fake API accepts (tests/fakeapi uses its own)
+API_KEY = "test-key"
+
+
+@pytest.fixture
+async def api(nursery: trio.Nursery) -> FakeAPI:
+    """A real FakeAPI serving on 127.0.0.1, port chosen by the OS."""
+    fake = FakeAPI(API_KEY)
+    await nursery.start(fake.serve)
+    return fake
+
+
+@pytest.fixture
+async def client(api: FakeAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client for `api` whose timeouts never fire on MockClock's virtual time."""
+    async with httpx.AsyncClient(base_url=api.url, timeout=1e6) as c:
+        yield c

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import structlog
 import trio
 
+from traits_agent.log import RateLimited
 from traits_agent.resources import Resource
 from traits_agent.uploader import Stopping
 
@@ -29,6 +30,8 @@ log = structlog.get_logger(__name__)
 UNREADABLE_RETRY_S = 1.0
 #: how long a lane waits after delivery failed with an unexpected error
 FAILURE_RETRY_S = 30.0
+#: at most one `queue_read_failed` line per lane this often (the rest are counted)
+READ_ERROR_LOG_S = 60.0
 
 
 class BatchLike(Protocol):
@@ -76,6 +79,7 @@ class Lane:
         self.in_flight = 0
         self.failures = 0
         self._stopping = False
+        self._read_log = RateLimited(interval=READ_ERROR_LOG_S)
 
     @property
     def waiting_since(self) -> float | None:
@@ -127,6 +131,7 @@ class Lane:
         """Cut one batch now and deliver it; False if nothing was pending."""
         cut_at = trio.current_time()
         batch = self.queue.read_batch(self.max_items, self.max_bytes)
+        self._say_read_error()
         if batch is None:
             self._waiting_since = None
             return False
@@ -152,6 +157,24 @@ class Lane:
         if not full:
             self._waiting_since = cut_at if self.queue.pending_items else None
         return True
+
+    def _say_read_error(self) -> None:
+        """The queue could not read (EMFILE, EACCES, EIO...): nothing was skipped, the lane
+        waits there and tries again; say so, once a minute at most."""
+        error = getattr(self.queue, "read_error", None)
+        if error is None:
+            return
+        suppressed = self._read_log(self.resource.name)
+        if suppressed is not None:
+            log.error(
+                "queue_read_failed",
+                resource=self.resource.name,
+                errno=error.errno,
+                error=str(error),
+                retries=getattr(self.queue, "read_retries", 0),
+                suppressed=suppressed,
+                hint="nothing is skipped: delivery waits here and retries",
+            )
 
 
 def oldest_pending_age(queue: Any, lane: Any, now: float, started_at: float) -> float:

@@ -60,6 +60,17 @@ QUEUE_COUNTERS = (
         "Queue segment files that vanished behind the agent's back while reading.",
     ),
     (
+        "read_retries",
+        "queue_read_retries",
+        "Queue reads stopped by an error that proves nothing about the data (EMFILE, EIO...);"
+        " nothing was skipped, the read is tried again.",
+    ),
+    (
+        "read_errors",
+        "queue_unreadable_segments",
+        "Queue segment names taken by something other than a regular file (skipped).",
+    ),
+    (
         "checkpoint_errors",
         "queue_checkpoint_errors",
         "Failed writes of a queue's delivered position (they can only cause re-delivery).",

@@ -19,7 +19,12 @@ from traits_agent.queue.checkpoint import Checkpoint
 from traits_agent.queue.errors import QueueClosedError, QueueLockedError, QueueWriteError
 from traits_agent.queue.framing import HEADER_SIZE, MAX_PAYLOAD, SEAL_FRAME_SIZE, encode_seal
 from traits_agent.queue.reader import Batch, LogReader
-from traits_agent.queue.recovery import RecoveryReport, recover
+from traits_agent.queue.recovery import (
+    NotASegmentError,
+    RecoveryReport,
+    recover,
+    summarize_file,
+)
 from traits_agent.queue.segments import Position, SegmentInfo, segment_name
 from traits_agent.queue.writer import SegmentWriter
 
@@ -98,6 +103,9 @@ class DiskQueue:
             written_seq=state.next_seq - 1,
         )
         self._reader = LogReader(directory, self._cursor)
+        self._unverified = sum(1 for s in self._segs if not s.verified)
+        self._verify_retries = 0
+        self._verify_error: OSError | None = None
 
         self.dropped_oldest = 0
         self.dropped_newest = 0
@@ -397,7 +405,38 @@ class DiskQueue:
         with self._lock:
             if self._closed:
                 raise QueueClosedError("read_batch on a closed queue")
+            if self._unverified:
+                self._verify()
             return self._reader.read(self._segs, self._cursor, max_items, max_bytes)
+
+    def _verify(self) -> None:
+        """Read the summary of segments recovery could not read (EMFILE, EACCES, EIO...).
+
+        Until one is read, readers stop before it: its records are never skipped. Something
+        other than a regular file in its place is skipped and counted in `read_errors`.
+        """
+        self._verify_error = None
+        for seg in list(self._segs):
+            if seg.verified:
+                continue
+            try:
+                info = summarize_file(self.directory, seg.number)
+            except NotASegmentError:
+                self._segs.remove(seg)
+                self._reader.read_errors += 1
+            except OSError as e:
+                self._verify_retries += 1
+                self._verify_error = e
+                return  # the ones after it wait too: delivery is in order
+            else:
+                if info.count:
+                    seg.first_seq, seg.last_seq = info.first_seq, info.last_seq
+                seg.count, seg.size, seg.readable = info.count, info.size, info.size
+                self._total += info.size
+                self._records += info.count
+            seg.verified = True
+            self._unverified -= 1
+            self._reader.invalidate()
 
     # -- committing -------------------------------------------------------------------------
 
@@ -470,8 +509,19 @@ class DiskQueue:
 
     @property
     def read_errors(self) -> int:
-        """Segments whose rest was skipped because reading them failed (EIO and the like)."""
+        """Segments skipped because something other than a regular file took their name."""
         return self._reader.read_errors
+
+    @property
+    def read_retries(self) -> int:
+        """Reads stopped by an error that proves nothing about the data (EMFILE, ENFILE,
+        EACCES, EIO...): nothing was skipped; the next read tries again from there."""
+        return self._reader.read_retries + self._verify_retries
+
+    @property
+    def read_error(self) -> OSError | None:
+        """What stopped the last read (or a segment recovery could not read), else None."""
+        return self._reader.read_error or self._verify_error
 
     @property
     def pending_items(self) -> int:

@@ -8,6 +8,7 @@ around every call.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 from traits_agent.queue.framing import DAMAGED, FULL, FrameReader
@@ -43,14 +44,31 @@ class _OpenSegment:
         self._number: int | None = None
         self._fd: int | None = None
         self._reader: FrameReader | None = None
+        self.gone = ""
+        """Why the last `open` returned None: "missing" or "not_a_file"."""
 
     def open(self, seg: SegmentInfo) -> FrameReader | None:
-        """A reader over `seg` up to `seg.readable`; None if its file has disappeared."""
+        """A reader over `seg` up to `seg.readable`; None if its file is proven gone: no such
+        name (deleted behind our back), or something other than a regular file in its place.
+
+        Raises OSError for anything else (EMFILE, ENFILE, EACCES, EIO, ...): that says
+        nothing about the data, so the caller must stop there and try again later.
+        """
         if self._number != seg.number or self._reader is None:
             self.close()
             try:
                 fd = os.open(os.path.join(self._dir, segment_name(seg.number)), _RDONLY)
             except FileNotFoundError:
+                self.gone = "missing"
+                return None
+            try:
+                regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            except BaseException:
+                os.close(fd)
+                raise
+            if not regular:
+                os.close(fd)
+                self.gone = "not_a_file"
                 return None
             self._number, self._fd, self._reader = seg.number, fd, FrameReader(fd, seg.readable)
         else:
@@ -79,6 +97,11 @@ class LogReader:
         self.corrupt_skipped = 0
         self.missing_skipped = 0
         self.read_errors = 0
+        """Segments skipped because something other than a regular file took their name."""
+        self.read_retries = 0
+        """Reads stopped by an error that proves nothing about the data (tried again later)."""
+        self.read_error: OSError | None = None
+        """The error that stopped the last read, or None if it went through."""
 
     def read(
         self, segs: list[SegmentInfo], cursor: Position, max_items: int, max_bytes: int
@@ -132,13 +155,20 @@ class LogReader:
         after, taken, first = pos.next_seq - 1, 0, -1
         while True:
             seg = segs[idx]
+            if not seg.verified:  # recovery could not read it yet: never pass it
+                return self._stop(segs, idx, offset, after, None), False, taken, first
+            mark = len(out)
             try:
                 reader = self._files.open(seg) if offset < seg.readable else None
-                if reader is None and offset < seg.readable:  # deleted behind our back
+                if reader is None and offset < seg.readable:  # proven gone: skip it
                     if (seg.number, offset) >= scanned:
-                        self.missing_skipped += 1
+                        if self._files.gone == "missing":
+                            self.missing_skipped += 1
+                        else:
+                            self.read_errors += 1
                     offset = seg.readable
                 while reader is not None and offset < reader.end:
+                    mark = len(out)
                     status, offset, after, n, f = reader.read_run(
                         offset, after, max_items, max_bytes - taken, out
                     )
@@ -146,27 +176,42 @@ class LogReader:
                     if first < 0:
                         first = f
                     if status == FULL:
-                        return self._end_at(segs, idx, offset, after), True, taken, first
+                        return self._stop(segs, idx, offset, after), True, taken, first
                     if status != DAMAGED:
                         break
                     if (seg.number, offset) >= scanned:
                         self.corrupt_skipped += 1
                     offset = reader.resync(offset + 1)
-            except OSError:  # EIO and the like: the rest of this segment cannot be read
-                if (seg.number, offset) >= scanned:
-                    self.read_errors += 1
+            except OSError as e:
+                # EMFILE, EACCES, EIO...: says nothing about the bytes. Stop before them (the
+                # batch ends here, the checkpoint cannot pass them) and read again later.
+                del out[mark:]
                 self._files.forget(seg.number)
-                offset = seg.readable
+                return self._stop(segs, idx, offset, after, e), False, taken, first
             if idx == len(segs) - 1 or seg.readable < seg.size:
                 break  # the newest segment, or one whose tail is still being written
             idx += 1
             offset = 0
-        return self._end_at(segs, idx, offset, after), False, taken, first
+        return self._stop(segs, idx, offset, after), False, taken, first
+
+    def _stop(
+        self,
+        segs: list[SegmentInfo],
+        idx: int,
+        offset: int,
+        after: int,
+        error: OSError | None = None,
+    ) -> Position:
+        """Where a read ended; `error` (or None) is the read's outcome."""
+        if error is not None:
+            self.read_retries += 1
+        self.read_error = error
+        return self._end_at(segs, idx, offset, after)
 
     def _end_at(self, segs: list[SegmentInfo], idx: int, offset: int, after: int) -> Position:
         seg = segs[idx]
-        if offset >= seg.size and idx + 1 < len(segs):  # normalise: the start of the next
-            seg, offset = segs[idx + 1], 0
+        if offset >= seg.size and idx + 1 < len(segs) and seg.verified:
+            seg, offset = segs[idx + 1], 0  # normalise: the start of the next
         end = Position(seg.number, offset, after + 1)
         self._scanned = max(self._scanned, (end.segment, end.offset))
         return end

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 
 from traits_agent.queue.checkpoint import Checkpoint, CheckpointFile, remove_stale_temp
@@ -49,7 +50,10 @@ class RecoveryReport:
     delivered_segments_deleted: int = 0
     """Segments wholly before the checkpoint (a crash between checkpoint and delete)."""
     unreadable_segments: list[str] = field(default_factory=list)
-    """Segment files that could not be read at all (left in place, skipped)."""
+    """Segment files that could not be read. Something other than a regular file under a
+    segment's name is left in place and skipped; any other error (EMFILE, EACCES, EIO...)
+    proves nothing about the data: the segment is kept, and delivery waits at it until it
+    can be read (`DiskQueue.read_retries`)."""
     stale_temp_removed: bool = False
 
     @property
@@ -108,10 +112,13 @@ def recover(directory: str, dir_fd: int) -> Recovered:
             if n == numbers[-1]:
                 info, newest_sealed = _recover_tail(directory, n, report)
             else:
-                info = _summarize(directory, n)
-        except OSError as e:  # unreadable: leave the file alone, deliver the rest
-            report.unreadable_segments.append(f"{segment_name(n)}: {e.strerror}")
+                info = summarize_file(directory, n)
+        except NotASegmentError as e:  # not our data: leave it alone, deliver the rest
+            report.unreadable_segments.append(f"{segment_name(n)}: {e}")
             continue
+        except OSError as e:  # proves nothing about the data: keep it, read it later
+            report.unreadable_segments.append(f"{segment_name(n)}: {e.strerror} (kept)")
+            info = SegmentInfo(n, first_seq=-1, on_disk=True, verified=False)
         segments.append(info)
 
     last_seq = max((s.last_seq for s in segments), default=0)
@@ -119,21 +126,38 @@ def recover(directory: str, dir_fd: int) -> Recovered:
     if cp is not None:
         floor = max(cp.position.next_seq, cp.seq_lease)
     next_seq = max(floor, last_seq + 1)
-    # Segments with no readable record take the first seq of the one after them.
+    unverified = sum(1 for s in segments if not s.verified)
+    if cp is None and unverified:
+        # No lease tells which seqs the unread segments hold: start far above anything they
+        # can (each run starts at most 2**24 above the last; seqs are u64).
+        next_seq += unverified << 40
+    # Segments with no readable record take the first seq of the one after them; unread
+    # ones the lowest their records can have (readers then skip none of them).
     following = next_seq
     for seg in reversed(segments):
-        if seg.count == 0:
+        if seg.count == 0 and seg.verified:
             seg.first_seq = following
         following = seg.first_seq
+    lowest = cp.position.next_seq if cp is not None else 1
+    for seg in segments:
+        if not seg.verified:
+            seg.first_seq = lowest
+        elif seg.last_seq >= 0:
+            lowest = seg.last_seq + 1
 
     # Appends go to a segment of their own: each segment is written by one run only, so its
     # seqs are consecutive (a restart after a crash starts higher: see the seq lease).
     to_seal = None
     newest = segments[-1] if segments else None
-    if newest is not None and numbers and newest.number == numbers[-1] and newest.size == 0:
+    if newest is not None and newest.number == numbers[-1] and newest.size == 0 and newest.verified:
         pass  # an empty newest segment: append to it
     else:
-        if newest is not None and newest.number == numbers[-1] and not newest_sealed:
+        if (
+            newest is not None
+            and newest.number == numbers[-1]
+            and newest.verified
+            and not newest_sealed
+        ):
             to_seal = newest if newest.count else None
         number = numbers[-1] + 1 if numbers else cp.position.segment if cp is not None else 0
         segments.append(SegmentInfo(number, first_seq=next_seq))
@@ -148,8 +172,34 @@ def _path(directory: str, number: int) -> str:
 
 
 def _unlink(directory: str, number: int) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    """Remove a delivered segment; one that will not go (a directory in its place, EACCES)
+    is left for the next open: it is before the checkpoint, so nothing reads it."""
+    with contextlib.suppress(OSError):
         os.unlink(_path(directory, number))
+
+
+class NotASegmentError(OSError):
+    """Something other than a regular file has a segment's name (a directory, a fifo...)."""
+
+
+def open_segment(directory: str, number: int, flags: int) -> int:
+    """Open a segment file; NotASegmentError if its name is not a regular file.
+
+    O_NONBLOCK: a fifo under the name must not hang start-up (no effect on regular files).
+    """
+    path = _path(directory, number)
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK)
+    except IsADirectoryError:
+        raise NotASegmentError(f"{path} is a directory") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotASegmentError(f"{path} is not a regular file (mode {mode:o})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _info(number: int, scan: ScanResult, size: int) -> SegmentInfo:
@@ -164,13 +214,13 @@ def _info(number: int, scan: ScanResult, size: int) -> SegmentInfo:
     )
 
 
-def _summarize(directory: str, number: int) -> SegmentInfo:
+def summarize_file(directory: str, number: int) -> SegmentInfo:
     """An older segment: its summary from the seal record (a full scan only if it has none).
 
     It is fsynced too: the previous run may have crashed before doing so, and records found
     here count as durable from now on (a no-op for a clean file).
     """
-    fd = os.open(_path(directory, number), os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_segment(directory, number, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         scan = summarize(fd, size)
@@ -182,7 +232,7 @@ def _summarize(directory: str, number: int) -> SegmentInfo:
 
 def _recover_tail(directory: str, number: int, report: RecoveryReport) -> tuple[SegmentInfo, bool]:
     """Scan the newest segment whole; cut off a torn tail. Returns (info, ends with a seal)."""
-    fd = os.open(_path(directory, number), os.O_RDWR | os.O_CLOEXEC)
+    fd = open_segment(directory, number, os.O_RDWR)
     try:
         size = os.fstat(fd).st_size
         scan = scan_segment(fd, size)
@@ -205,6 +255,8 @@ def _place_cursor(
     if cp is None:
         return Position(oldest.number, 0, oldest.first_seq)
     pos = cp.position
+    if not oldest.verified:  # cannot check it yet: trust it
+        return pos
     if oldest.number != pos.segment or not oldest.on_disk:
         # Its segment is gone: resume at the start of the next one (all segments before the
         # checkpoint have been removed above, so that is the oldest).

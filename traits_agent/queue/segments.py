@@ -69,6 +69,10 @@ class SegmentInfo:
     """End of the last whole frame handed to the OS: readers stop here."""
     on_disk: bool = False
     """The file exists (it is created when its first bytes are flushed)."""
+    verified: bool = True
+    """False while recovery could not read it (EMFILE, EACCES, EIO...): its counts are
+    unknown, readers stop before it and nothing is appended to it; `DiskQueue` reads its
+    summary as soon as it can."""
 
 
 @dataclass(slots=True)

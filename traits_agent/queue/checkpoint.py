@@ -27,6 +27,7 @@ import threading
 from dataclasses import dataclass
 from zlib import crc32
 
+from traits_agent.queue.files import open_private
 from traits_agent.queue.segments import Position
 
 CHECKPOINT_NAME = "checkpoint"
@@ -39,6 +40,9 @@ _LINE = re.compile(
     rb" seq_lease=(\d{1,20})) crc=([0-9a-f]{8})\n$"
 )
 _SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+MAX_VALUE = 1 << 62
+"""Larger numbers in a checkpoint are corrupt: seqs are u64 on disk and the queue adds
+leases (2**24) and jumps to them; 2**62 seqs outlast any disk."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,8 @@ class Checkpoint:
         if m is None or int(m.group(6), 16) != crc32(m.group(1)):
             return None
         segment, offset, next_seq, lease = (int(m.group(i)) for i in range(2, 6))
+        if max(segment, offset, next_seq, lease) >= MAX_VALUE:
+            return None
         return cls(Position(segment, offset, next_seq), lease)
 
 
@@ -124,7 +130,7 @@ class CheckpointFile:
     def _write(self, cp: Checkpoint, durable: bool) -> None:
         tmp = os.path.join(self._dir, TEMP_NAME)
         data = cp.encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
         try:
             if os.write(fd, data) != len(data):  # 80 bytes: short only on a full disk
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
@@ -147,7 +153,7 @@ class CheckpointFile:
         except OSError:
             return False
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fd = open_private(path, os.O_WRONLY | os.O_TRUNC)
             try:
                 # real zero bytes, not a sparse file or fallocate: the space must be ours
                 if os.write(fd, bytes(RESERVE_BYTES)) != RESERVE_BYTES:

@@ -17,11 +17,13 @@ from typing import TypeVar
 
 from traits_agent.queue.checkpoint import Checkpoint
 from traits_agent.queue.errors import QueueClosedError, QueueLockedError, QueueWriteError
+from traits_agent.queue.files import make_dirs, open_private
 from traits_agent.queue.framing import HEADER_SIZE, MAX_PAYLOAD, SEAL_FRAME_SIZE, encode_seal
 from traits_agent.queue.reader import Batch, LogReader
 from traits_agent.queue.recovery import (
     NotASegmentError,
     RecoveryReport,
+    move_aside,
     recover,
     summarize_file,
 )
@@ -73,6 +75,7 @@ class DiskQueue:
         on_full: OnFull,
         max_buffer_bytes: int,
         retain_bytes: int,
+        moved_aside: list[str] | None = None,
     ) -> None:
         self.directory = directory
         self.fsync_policy = fsync
@@ -87,6 +90,7 @@ class DiskQueue:
 
         state = recover(directory, dir_fd)
         self.recovery: RecoveryReport = state.report
+        self.recovery.moved_aside[:0] = moved_aside or []
         self._cp = state.checkpoint
         self._segs: list[SegmentInfo] = state.segments
         self._total = sum(s.size for s in self._segs)
@@ -155,8 +159,9 @@ class DiskQueue:
                 f"max_bytes ({max_bytes}) must be at least twice segment_bytes ({segment_bytes})"
             )
         path = os.path.abspath(os.fspath(directory))
-        os.makedirs(path, exist_ok=True)
-        lock_fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+        make_dirs(path)
+        moved = move_aside(path, LOCK_NAME)  # a directory there must not stop start-up
+        lock_fd = open_private(os.path.join(path, LOCK_NAME), os.O_RDWR)
         try:
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -176,6 +181,7 @@ class DiskQueue:
                     on_full=full,
                     max_buffer_bytes=max_buffer_bytes,
                     retain_bytes=retain_bytes,
+                    moved_aside=[f"{LOCK_NAME} -> {moved}"] if moved else [],
                 )
             except BaseException:
                 os.close(dir_fd)

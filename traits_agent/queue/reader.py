@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from traits_agent.queue.framing import DAMAGED, FULL, FrameReader
 from traits_agent.queue.segments import Position, SegmentInfo, segment_name
 
-_RDONLY = os.O_RDONLY | os.O_CLOEXEC
+_RDONLY = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK  # a fifo in its place must not hang us
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,13 @@ import os
 import stat
 from dataclasses import asdict, dataclass, field
 
-from traits_agent.queue.checkpoint import Checkpoint, CheckpointFile, remove_stale_temp
+from traits_agent.queue.checkpoint import (
+    CHECKPOINT_NAME,
+    TEMP_NAME,
+    Checkpoint,
+    CheckpointFile,
+    remove_stale_temp,
+)
 from traits_agent.queue.framing import HEADER_SIZE, SEAL_SEQ, FrameReader
 from traits_agent.queue.segments import (
     Position,
@@ -41,7 +47,9 @@ class RecoveryReport:
     record). Older segments are not scanned at open; damage there is counted by reads."""
     corrupt_bytes_skipped: int = 0
     missing_segments: list[int] = field(default_factory=list)
-    """Segment numbers absent between the checkpoint and the newest segment."""
+    """Segment numbers absent between the checkpoint and the newest segment (the first
+    MAX_LISTED of them: a stray file numbered 10**7 must not cost a list of 10**7)."""
+    missing_segment_count: int = 0
     checkpoint_fallback: str | None = None
     """Why the checkpoint was unusable ("missing", "corrupt", ...): delivery restarts at the
     oldest segment, so records may be delivered twice (never lost)."""
@@ -53,8 +61,12 @@ class RecoveryReport:
     """Segment files that could not be read. Something other than a regular file under a
     segment's name is left in place and skipped; any other error (EMFILE, EACCES, EIO...)
     proves nothing about the data: the segment is kept, and delivery waits at it until it
-    can be read (`DiskQueue.read_retries`)."""
+    can be read (`DiskQueue.read_retries`). The first MAX_LISTED; the count is exact."""
+    unreadable_segment_count: int = 0
     stale_temp_removed: bool = False
+    moved_aside: list[str] = field(default_factory=list)
+    """Non-files (a directory...) found where the checkpoint, its temp file or the lock go,
+    renamed to ``<name>.stray-N`` so that the queue can use the name."""
 
     @property
     def has_findings(self) -> bool:
@@ -67,6 +79,7 @@ class RecoveryReport:
             or self.checkpoint_adjusted
             or self.delivered_segments_deleted
             or self.unreadable_segments
+            or self.moved_aside
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -89,7 +102,12 @@ class Recovered:
 
 def recover(directory: str, dir_fd: int) -> Recovered:
     """Recover the queue in `directory` (which the caller has locked)."""
-    report = RecoveryReport(stale_temp_removed=remove_stale_temp(directory))
+    report = RecoveryReport()
+    for name in (TEMP_NAME, CHECKPOINT_NAME):
+        aside = move_aside(directory, name)
+        if aside is not None:
+            report.moved_aside.append(f"{name} -> {aside}")
+    report.stale_temp_removed = remove_stale_temp(directory)
     cp_file = CheckpointFile(directory, dir_fd)
     cp, problem = cp_file.load()
     numbers = list_segments(directory)
@@ -102,8 +120,7 @@ def recover(directory: str, dir_fd: int) -> Recovered:
         numbers = [n for n in numbers if n >= cp.position.segment]
     if numbers:
         low = cp.position.segment if cp is not None else numbers[0]
-        present = set(numbers)
-        report.missing_segments = [n for n in range(low, numbers[-1]) if n not in present]
+        report.missing_segment_count, report.missing_segments = _gaps(low, numbers)
 
     segments: list[SegmentInfo] = []
     newest_sealed = False
@@ -114,10 +131,14 @@ def recover(directory: str, dir_fd: int) -> Recovered:
             else:
                 info = summarize_file(directory, n)
         except NotASegmentError as e:  # not our data: leave it alone, deliver the rest
-            report.unreadable_segments.append(f"{segment_name(n)}: {e}")
+            report.unreadable_segment_count += 1
+            if len(report.unreadable_segments) < MAX_LISTED:
+                report.unreadable_segments.append(f"{segment_name(n)}: {e}")
             continue
         except OSError as e:  # proves nothing about the data: keep it, read it later
-            report.unreadable_segments.append(f"{segment_name(n)}: {e.strerror} (kept)")
+            report.unreadable_segment_count += 1
+            if len(report.unreadable_segments) < MAX_LISTED:
+                report.unreadable_segments.append(f"{segment_name(n)}: {e.strerror} (kept)")
             info = SegmentInfo(n, first_seq=-1, on_disk=True, verified=False)
         segments.append(info)
 
@@ -165,6 +186,44 @@ def recover(directory: str, dir_fd: int) -> Recovered:
     report.segments = sum(1 for s in segments if s.on_disk)
     report.bytes_queued = sum(s.size for s in segments)
     return Recovered(segments, cursor, next_seq, cp_file, report, to_seal)
+
+
+MAX_LISTED = 100
+"""Longest list a report carries (the counts are exact)."""
+
+
+def _gaps(low: int, numbers: list[int]) -> tuple[int, list[int]]:
+    """How many numbers in [low, numbers[-1]) are absent, and the first MAX_LISTED of them.
+
+    Walks the gaps between present numbers: O(len(numbers)), whatever the numbers are.
+    """
+    count, listed, expected = 0, [], low
+    for n in numbers:
+        if n > expected:
+            count += n - expected
+            listed.extend(range(expected, min(n, expected + MAX_LISTED - len(listed))))
+        expected = max(expected, n + 1)
+    return count, listed
+
+
+def move_aside(directory: str, name: str) -> str | None:
+    """If `name` is not a regular file (a directory, a fifo...), rename it out of the way.
+
+    Returns the new name, or None if `name` is a regular file or absent. Raises OSError if
+    it is in the way and cannot be moved (the caller cannot go on then).
+    """
+    path = os.path.join(directory, name)
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+    except FileNotFoundError:
+        return None
+    for n in range(1, 1000):
+        aside = f"{name}.stray-{n}"
+        if not os.path.lexists(os.path.join(directory, aside)):
+            os.rename(path, os.path.join(directory, aside))
+            return aside
+    raise OSError(f"{path} is not a regular file and no free name to move it aside")
 
 
 def _path(directory: str, number: int) -> str:

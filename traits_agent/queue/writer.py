@@ -17,11 +17,12 @@ from collections import deque
 from typing import NamedTuple
 
 from traits_agent.queue.errors import QueueWriteError
+from traits_agent.queue.files import open_private
 from traits_agent.queue.framing import HEADER_SIZE, SEAL_SEQ, encode_header
 from traits_agent.queue.segments import SegmentInfo, segment_name
 
 _LENGTH_SEQ = struct.Struct("<IQ")
-_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+_WRITE_FLAGS = os.O_WRONLY | os.O_APPEND
 
 
 class _Chunk:
@@ -171,7 +172,7 @@ class SegmentWriter:
         """The write fd of `seg`, creating its file (and retiring the previous one) if new."""
         if seg is self._wseg and self._wfd is not None:
             return self._wfd
-        fd = os.open(os.path.join(self._dir, segment_name(seg.number)), _WRITE_FLAGS, 0o644)
+        fd = open_private(os.path.join(self._dir, segment_name(seg.number)), _WRITE_FLAGS)
         if not seg.on_disk:
             seg.on_disk = True
             self._dir_dirty = True  # the new name must be fsynced too

@@ -6,6 +6,7 @@ and Retry-After are asserted as exact virtual times, never by sleeping.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from functools import partial
@@ -389,3 +390,51 @@ async def test_key_echoed_in_an_answer_never_reaches_status(
     st = rig.uploader.state("playfab")
     assert st.last_error and KEY not in st.last_error
     await settled(rig)
+
+
+def _corrupt_record(segment_path, index: int) -> None:
+    """Flip a payload byte of the `index`-th frame (0-based) of a segment file."""
+    data = bytearray(segment_path.read_bytes())
+    pos = 0
+    for _ in range(index):
+        pos += 24 + int.from_bytes(data[pos + 4 : pos + 8], "little")
+    data[pos + 24] ^= 0x01
+    segment_path.write_bytes(bytes(data))
+
+
+async def test_idempotency_keys_of_split_parts_follow_real_seqs(
+    autojump_clock, nursery, api, client, tmp_path
+):
+    """A damaged record skipped in the middle leaves a gap in the batch's seqs: each part of
+    a split batch is keyed by its own seqs. Before: the second part was keyed first_seq + 4
+    = 5, i.e. as the items 5..9, a set other items can have (a server dedupes them away)."""
+    api.inject(Fault(status=413, min_items=6, times=None))
+    rig = Rig(tmp_path, api, client, "level_ups", linger_s=0.0)
+    for item in level_ups(10):  # seqs 1..10, user_id = seq - 1
+        assert rig.queue.append(json.dumps(item).encode())
+    rig.queue.close()
+    (segment,) = (tmp_path / "queue" / "level_ups").glob("*.seg")
+    _corrupt_record(segment, 4)  # seq 5
+    rig.queue = DiskQueue.open(tmp_path / "queue" / "level_ups", fsync="never")
+    rig.lane = Lane(
+        rig.resource,
+        rig.queue,
+        rig.uploader.deliver,
+        max_items=1000,
+        max_bytes=1 << 20,
+        linger_s=0.0,
+    )
+    await nursery.start(rig.lane.run)
+    await api.wait_for_items(9)
+    await settled(rig)
+    assert rig.queue.corrupt_skipped == 1
+    delivered = [int(i["user_id"]) + 1 for i in api.received["level_ups"]]
+    assert delivered == [1, 2, 3, 4, 6, 7, 8, 9, 10]
+    keys = [r.idempotency_key for r in api.requests]
+    assert [r.item_count for r in api.requests] == [9, 4, 5]
+
+    def key(name: str) -> str:  # consecutive seqs: sha256 of agent/resource/first/count
+        return hashlib.sha256(name.encode()).hexdigest()[:32]
+
+    assert keys[1:] == [key("test/level_ups/1/4"), key("test/level_ups/6/5")]
+    assert keys[0] not in (key("test/level_ups/1/9"), *keys[1:])

@@ -43,6 +43,7 @@ from traits_agent.log import RateLimited
 from traits_agent.metrics import Counters
 from traits_agent.prometheus import serve_metrics
 from traits_agent.queue import DiskQueue
+from traits_agent.queue.files import make_dirs, open_private
 from traits_agent.quota import SharedQuota
 from traits_agent.resources import RESOURCES
 from traits_agent.sources.datagram import (
@@ -199,7 +200,9 @@ def _agent_id(directory: Path) -> str:
     except FileNotFoundError:
         value = uuid.uuid4().hex
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(value + "\n")
+        fd = open_private(str(tmp), os.O_WRONLY | os.O_TRUNC)
+        with os.fdopen(fd, "w") as f:
+            f.write(value + "\n")
         os.replace(tmp, path)
         return value
 
@@ -207,7 +210,7 @@ def _agent_id(directory: Path) -> str:
 def open_queues(config: Config) -> dict[str, DiskQueue]:
     """Open (and recover) one queue per resource, logging what recovery found."""
     root = Path(config.queue.dir)
-    root.mkdir(parents=True, exist_ok=True)
+    make_dirs(str(root))
     queues: dict[str, DiskQueue] = {}
     try:
         for name in RESOURCES:

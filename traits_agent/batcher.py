@@ -36,7 +36,7 @@ READ_ERROR_LOG_S = 60.0
 
 class BatchLike(Protocol):
     payloads: list[bytes]
-    first_seq: int
+    seqs: list[int]
 
 
 class QueueLike(Protocol):
@@ -50,7 +50,8 @@ class QueueLike(Protocol):
     def commit(self, batch: BatchLike) -> None: ...
 
 
-Deliver = Callable[[Resource, list[bytes], int], Awaitable[None]]
+#: (resource, payloads, the queue seq of each payload)
+Deliver = Callable[[Resource, list[bytes], list[int]], Awaitable[None]]
 
 
 class Lane:
@@ -138,7 +139,7 @@ class Lane:
         full = len(batch.payloads) >= self.max_items
         self.in_flight = len(batch.payloads)
         try:
-            await self.deliver(self.resource, batch.payloads, batch.first_seq)
+            await self.deliver(self.resource, batch.payloads, batch.seqs)
         except Stopping:
             return True  # not committed: the batch stays queued for the next run
         except Exception:

@@ -27,6 +27,7 @@ import enum
 import functools
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -159,10 +160,16 @@ def build_body(resource: Resource, payloads: list[bytes]) -> bytes:
     return b'{"' + resource.payload_key.encode() + b'":' + items + b"}"
 
 
-def idempotency_key(agent_id: str, resource: str, first_seq: int, count: int) -> str:
-    """Stable for the same items across retries and restarts (seqs survive restarts)."""
-    digest = hashlib.sha256(f"{agent_id}/{resource}/{first_seq}/{count}".encode()).hexdigest()
-    return digest[:32]
+def idempotency_key(agent_id: str, resource: str, seqs: Sequence[int]) -> str:
+    """Stable for the same items across retries and restarts (seqs survive restarts), and
+    named by their own seqs: after a skipped damaged record they are not consecutive, and a
+    key computed as first + count would name other items (a server would drop them as
+    duplicates). Consecutive seqs keep the key they always had."""
+    first, count = seqs[0], len(seqs)
+    name = f"{agent_id}/{resource}/{first}/{count}"
+    if seqs[-1] - first != count - 1:
+        name += "/" + ",".join(map(str, seqs))
+    return hashlib.sha256(name.encode()).hexdigest()[:32]
 
 
 class Uploader:
@@ -205,9 +212,15 @@ class Uploader:
     def state(self, resource: str) -> UpstreamState:
         return self.states.setdefault(resource, UpstreamState())
 
-    async def deliver(self, resource: Resource, payloads: list[bytes], first_seq: int) -> None:
+    async def deliver(
+        self, resource: Resource, payloads: list[bytes], seqs: Sequence[int] | int
+    ) -> None:
         """Return once every payload is delivered or dead-lettered. Cancellation is safe: the
-        caller has not committed anything, so the batch is re-read after restart."""
+        caller has not committed anything, so the batch is re-read after restart.
+
+        `seqs`: the queue seq of each payload (an int: the first of consecutive ones)."""
+        if isinstance(seqs, int):
+            seqs = range(seqs, seqs + len(payloads))
         st = self.state(resource.name)
         # parts still to send, in queue order; (offset in batch, payloads)
         parts: list[tuple[int, list[bytes]]] = [(0, payloads)]
@@ -215,7 +228,7 @@ class Uploader:
         drift = False
         while parts:
             offset, part = parts.pop(0)
-            key = idempotency_key(self.agent_id, resource.name, first_seq + offset, len(part))
+            key = idempotency_key(self.agent_id, resource.name, seqs[offset : offset + len(part)])
             outcome, status, detail = await self._send_until_decided(resource, part, key, st)
             if outcome is Outcome.DELIVERED:
                 tried += len(part)

@@ -150,14 +150,21 @@ class FrameReader:
         return self.end
 
     def read_run(
-        self, pos: int, after_seq: int, max_items: int, max_bytes: int, out: list[bytes]
+        self,
+        pos: int,
+        after_seq: int,
+        max_items: int,
+        max_bytes: int,
+        out: list[bytes],
+        seqs: list[int],
     ) -> tuple[int, int, int, int, int]:
         """Append to `out` the payloads of consecutive valid frames from `pos` (the hot path).
 
         Frames whose seq is not above `after_seq` (or the last one taken) are stepped over:
         seal records, and copies left by a rewrite after a failed fsync (a seq is returned
-        once). Stops at the limits (`out` always gets one payload if one is valid at `pos`
-        and it is empty), at `end`, or at an invalid frame.
+        once). The seq of each payload goes to `seqs`. Stops at the limits (`out` always
+        gets one payload if one is valid at `pos` and it is empty), at `end`, or at an
+        invalid frame.
 
         Returns (status, position reached, last seq taken or `after_seq`, payload bytes taken,
         first seq taken or -1), status being FULL, END or DAMAGED (an invalid frame starts at
@@ -202,6 +209,7 @@ class FrameReader:
             if first < 0:
                 first = seq
             out.append(payload)
+            seqs.append(seq)
             taken += length
             after_seq = seq
         return FULL, pos, after_seq, taken, first

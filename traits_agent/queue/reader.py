@@ -25,6 +25,9 @@ class Batch:
     """
 
     payloads: list[bytes]
+    seqs: list[int]
+    """The seq of each payload: increasing, consecutive unless damaged records were skipped
+    between them (so a part of the batch is named by its own seqs, never by arithmetic)."""
     first_seq: int
     last_seq: int
     start: Position
@@ -112,20 +115,22 @@ class LogReader:
             cached = None
         if cached is None:
             payloads: list[bytes] = []
+            seqs: list[int] = []
             start, nbytes, first = cursor, 0, -1
         elif self._last_full:
             return cached
         else:  # not full last time: carry on from where it ended
-            payloads = list(cached.payloads)
+            payloads, seqs = list(cached.payloads), list(cached.seqs)
             start, nbytes, first = cached.end, cached.nbytes, cached.first_seq
         end, full, taken, first_new = self._read(
-            segs, start, payloads, max_items, max_bytes - nbytes
+            segs, start, payloads, seqs, max_items, max_bytes - nbytes
         )
         if not payloads:
             self._last = None
             return None
         batch = Batch(
             payloads=payloads,
+            seqs=seqs,
             first_seq=first if first >= 0 else first_new,
             last_seq=end.next_seq - 1,
             start=cursor,
@@ -140,6 +145,7 @@ class LogReader:
         segs: list[SegmentInfo],
         pos: Position,
         out: list[bytes],
+        seqs: list[int],
         max_items: int,
         max_bytes: int,
     ) -> tuple[Position, bool, int, int]:
@@ -170,7 +176,7 @@ class LogReader:
                 while reader is not None and offset < reader.end:
                     mark = len(out)
                     status, offset, after, n, f = reader.read_run(
-                        offset, after, max_items, max_bytes - taken, out
+                        offset, after, max_items, max_bytes - taken, out, seqs
                     )
                     taken += n
                     if first < 0:
@@ -186,6 +192,7 @@ class LogReader:
                 # EMFILE, EACCES, EIO...: says nothing about the bytes. Stop before them (the
                 # batch ends here, the checkpoint cannot pass them) and read again later.
                 del out[mark:]
+                del seqs[mark:]
                 self._files.forget(seg.number)
                 return self._stop(segs, idx, offset, after, e), False, taken, first
             if idx == len(segs) - 1 or seg.readable < seg.size:

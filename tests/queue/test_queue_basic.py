@@ -253,3 +253,18 @@ def test_checkpoint_just_before_a_seal_is_not_a_finding(tmp_path):
     with DiskQueue.open(tmp_path, **opts) as q:
         assert not q.recovery.has_findings, q.recovery
         assert q.read_batch(100, 1 << 20).payloads == [b"y" * 100]
+
+
+def test_drained_active_segment_gives_its_space_back(tmp_path):
+    """A fully delivered active segment of 1 MiB or more is replaced and deleted, even
+    though it is far from segment_bytes: delivered records do not keep holding the disk."""
+    with DiskQueue.open(tmp_path, segment_bytes=64 << 20, max_bytes=1 << 30) as q:
+        seqs = fill(q, 20_000)  # ~1.7 MiB in one segment
+        assert q.disk_bytes > 1 << 20
+        assert drain(q) == seqs
+        assert segment_files(tmp_path) == [] and q.disk_bytes == 0
+        assert q.rotated_drained == 1
+        more = fill(q, 10)
+        assert len(segment_files(tmp_path)) == 1
+    with DiskQueue.open(tmp_path, segment_bytes=64 << 20, max_bytes=1 << 30) as q:
+        assert drain(q) == more

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -182,5 +183,40 @@ def test_real_disk_full_on_tmpfs(tmp_path):
             more = fill(q, 5000)  # ~500 KiB: the deleted files' space really is free
             assert drain(q) == more
             q.sync()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("segment_bytes", [8 << 20, 256 << 10])
+def test_space_of_delivered_records_comes_back_on_a_disk_smaller_than_a_segment(
+    tmp_path, segment_bytes
+):
+    """Issue 7, item 15: a 1 MiB filesystem, segments larger than it (or a few of them fit).
+    Once everything written is delivered, the active segment must give its space back.
+    Before: the one segment held the whole disk for good; no new record was ever stored."""
+    mnt = tmp_path / "mnt"
+    if not _mount_tmpfs(mnt, "1m"):
+        pytest.skip("needs root and mount(2) to make a tiny tmpfs")
+    try:
+        opts = {"segment_bytes": segment_bytes, "max_bytes": 1 << 30}
+        with DiskQueue.open(mnt / "q", **opts) as q:
+            appended: list[int] = []
+            delivered: list[int] = []
+            for _round in range(4):  # fill the disk, drain it: again and again
+                with pytest.raises(QueueWriteError) as info:
+                    for _ in range(100_000):
+                        appended.append(q.next_seq)
+                        assert q.append(payload_for(appended[-1]))
+                        if len(appended) % 100 == 0:
+                            q.flush()
+                assert info.value.errno == errno.ENOSPC
+                delivered += drain(q)
+                q.flush()  # the delivered records' space is free again: the buffer goes out
+                delivered += drain(q)
+                assert delivered == appended
+            assert q.dropped_write_error == 0
+            q.sync()
+        usage = shutil.disk_usage(mnt)
+        assert usage.used < usage.total // 2, usage
     finally:
         subprocess.run(["umount", str(mnt)], check=False)

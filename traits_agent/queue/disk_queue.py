@@ -37,6 +37,10 @@ DEFAULT_MAX_BUFFER_BYTES = 16 << 20
 DEFAULT_RETAIN_BYTES = 32 << 20
 """Bytes written but not yet fsynced kept in memory to write again if the fsync fails."""
 SEQ_LEASE = 1 << 24
+ROTATE_DRAINED_BYTES = 1 << 20
+"""A fully delivered active segment this big is replaced by a fresh one (and deleted), so
+delivered records hold at most this much of it whatever `segment_bytes` is; after a write
+error (a full disk: their space is what is missing) at any size."""
 LOCK_NAME = "lock"
 
 
@@ -75,6 +79,7 @@ class DiskQueue:
         on_full: OnFull,
         max_buffer_bytes: int,
         retain_bytes: int,
+        rotate_drained_bytes: int = ROTATE_DRAINED_BYTES,
         moved_aside: list[str] | None = None,
     ) -> None:
         self.directory = directory
@@ -121,6 +126,9 @@ class DiskQueue:
         self.delete_errors = 0
         self.fsync_in_doubt = 0
         """Records whose fsync failed after they had left the retain buffer (see sync)."""
+        self.rotated_drained = 0
+        """Active segments replaced because all they held was delivered (space returned)."""
+        self._rotate_bytes = rotate_drained_bytes
 
         # The lease and the (possibly adjusted) position must be durable before any append.
         self._cp.store(Checkpoint(self._cursor, self._lease), durable=True)
@@ -143,6 +151,7 @@ class DiskQueue:
         on_full: str = "drop_oldest",
         max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
         retain_bytes: int = DEFAULT_RETAIN_BYTES,
+        rotate_drained_bytes: int = ROTATE_DRAINED_BYTES,
     ) -> DiskQueue:
         """Open (creating if needed) and recover the queue in `directory`.
 
@@ -181,6 +190,7 @@ class DiskQueue:
                     on_full=full,
                     max_buffer_bytes=max_buffer_bytes,
                     retain_bytes=retain_bytes,
+                    rotate_drained_bytes=max(1, rotate_drained_bytes),
                     moved_aside=[f"{LOCK_NAME} -> {moved}"] if moved else [],
                 )
             except BaseException:
@@ -301,6 +311,9 @@ class DiskQueue:
     def _sync(self) -> None:
         with self._lock:
             error: QueueWriteError | None = None
+            if self._drained_active():  # a commit could not rotate while we were syncing
+                self._rotate_locked()
+                self._delete_delivered()
             try:
                 self._flush_locked()
             except QueueWriteError as e:
@@ -468,13 +481,54 @@ class DiskQueue:
             self._cursor = end
             self.committed_total += before - self.pending_items
             self._reader.invalidate()
-            if self._segs[0].number < end.segment:
+            if self._drained_active():
+                self._rotate_drained()
+            if self._segs[0].number < self._cursor.segment:
                 self._delete_delivered()
             else:
                 try:
                     self._cp.store(Checkpoint(end, self._lease), durable=False)
                 except OSError:
                     self.checkpoint_errors += 1
+
+    def _drained_active(self) -> bool:
+        """Everything the OS holds of the active segment is delivered, and it is worth
+        replacing: big, or the disk refused a write (its space is what is missing)."""
+        seg, cur = self._segs[-1], self._cursor
+        return (
+            seg.on_disk
+            and cur.segment == seg.number
+            and cur.offset >= seg.readable
+            and (seg.readable >= self._rotate_bytes or self._writer.write_error is not None)
+        )
+
+    def _rotate_drained(self) -> None:
+        """From `commit`: rotate unless a sync is fsyncing in a worker thread right now (it
+        holds fds of the old file); that sync rotates when it is done."""
+        if not self._sync_lock.acquire(blocking=False):
+            return
+        try:
+            self._rotate_locked()
+        finally:
+            self._sync_lock.release()
+
+    def _rotate_locked(self) -> None:
+        """Start a fresh active segment so the drained one can be deleted (both locks held).
+
+        Bytes not yet taken by the OS (a short write on a full disk leaves a partial frame
+        at the end of the old file) move to the new segment whole, as after a failed fsync.
+        The caller then deletes the old segment behind a durable checkpoint.
+        """
+        delta, _ = self._writer.sync_failed(
+            self._segs, self._cursor.next_seq, self._next_seq, self._durable_seq
+        )
+        # what sync_failed would count as in doubt was written, so read, so delivered: the
+        # cursor is past everything the OS took
+        self._total += delta
+        self._records = sum(s.count for s in self._segs)
+        self._cursor = Position(self._segs[-1].number, 0, self._cursor.next_seq)
+        self._reader.invalidate()
+        self.rotated_drained += 1
 
     def _delete_delivered(self) -> None:
         try:

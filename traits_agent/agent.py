@@ -105,6 +105,7 @@ class Agent:
                 "drop_oldest": queue.dropped_oldest,
                 "drop_newest": queue.dropped_newest,
                 "write_error": queue.dropped_write_error,
+                "dir_deleted": getattr(queue, "dropped_dir_deleted", 0),
                 **c.by_label("dropped_items", "reason", resource=name),
             }
             resources[name] = {
@@ -123,6 +124,7 @@ class Agent:
                 ),
                 "unsynced_items": max(0, queue.next_seq - 1 - queue.durable_seq),
                 "corrupt_skipped": queue.corrupt_skipped,
+                "queue_error": queue_error(queue),
                 "upstream": st.state if st else "ok",
                 "last_error": st.last_error if st else None,
                 "next_retry_in_s": (
@@ -190,6 +192,13 @@ class Agent:
                 if waiting is not None and now - waiting > STALL_AFTER_S + lane.linger_s:
                     return False
         return True
+
+
+def queue_error(queue: Any) -> str | None:
+    """Why the queue cannot store events right now (the disk refused a write, its
+    directory cannot be made again...), or None: what `status` and /healthz report."""
+    error = getattr(queue, "write_error", None)
+    return None if error is None else str(error)
 
 
 def _agent_id(directory: Path) -> str:

@@ -81,6 +81,8 @@ class Lane:
         self.failures = 0
         self._stopping = False
         self._read_log = RateLimited(interval=READ_ERROR_LOG_S)
+        self._recreated_seen = getattr(queue, "dir_recreated", 0)
+        self._dir_lost_seen = getattr(queue, "dropped_dir_deleted", 0)
 
     @property
     def waiting_since(self) -> float | None:
@@ -94,6 +96,7 @@ class Lane:
 
     def notify(self) -> None:
         """Called by ingest after it appended (and flushed) items to this lane's queue."""
+        self._say_dir_recreated()
         if self._waiting_since is None:
             self._waiting_since = trio.current_time()
         self._wakeup.set()
@@ -133,6 +136,7 @@ class Lane:
         cut_at = trio.current_time()
         batch = self.queue.read_batch(self.max_items, self.max_bytes)
         self._say_read_error()
+        self._say_dir_recreated()
         if batch is None:
             self._waiting_since = None
             return False
@@ -176,6 +180,23 @@ class Lane:
                 suppressed=suppressed,
                 hint="nothing is skipped: delivery waits here and retries",
             )
+
+    def _say_dir_recreated(self) -> None:
+        """The queue found its directory deleted and made it again: an operator must know
+        (and how many undelivered records went with the deleted files)."""
+        made = getattr(self.queue, "dir_recreated", 0)
+        if made == self._recreated_seen:
+            return
+        lost = getattr(self.queue, "dropped_dir_deleted", 0)
+        log.error(
+            "queue_dir_recreated",
+            resource=self.resource.name,
+            path=str(getattr(self.queue, "directory", "")),
+            lost_items=lost - self._dir_lost_seen,
+            hint="the queue directory was deleted while the agent ran; it was made again and "
+            "events go on being stored there",
+        )
+        self._recreated_seen, self._dir_lost_seen = made, lost
 
 
 def oldest_pending_age(queue: Any, lane: Any, now: float, started_at: float) -> float:

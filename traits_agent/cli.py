@@ -249,6 +249,9 @@ def format_status(s: dict[str, Any]) -> str:
     ]
     if s.get("last_error"):
         lines.append(f"last error: {s['last_error']}")
+    for name, res in s["resources"].items():
+        if res.get("queue_error"):
+            lines.append(f"queue error ({name}): {res['queue_error']}")
     r = s["received"]
     lines.append(
         f"received: {r['events']} events in {r['datagrams']} datagrams, {r['accepted']} accepted"

@@ -428,6 +428,22 @@ def health(agent: Any) -> Response:
     the agent is stopping."""
     if getattr(agent, "stopping", False):
         return json_response(503, {"status": "stopping", "reason": "the agent is shutting down"})
+    errors = {
+        name: str(q.write_error)
+        for name, q in sorted(getattr(agent, "queues", {}).items())
+        if getattr(q, "write_error", None) is not None
+    }
+    if errors:
+        return json_response(
+            503,
+            {
+                "status": "queue_error",
+                "reason": "a queue cannot store events (they wait in memory, bounded); "
+                "see queue_write_failed in the logs",
+                "pid": os.getpid(),
+                "resources": errors,
+            },
+        )
     if agent.is_progressing():
         return Response(200, b"ok\n", {"content-type": "text/plain; charset=utf-8"})
     now = trio.current_time()

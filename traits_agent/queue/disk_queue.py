@@ -8,6 +8,7 @@ across an fsync of segment data.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
@@ -15,7 +16,7 @@ from enum import StrEnum
 from types import TracebackType
 from typing import TypeVar
 
-from traits_agent.queue.checkpoint import Checkpoint
+from traits_agent.queue.checkpoint import Checkpoint, CheckpointFile
 from traits_agent.queue.errors import QueueClosedError, QueueLockedError, QueueWriteError
 from traits_agent.queue.files import make_dirs, open_private
 from traits_agent.queue.framing import HEADER_SIZE, MAX_PAYLOAD, SEAL_FRAME_SIZE, encode_seal
@@ -89,6 +90,8 @@ class DiskQueue:
         self.on_full = on_full
         self._max_buffer = max_buffer_bytes
         self._lock_fd, self._dir_fd = lock_fd, dir_fd
+        st = os.fstat(dir_fd)
+        self._dir_id = (st.st_dev, st.st_ino)
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._closed = False
@@ -126,6 +129,10 @@ class DiskQueue:
         self.delete_errors = 0
         self.fsync_in_doubt = 0
         """Records whose fsync failed after they had left the retain buffer (see sync)."""
+        self.dir_recreated = 0
+        """Times the queue directory was found deleted (or replaced) and made again."""
+        self.dropped_dir_deleted = 0
+        """Records lost with a deleted queue directory (in its files and no longer in memory)."""
         self.rotated_drained = 0
         """Active segments replaced because all they held was delivered (space returned)."""
         self._rotate_bytes = rotate_drained_bytes
@@ -294,6 +301,11 @@ class DiskQueue:
         with self._lock:
             if self._closed:
                 raise QueueClosedError("flush on a closed queue")
+            if self._dir_gone() and self._sync_lock.acquire(blocking=False):
+                try:  # (a sync running now holds fds it fsyncs: it does this itself)
+                    self._recreate_dir()
+                finally:
+                    self._sync_lock.release()
             self._flush_locked()
 
     def sync(self) -> None:
@@ -311,6 +323,8 @@ class DiskQueue:
     def _sync(self) -> None:
         with self._lock:
             error: QueueWriteError | None = None
+            if self._dir_gone():
+                self._recreate_dir()
             if self._drained_active():  # a commit could not rotate while we were syncing
                 self._rotate_locked()
                 self._delete_delivered()
@@ -344,6 +358,68 @@ class DiskQueue:
                     self.checkpoint_errors += 1
         if error is not None:
             raise error
+
+    def _dir_gone(self) -> bool:
+        """The queue directory was deleted (or replaced) behind our back: writes would go to
+        files nobody can open again. One stat per flush."""
+        try:
+            st = os.stat(self.directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:
+            return False  # EACCES, EMFILE...: says nothing; the writes will tell
+        return (st.st_dev, st.st_ino) != self._dir_id
+
+    def _recreate_dir(self) -> None:
+        """Make the directory again (0700), lock it, and go on there (both locks held).
+
+        What was in its files is gone with them, except what memory still holds: bytes not
+        yet written and those written since the last fsync (the retain buffer, as after a
+        failed fsync) are written again to a fresh segment. The undelivered records lost are
+        counted in `dropped_dir_deleted`. Raises QueueWriteError if it cannot be made.
+        """
+        try:
+            make_dirs(self.directory)
+            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise QueueWriteError.wrap("recreate queue directory", e) from e
+        try:
+            lock_fd = open_private(os.path.join(self.directory, LOCK_NAME), os.O_RDWR)
+        except OSError as e:
+            os.close(dir_fd)
+            raise QueueWriteError.wrap("recreate queue directory", e) from e
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:  # another queue opened the new directory first: not ours now
+            os.close(lock_fd)
+            os.close(dir_fd)
+            raise QueueWriteError(
+                errno.EBUSY, f"{self.directory} was recreated by another opener"
+            ) from e
+        before = self.pending_items
+        os.close(self._lock_fd)
+        os.close(self._dir_fd)
+        self._lock_fd, self._dir_fd = lock_fd, dir_fd
+        st = os.fstat(dir_fd)
+        self._dir_id = (st.st_dev, st.st_ino)
+        self._reader.close()
+        self._writer.set_dir_fd(dir_fd)
+        self._writer.sync_failed(
+            self._segs, self._cursor.next_seq, self._next_seq, self._durable_seq
+        )
+        fresh = self._segs[-1]
+        del self._segs[:-1]
+        self._unverified = 0
+        self._total, self._records = fresh.size, fresh.count
+        self._cursor = Position(fresh.number, 0, self._cursor.next_seq)
+        self.dropped_dir_deleted += max(0, before - self.pending_items)
+        self.dir_recreated += 1
+        self._cp = CheckpointFile(self.directory, dir_fd)
+        try:
+            self._cp.store(Checkpoint(self._cursor, self._lease), durable=True)
+        except OSError:
+            self.checkpoint_errors += 1
+        self._cp.ensure_reserve()
 
     def _flush_quietly(self) -> bool:
         """Flush from `append` when the buffer is full; False if the disk still refuses."""

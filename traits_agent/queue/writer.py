@@ -81,6 +81,11 @@ class SegmentWriter:
         self.written_seq = written_seq
         self.write_error: OSError | None = None
 
+    def set_dir_fd(self, dir_fd: int) -> None:
+        """The directory was made again: fsync this one from now on."""
+        self._dir_fd = dir_fd
+        self._dir_dirty = True
+
     @property
     def has_pending(self) -> bool:
         return bool(self._pending)

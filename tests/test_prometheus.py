@@ -453,3 +453,37 @@ async def test_healthz_of_a_stalled_agent(nursery, short_dir):
     assert r.status_code == 503
     assert r.headers["content-type"] == "application/json"
     assert json.loads(r.text)["status"] == "stalled"
+
+
+async def test_healthz_and_status_when_a_queue_cannot_store(nursery, short_dir):
+    """The queue directory deleted and its name taken by a file, so it cannot be made again:
+    /healthz answers 503 queue_error and status names the error (issue 7, item 13). Before:
+    200 and no error while events waited in memory. Once it can be made again: 200."""
+    import shutil
+
+    from traits_agent import agent as agent_module
+    from traits_agent.queue import QueueWriteError
+
+    agent = await nursery.start(
+        functools.partial(agent_module.run, fake_api=True), agent_config(short_dir), "test-key"
+    )
+    host, port = await nursery.start(serve_metrics, agent, "127.0.0.1", 0)
+    queue = agent.queues["level_ups"]
+    root = short_dir / "queue" / "level_ups"
+    shutil.rmtree(root)
+    root.write_text("not a directory")
+    assert queue.append(b'{"user_id":"1","level":2}')
+    with pytest.raises(QueueWriteError):
+        queue.flush()
+    async with httpx.AsyncClient() as http:
+        r = await http.get(f"http://{host}:{port}/healthz")
+        assert r.status_code == 503
+        answer = json.loads(r.text)
+        assert answer["status"] == "queue_error" and "level_ups" in answer["resources"]
+        assert agent.snapshot()["resources"]["level_ups"]["queue_error"]
+        root.unlink()
+        queue.flush()  # made again; the buffered event goes there
+        assert queue.dir_recreated == 1 and queue.pending_items == 1
+        assert agent.snapshot()["resources"]["level_ups"]["queue_error"] is None
+        r = await http.get(f"http://{host}:{port}/healthz")
+        assert r.status_code == 200

@@ -125,6 +125,7 @@ class Agent:
                 "unsynced_items": max(0, queue.next_seq - 1 - queue.durable_seq),
                 "corrupt_skipped": queue.corrupt_skipped,
                 "queue_error": queue_error(queue),
+                "read_retries": getattr(queue, "read_retries", 0),
                 "upstream": st.state if st else "ok",
                 "last_error": st.last_error if st else None,
                 "next_retry_in_s": (

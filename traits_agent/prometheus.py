@@ -45,6 +45,7 @@ QUEUE_DROPS = (
     ("dropped_oldest", "drop_oldest"),
     ("dropped_newest", "drop_newest"),
     ("dropped_write_error", "write_error"),
+    ("dropped_dir_deleted", "dir_deleted"),
 )
 #: other DiskQueue counters (attribute, metric name without _total, HELP); exported per
 #: resource when the queue has the attribute
@@ -69,6 +70,11 @@ QUEUE_COUNTERS = (
         "read_errors",
         "queue_unreadable_segments",
         "Queue segment names taken by something other than a regular file (skipped).",
+    ),
+    (
+        "dir_recreated",
+        "queue_dir_recreated",
+        "Times a queue directory was found deleted while running and made again.",
     ),
     (
         "checkpoint_errors",

@@ -3,7 +3,19 @@
 This docstring is the format spec and the list of guarantees. Modules: `framing` (records),
 `segments` (segment files and scans), `checkpoint` (delivered position), `recovery` (open),
 `writer` (buffer, write, fsync), `reader` (batches), `disk_queue` (the `DiskQueue` class that
-ties them together under one lock), `errors`.
+ties them together under one lock), `files` (private modes), `errors`.
+
+The rule for errors
+-------------------
+**Only proven corruption is skipped; every other error is retried and never moves the
+checkpoint.** Proven means shown by reading the bytes (a bad magic, header CRC or payload
+CRC), or by the name itself: no file under it any more (ENOENT), or something that is not
+a regular file (a directory, a fifo). Those are skipped, counted and reported. Any other
+error opening or reading a segment -- EMFILE, ENFILE, EACCES, EIO, ... -- says nothing about
+the data: the read stops before it (the batch ends there, so a commit cannot pass it), it is
+counted in ``read_retries`` (``read_error`` says which), and the next read tries again from
+the same place. A segment that recovery cannot read is kept as *unverified*: readers stop
+before it and nothing is appended to it until its summary can be read.
 
 Files (one queue directory)
 ---------------------------
@@ -13,6 +25,8 @@ Files (one queue directory)
 ``checkpoint.tmp``           a checkpoint being written; ignored and removed at open
 ``lock``                     held with an exclusive ``flock`` while open (a second opener gets
                              QueueLockedError: two writers would interleave records)
+``<name>.stray-N``           something that was not a regular file where ``checkpoint``,
+                             ``checkpoint.tmp`` or ``lock`` go, moved aside at open
 ``reserve``                  64 KiB of zeros, deleted to make room for a checkpoint on a full
                              disk (so deliveries can still be recorded and segments deleted)
 
@@ -28,12 +42,21 @@ frame, readers scan forward for the next valid frame (resync), so a corrupted le
 hides the records behind it. Seqs start at 1, increase by one per record and never repeat,
 across restarts too. Payloads are opaque bytes (the caller's compact JSON events).
 
+Every directory the queue creates is 0700 and every file 0600, whatever the umask (the
+mode is set again with chmod after creating: the umask can only take bits away).
+
 A frame with seq 0 is a *seal*: payload ``"tq-seal\0" | count u64 | first_seq u64 |
 last_seq u64`` (56-byte frame). It ends a segment that is complete: written when the next
 segment is started (rotation, which happens when the next record would take the segment, seal
 included, past ``segment_bytes``, default 8 MiB; a larger record gets a segment to itself), and
 at open for the previous run's newest segment. Readers skip it like any frame whose seq is not
 above the last one returned.
+
+A fully delivered active segment is replaced by a fresh one and deleted once it holds 1 MiB
+(``rotate_drained_bytes``), or at any size after a write error (a full disk: its space is
+what is missing); bytes the OS has not taken yet move to the fresh segment whole. So the
+space of delivered records comes back whatever ``segment_bytes`` is, even on a filesystem
+smaller than one segment.
 
 Each run appends to a segment of its own (a fresh one at open, unless the newest is empty), so
 within a segment seqs are consecutive: record counts are exact from (count, first_seq) alone.
@@ -58,7 +81,7 @@ rename over ``checkpoint`` (then fsync the directory when durable).
 
 When segments are deleted
 -------------------------
-1. fully delivered (commit), after the durable checkpoint;
+1. fully delivered (commit), after the durable checkpoint (the active one too: see above);
 2. quota (``on_full="drop_oldest"``): the oldest whole segments, after a durable checkpoint
    past them; their undelivered records are counted in ``dropped_oldest``;
 3. at open: segments wholly before a valid checkpoint (a crash between checkpoint and unlink).
@@ -80,8 +103,13 @@ Recovery (``DiskQueue.open``; never refuses to start on bad data)
 * Checkpoint naming a missing segment: resume at the next existing one; checkpoint offset that is
   not a record with the expected seq (a power cut shortened the file): resume at the first
   record with seq >= next_seq in that segment. Reported as ``checkpoint_adjusted``.
-* Gaps in segment numbers after the checkpoint: reported in ``missing_segments``, skipped.
-  Segment files that cannot be read at all: left in place, reported, skipped.
+* Gaps in segment numbers after the checkpoint: counted in ``missing_segment_count`` (the
+  first 100 listed in ``missing_segments``: a stray file numbered 10**7 costs nothing),
+  skipped. A segment name that is not a regular file: left in place, reported, skipped.
+  A segment that cannot be read for any other reason (EMFILE, EACCES, EIO): kept, reported
+  in ``unreadable_segments``, read later (see the rule above).
+* ``checkpoint``, ``checkpoint.tmp`` or ``lock`` that is not a regular file: moved aside
+  (``moved_aside``). A checkpoint value of 2**62 or more is a corrupt checkpoint.
 * The result is in ``DiskQueue.recovery`` (a ``RecoveryReport``) and is written back as a
   durable checkpoint before the first append.
 
@@ -91,8 +119,10 @@ Reads
 to the end of the last whole frame handed to the OS: flushed records are readable before they
 are fsynced. Damaged frames found at read time are skipped and counted in ``corrupt_skipped``
 (once each); a frame whose seq is not above the last one returned is skipped (seals, copies
-from a rewrite). A read error (EIO) skips the rest of that segment (``read_errors``). Memory
-per read is one 256 KiB block plus the batch.
+from a rewrite). A segment file deleted behind our back is skipped (``missing_skipped``),
+one replaced by a non-file too (``read_errors``); any other error ends the batch and is
+retried (``read_retries``). ``Batch.seqs`` gives each record's seq: after a skipped damaged
+record they are not consecutive. Memory per read is one 256 KiB block plus the batch.
 
 Crash guarantees
 ----------------
@@ -107,6 +137,11 @@ Crash guarantees
   fsync, whose pages Linux may have dropped, everything written since the last good fsync
   (kept in memory up to 32 MiB) is written again to a new segment; ``durable_seq`` does not
   advance past it until that succeeds.
+* The queue directory deleted (or replaced) while open: the next flush or sync finds it gone
+  (one stat), makes it again (0700) and locks it; what memory still holds (unwritten bytes,
+  and those written since the last fsync) is written to a fresh segment there. Undelivered
+  records that only the deleted files held are counted in ``dropped_dir_deleted``
+  (``dir_recreated`` counts the times). If it cannot be made, writes fail as above.
 """
 
 from traits_agent.queue.disk_queue import (

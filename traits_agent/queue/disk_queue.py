@@ -8,7 +8,6 @@ across an fsync of segment data.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import threading
@@ -64,8 +63,9 @@ class DiskQueue:
     """A disk-backed FIFO of opaque byte records. Create with `DiskQueue.open`.
 
     Counters (plain ints, read them any time): appended_total, committed_total,
-    dropped_oldest, dropped_newest, dropped_write_error, checkpoint_errors, delete_errors,
-    fsync_in_doubt; and, as properties, corrupt_skipped, missing_skipped, read_errors.
+    dropped_oldest, dropped_newest, dropped_write_error, dropped_dir_deleted, checkpoint_errors,
+    delete_errors, fsync_in_doubt, dir_recreated, rotated_drained; and, as properties,
+    corrupt_skipped, missing_skipped, read_errors, read_retries (with read_error).
     """
 
     def __init__(
@@ -130,6 +130,7 @@ class DiskQueue:
         self.fsync_in_doubt = 0
         """Records whose fsync failed after they had left the retain buffer (see sync)."""
         self.dir_recreated = 0
+        self._dir_error: QueueWriteError | None = None
         """Times the queue directory was found deleted (or replaced) and made again."""
         self.dropped_dir_deleted = 0
         """Records lost with a deleted queue directory (in its files and no longer in memory)."""
@@ -382,20 +383,19 @@ class DiskQueue:
             make_dirs(self.directory)
             dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
-            raise QueueWriteError.wrap("recreate queue directory", e) from e
+            self._dir_error = QueueWriteError.wrap(f"recreate {self.directory}", e)
+            raise self._dir_error from e
+        lock_fd = -1
         try:
             lock_fd = open_private(os.path.join(self.directory, LOCK_NAME), os.O_RDWR)
-        except OSError as e:
-            os.close(dir_fd)
-            raise QueueWriteError.wrap("recreate queue directory", e) from e
-        try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:  # another queue opened the new directory first: not ours now
-            os.close(lock_fd)
+        except OSError as e:  # (EWOULDBLOCK: another queue opened the new one first)
             os.close(dir_fd)
-            raise QueueWriteError(
-                errno.EBUSY, f"{self.directory} was recreated by another opener"
-            ) from e
+            if lock_fd >= 0:
+                os.close(lock_fd)
+            self._dir_error = QueueWriteError.wrap(f"lock recreated {self.directory}", e)
+            raise self._dir_error from e
+        self._dir_error = None
         before = self.pending_items
         os.close(self._lock_fd)
         os.close(self._dir_fd)
@@ -726,8 +726,9 @@ class DiskQueue:
 
     @property
     def write_error(self) -> OSError | None:
-        """The error of the last failed write, until a write succeeds."""
-        return self._writer.write_error
+        """The error of the last failed write (or of making a deleted queue directory
+        again), until a write succeeds."""
+        return self._dir_error or self._writer.write_error
 
     def __repr__(self) -> str:
         return (

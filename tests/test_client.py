@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from traits_agent.client import DEFAULT_UDP_DATAGRAM, DEFAULT_UNIX_DATAGRAM, Client
-from traits_agent.resources import normalize, resolve_tag
-from traits_agent.wire import Entry, decode_datagram
+from traits_agent.intake.wire import Entry, decode_datagram
+from traits_agent.schema import normalize, resolve_tag
 
 
 @pytest.fixture

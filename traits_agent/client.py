@@ -68,8 +68,8 @@ from typing import Any
 
 import msgpack
 
-from traits_agent.resources import resolve_tag
-from traits_agent.wire import pack_time
+from traits_agent.intake.wire import pack_time
+from traits_agent.schema import resolve_tag
 
 DEFAULT_UNIX_DATAGRAM = 7680
 """Bytes per datagram when packing for a Unix socket.

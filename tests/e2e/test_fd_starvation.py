@@ -16,7 +16,7 @@ import trio
 from tests.e2e.test_failures import wait_status
 from tests.e2e.test_pipeline import EVENT_TIME, send_blocking, start_agent
 from traits_agent.fakeapi import Fault
-from traits_agent.wire import encode_forward
+from traits_agent.intake.wire import encode_forward
 
 N = 6000
 

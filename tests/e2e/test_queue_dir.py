@@ -63,7 +63,7 @@ async def test_queue_dir_deleted_while_running(workdir, api):
 
 def level_up_datagrams_from(start: int, n: int) -> list[bytes]:
     from tests.e2e.test_pipeline import EVENT_TIME
-    from traits_agent.wire import encode_forward
+    from traits_agent.intake.wire import encode_forward
 
     return [
         encode_forward(

@@ -20,9 +20,9 @@ from typing import Any, Protocol
 import structlog
 import trio
 
-from traits_agent.log import RateLimited
-from traits_agent.resources import Resource
-from traits_agent.uploader import Stopping
+from traits_agent.delivery.uploader import Stopping
+from traits_agent.observe.log import RateLimited
+from traits_agent.schema import Resource
 
 log = structlog.get_logger(__name__)
 

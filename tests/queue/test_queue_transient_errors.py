@@ -64,6 +64,7 @@ def test_emfile_at_open_keeps_the_segment_and_delivers_it_later(tmp_path):
     try:
         with DiskQueue.open(tmp_path, **SMALL) as q:
             assert q.recovery.unreadable_segments
+            assert q.pending_items > 0
             first = drain(q)
             assert first and first == seqs[: len(first)]  # stopped at the victim
             assert q.read_retries > 0
@@ -106,3 +107,26 @@ def test_eio_mid_segment_is_retried_not_skipped(tmp_path, monkeypatch):
         assert got == seqs
         assert q.read_retries == 3
         assert q.read_errors == 0
+
+
+def test_a_backlog_only_in_unread_segments_still_counts_as_pending(tmp_path, monkeypatch):
+    """Every undelivered record is in a segment recovery could not open: pending_items must
+    not say 0, or the lane would wait for new events before trying again."""
+    with DiskQueue.open(tmp_path, **SMALL) as q:
+        seqs = fill(q, 20)
+    (victim,) = segment_files(tmp_path)
+    real_open = os.open
+
+    def failing_open(path, *args, **kw):
+        if str(path) == str(victim):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    with DiskQueue.open(tmp_path, **SMALL) as q:
+        assert q.pending_items >= 1
+        assert q.read_batch(100, 1 << 20) is None
+        assert q.read_retries == 1 and q.read_error.errno == errno.EMFILE
+        monkeypatch.setattr(os, "open", real_open)
+        assert drain(q) == seqs
+        assert q.pending_items == 0

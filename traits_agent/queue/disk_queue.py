@@ -573,6 +573,7 @@ class DiskQueue:
         seg, cur = self._segs[-1], self._cursor
         return (
             seg.on_disk
+            and seg.readable > 0  # an empty file frees nothing: no churn on a full disk
             and cur.segment == seg.number
             and cur.offset >= seg.readable
             and (seg.readable >= self._rotate_bytes or self._writer.write_error is not None)
@@ -621,6 +622,8 @@ class DiskQueue:
         self._segs.remove(seg)
         self._total -= seg.size
         self._records -= seg.count
+        if not seg.verified:
+            self._unverified -= 1
         self._reader.forget(seg.number)
         self._writer.forget(seg)
         if seg.on_disk:
@@ -661,7 +664,8 @@ class DiskQueue:
 
     @property
     def pending_items(self) -> int:
-        """Records appended and not yet delivered (damaged ones count until read past)."""
+        """Records appended and not yet delivered (damaged ones count until read past; a
+        segment recovery could not read yet counts as one, so that delivery keeps trying)."""
         cur = self._cursor
         done = 0
         for seg in self._segs:  # segments before the delivered one are normally gone already
@@ -670,7 +674,7 @@ class DiskQueue:
                 continue
             done += min(seg.count, max(0, cur.next_seq - seg.first_seq))
             break
-        return max(0, self._records - done)
+        return max(0, self._records - done) + self._unverified
 
     @property
     def pending_bytes(self) -> int:

@@ -333,7 +333,10 @@ class Uploader:
             if outcome in (Outcome.AUTH, Outcome.ENDPOINT):
                 self._log_hold(resource, outcome, status, error, delay)
             else:
-                log.warning(
+                # one warning per resource per minute (with what it held back), every
+                # attempt at debug: an outage must not write a warning per retry
+                suppressed = self._ratelimit(f"retry/{resource.name}")
+                (log.warning if suppressed is not None else log.debug)(
                     "upload_retrying",
                     resource=resource.name,
                     items=len(part),
@@ -341,6 +344,7 @@ class Uploader:
                     error=error,
                     attempt=timer.attempt,
                     retry_in_s=round(delay, 3),
+                    **({"suppressed": suppressed} if suppressed else {}),
                 )
             self.counters.inc("upload_retries", resource=resource.name, reason=_reason(status))
             await wait_to_retry(st, delay, self._stopping)

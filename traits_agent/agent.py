@@ -45,6 +45,7 @@ from traits_agent.intake.datagram import (
     serve_datagrams,
     set_receive_buffer,
 )
+from traits_agent.intake.direct import DirectIntake
 from traits_agent.intake.durability import Durability, Syncer
 from traits_agent.intake.forward import ForwardServer, bind_forward_tcp, bind_forward_unix
 from traits_agent.intake.ingest import Ingest
@@ -355,12 +356,15 @@ async def _serve(agent, base_url, client, syncer, ingest, durability, task_statu
         await delivery.start(agent.csv_spool.run)
         async with trio.open_nursery() as intake:
             await _start_sources(agent, ingest, syncer, durability, intake)
+            direct = DirectIntake(agent.queues, ingest, durability, lambda: agent.uploader)
             await intake.start(
                 functools.partial(
                     serve_control,
                     Path(config.control.socket),
                     agent.snapshot,
                     upload=agent.receive_upload,
+                    send=direct.store,
+                    outcome=direct.outcome,
                 )
             )
             agent.listening["control"] = config.control.socket

@@ -162,10 +162,8 @@ def _keys(stdin: TextIO) -> Iterator[Any]:
 def fit(lines: list[str], columns: int, rows: int) -> list[str]:
     """`lines` cut to the terminal; a terminal too small for the table says so."""
     if columns < MIN_COLUMNS or rows < MIN_ROWS:
-        return [
-            f"terminal too small ({columns}x{rows}): "
-            f"{PROG} top needs at least {MIN_COLUMNS}x{MIN_ROWS}"[: max(columns, 1)]
-        ]
+        # short enough for the smallest terminal anyone uses; cut only if smaller still
+        return [f"top needs {MIN_COLUMNS}x{MIN_ROWS}, terminal is {columns}x{rows}"[:columns]]
     if len(lines) > rows - 1:
         hidden = len(lines) - (rows - 2)
         lines = [*lines[: rows - 2], f"… {hidden} more lines (make the terminal taller)"]

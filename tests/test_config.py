@@ -198,14 +198,18 @@ def test_a_placeholder_path_is_an_error(tmp_path, line):
     assert e.value.key in ("queue.dir", "listen.unix")
 
 
-def test_the_readme_example_copied_as_is_exits_2_and_creates_nothing(tmp_path):
-    """The README's example config, copied as-is: exit 2 naming the key; no `<state dir>`
-    directory appears in the working directory (issue 10 item 2)."""
+def test_the_readme_example_copied_as_is_works_and_creates_nothing_here(tmp_path):
+    """The README's example config, copied as-is, is valid, every path in it is absolute,
+    and the commands create nothing in the working directory (it used to create
+    `./<state dir>/queue`; issue 10 item 2)."""
     path = tmp_path / "agent.toml"
     path.write_text(readme_example_config())
+    config = load_config(path)
+    for value in (config.queue.dir, config.listen.unix, config.control.socket):
+        assert value.startswith("/") and "<" not in value
     work = tmp_path / "cwd"
     work.mkdir()
-    for command in (["run", "--fake-api"], ["doctor", "--no-network"]):
+    for command in (["config", "--check"], ["doctor", "--no-network"]):
         proc = subprocess.run(
             [sys.executable, "-m", "traits_agent", *command, "--config", str(path)],
             capture_output=True,
@@ -213,8 +217,8 @@ def test_the_readme_example_copied_as_is_exits_2_and_creates_nothing(tmp_path):
             timeout=60,
             cwd=work,
         )
-        assert proc.returncode == 2, proc.stdout + proc.stderr
-        assert "placeholder" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert proc.returncode in (0, 1), proc.stdout + proc.stderr  # doctor may find things
+        assert "Traceback" not in proc.stderr
     assert list(work.iterdir()) == []
 
 

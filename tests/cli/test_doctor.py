@@ -384,6 +384,7 @@ async def test_run_doctor_on_a_healthy_setup(nursery, short_dir):
         "listen.forward_unix",
         "api key",
         "endpoint",
+        "agent",
     ]
     assert all(c.ok is True for c in checks), format_checks(checks)
     assert exit_code(checks) == 0
@@ -428,7 +429,7 @@ def test_a_crashing_check_is_a_failure_not_a_crash(short_dir, monkeypatch):
     checks = run_doctor(make_config(short_dir), env={}, network=False)
     failed = [c for c in checks if c.name == "queue.dir"]
     assert failed[0].ok is False and "kaput" in failed[0].detail
-    assert len(checks) == 9
+    assert len(checks) == 10  # the nine host checks and the running agent
 
 
 def test_main_prints_json(short_dir):

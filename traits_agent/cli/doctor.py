@@ -87,7 +87,6 @@ def run_doctor(
     )
     checks: list[tuple[str, Callable[[], Check]]] = [
         ("config", lambda: check_config(config)),
-        ("agent", lambda: check_agent(config, agent)),
         (
             "net.unix.max_dgram_qlen",
             lambda: check_max_dgram_qlen(config, proc_sys, sysctl_dropin),
@@ -133,6 +132,7 @@ def run_doctor(
                 else Check("endpoint", None, f"{config.api.base_url}: not checked (--no-network)")
             ),
         ),
+        ("agent", lambda: check_agent(config, agent)),
     ]
     results = []
     for name, check in checks:
@@ -525,7 +525,8 @@ def check_agent(config: Config, agent: dict | None) -> Check:
     """Is an agent running on this config's control socket, and can it deliver?"""
     name = "agent"
     if agent is None:
-        return Check(name, None, f"not running (nothing answers on {config.control.socket})")
+        # not a finding: doctor also runs before the agent is first started
+        return Check(name, True, f"not running (nothing answers on {config.control.socket})")
     upstream = agent.get("upstream", "?")
     where = f"pid {agent.get('pid', '?')}, delivering to {agent.get('endpoint', '?')}"
     if upstream in ("auth_failed", "endpoint_error"):

@@ -391,7 +391,7 @@ async def test_run_doctor_on_a_healthy_setup(nursery, short_dir):
     text = format_checks(checks)
     assert text.endswith("0 failed, 0 warnings, 10 ok")
     parsed = json.loads(checks_json(checks))
-    assert parsed["ok"] is True and len(parsed["checks"]) == 9
+    assert parsed["ok"] is True and len(parsed["checks"]) == 10
     assert SECRET not in text + checks_json(checks)
 
 

@@ -161,3 +161,26 @@ async def test_once_prints_one_plain_frame(workdir, api):
     text = proc.stdout.decode()
     assert "\x1b" not in text and "level_ups" in text
     assert await agent.terminate() == 0
+
+
+async def test_run_on_a_terminal_shows_a_first_run_hint(workdir):
+    """`run --fake-api` on a terminal says, once ready, how to send a test event and where to
+    look; Ctrl-C then stops it cleanly."""
+    from tests.e2e.harness import write_config
+
+    config = write_config(workdir, "sandbox", log={"format": "auto", "level": "info"})
+    argv = [sys.executable, "-m", "traits_agent", "run", "--fake-api", "--config", str(config)]
+    proc, master, slave = spawn_on_pty(argv, 120, 40)
+    os.close(slave)
+    seen = b""
+    with trio.fail_after(GUARD_S):
+        while b"Ctrl-C stops the agent" not in seen:
+            seen += await trio.to_thread.run_sync(os.read, master, 65536)
+    proc.send_signal(signal.SIGINT)
+    rest = await trio.to_thread.run_sync(read_until_exit, proc, master)
+    os.close(master)
+    assert proc.returncode == 0, seen + rest
+    text = seen.decode()
+    assert f"traits-agent send --config {config} level_ups" in text
+    assert f"traits-agent status --config {config}" in text
+    assert b"agent_stopped" in rest

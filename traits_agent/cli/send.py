@@ -69,7 +69,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     if invalid:
-        print(f"{PROG}: {len(invalid)} invalid lines not sent", file=sys.stderr)
+        lines = "line" if len(invalid) == 1 else "lines"
+        print(f"{PROG}: {len(invalid)} invalid {lines} not sent", file=sys.stderr)
     return 0 if ok and not invalid else 1
 
 

@@ -135,3 +135,14 @@ async def test_ndjson_with_wait_is_delivered_in_chunks(workdir, api):
     ]
     assert len(api.received["level_ups"]) == 1200
     assert await agent.terminate() == 0
+
+
+async def test_without_a_unix_socket_send_goes_through_the_control_socket(workdir, api):
+    """`[listen] unix = ""`: send uses the control socket (which answers), never UDP."""
+    agent = await start_agent(workdir, api, listen={"unix": ""})
+    proc = await run_cli("send", "level_ups", EVENT, config=agent.config)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"sent 1 level_ups event to {workdir / 'control.sock'}"
+    with trio.fail_after(GUARD_S):
+        await api.wait_for_items(1)
+    assert await agent.terminate() == 0

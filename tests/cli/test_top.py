@@ -140,7 +140,11 @@ async def test_ctrl_c_leaves_cleanly_and_restores_the_terminal(workdir, api):
             seen += await trio.to_thread.run_sync(os.read, master, 65536)
     assert termios.tcgetattr(slave)[3] & termios.ICANON == 0  # cbreak while it runs
     proc.send_signal(signal.SIGINT)
-    code = await trio.to_thread.run_sync(lambda: proc.wait(timeout=GUARD_S))
+    try:
+        code = await trio.to_thread.run_sync(lambda: proc.wait(timeout=GUARD_S))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     after = termios.tcgetattr(slave)
     os.close(slave)
     rest = await trio.to_thread.run_sync(read_until_exit, proc, master)

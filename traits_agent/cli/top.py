@@ -22,6 +22,7 @@ import contextlib
 import os
 import select
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -81,6 +82,8 @@ def cmd_top(args: argparse.Namespace) -> int:
                 out.write("\n".join(fit(lines, size.columns, size.lines)) + "\n\n")
                 out.flush()
         return 0
+    # Ctrl-C is how one leaves top, even when started with SIGINT ignored (a script's `&`)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with _screen(out), _keys(sys.stdin) as pressed:
             for lines in _frames(first, fetch, lambda: pressed(interval), iterations):

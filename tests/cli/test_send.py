@@ -124,7 +124,8 @@ async def test_ndjson_on_stdin_counts_sent_and_invalid(workdir, api):
 
 
 async def test_ndjson_with_wait_is_delivered_in_chunks(workdir, api):
-    """1200 events through --wait (three control-socket requests): all delivered, exit 0."""
+    """1200 events through --wait (two control-socket requests, only the last waiting for the
+    fsync): all delivered, exit 0."""
     agent = await start_agent(workdir, api)
     lines = "\n".join(json.dumps({"user_id": str(i), "level": 3}) for i in range(1200))
     proc = await run_cli("send", "--wait", "level_ups", "-", config=agent.config, stdin=lines)

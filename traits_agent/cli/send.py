@@ -29,7 +29,7 @@ from traits_agent.cli.common import PROG, UsageError, config_from, forward_datag
 from traits_agent.config import Config
 
 #: records per `send` request over the control socket (under its MAX_RECORDS)
-CHUNK_RECORDS = 500
+CHUNK_RECORDS = 1000
 #: how often `--wait` asks whether the events were delivered
 POLL_S = 0.2
 #: invalid NDJSON lines named one by one on stderr before the rest are only counted
@@ -187,9 +187,11 @@ def _chunks(records: list[dict]) -> Iterator[list[dict]]:
 
 def _store(control: Path, name: str, records: list[dict], event_time: float) -> list[dict]:
     """Hand `records` to the agent; its answers (one per chunk), once they are on disk."""
+    chunks = list(_chunks(records)) or [[]]
     answers = []
-    for chunk in _chunks(records) if records else iter([[]]):
-        body = {"resource": name, "records": chunk, "time": event_time}
+    for n, chunk in enumerate(chunks, 1):
+        # only the last chunk waits for the fsync: it covers every earlier one
+        body = {"resource": name, "records": chunk, "time": event_time, "sync": n == len(chunks)}
         answers.append(_request(control, "send", body))
     return answers
 

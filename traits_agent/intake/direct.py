@@ -46,7 +46,8 @@ class DirectIntake:
         self.uploader = uploader
 
     async def store(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Validate and append `body["records"]` to one resource's queue; answer when durable."""
+        """Validate and append `body["records"]` to one resource's queue; answer when durable
+        (unless `body["sync"]` is false: a bulk sender's chunks before its last)."""
         resource = (
             resolve_tag(body.get("resource")) if isinstance(body.get("resource"), str) else None
         )
@@ -79,9 +80,12 @@ class DirectIntake:
         touched = self.ingest.store_entries(entries, now)
         self.ingest.flush(touched)
         last = queue.next_seq - 1
-        mark = self.durability.mark([resource.name])
-        self.durability.written()
-        await self.durability.wait(mark)
+        if body.get("sync", True):
+            # a bulk sender asks only for its last chunk: in one queue, durable through the
+            # last seq means durable through every earlier one
+            mark = self.durability.mark([resource.name])
+            self.durability.written()
+            await self.durability.wait(mark)
         return {
             "resource": resource.name,
             "stored": last - first + 1,

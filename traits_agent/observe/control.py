@@ -4,7 +4,7 @@ Protocol: the client sends one line, the agent answers one JSON document and clo
 
     status                          → the status snapshot
     upload KIND NAME  (+ an fd)     → the CSV is copied into the spool
-    send {"resource", "records": [...], "time"}
+    send {"resource", "records": [...], "time", "sync"}
                                     → the events are validated, appended and fsynced, then
                                       {"resource", "stored", "first_seq", "last_seq",
                                       "rejected": [{"index", "reason", "error"}]}
@@ -39,8 +39,6 @@ log = structlog.get_logger(__name__)
 #: a request line: `status`, `upload ...` are short; `send` carries up to a chunk of events
 MAX_REQUEST = 1024 * 1024
 MAX_FDS = 4
-#: what `send` may carry in one request (the CLI cuts bulk input into chunks below it)
-MAX_SEND_RECORDS = 1000
 
 
 class AgentNotRunning(Exception):

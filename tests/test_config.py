@@ -196,6 +196,20 @@ def test_a_placeholder_path_is_an_error(tmp_path, line):
     with pytest.raises(ConfigError, match="placeholder") as e:
         load_config(path)
     assert e.value.key in ("queue.dir", "listen.unix")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    for command in (["doctor", "--no-network"], ["run", "--fake-api"], ["config", "--check"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "traits_agent", *command, "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=work,
+        )
+        # doctor no longer calls such a path ok: nothing runs on it at all
+        assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
+        assert "placeholder" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert list(work.iterdir()) == []
 
 
 def test_the_readme_example_copied_as_is_works_and_creates_nothing_here(tmp_path):

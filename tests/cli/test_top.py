@@ -51,6 +51,15 @@ def test_rates_are_counter_differences_over_the_interval():
     assert any(line.startswith("rejected: missing_field=3") for line in lines)
 
 
+def test_host_udp_drops_are_shown_with_their_rate():
+    from traits_agent.cli.top import HOST_UDP_ERRORS
+
+    prev, cur = snapshot(1, 1), snapshot(1, 1)
+    prev[HOST_UDP_ERRORS], cur[HOST_UDP_ERRORS] = (10, 4), (30, 10)
+    lines = render(prev, cur, 2.0)
+    assert "receive errors 30 (+10.0/s), buffer full 10 (+3.0/s)" in lines[-1]
+
+
 def test_upstream_trouble_shows_the_next_retry():
     lines = render(snapshot(1, 0), snapshot(1, 0, upstream="retrying", next_retry_in_s=12.4), 1.0)
     assert any("retrying, retry in 12s" in line for line in lines)

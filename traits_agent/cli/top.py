@@ -3,8 +3,10 @@
 Every `--interval` (1 s) it asks the agent for its status snapshot over the control socket
 and draws one frame: per resource events/s in (accepted) and out (delivered), queued items and
 bytes, the oldest queued item's age, dead-lettered and dropped counts, the upstream state with
-the next retry; rejections by reason; the last error. Rates are differences of the agent's
-counters between two snapshots, so they are exact over the interval, whatever the refresh lag.
+the next retry; rejections by reason; the host's UDP drop counters (what clients lose to a
+full socket, read from /proc/net/snmp as /metrics does); the last error. Rates are differences
+of the agent's counters between two snapshots, so they are exact over the interval, whatever
+the refresh lag.
 
 Terminal handling is plain ANSI (clear, home, hide/show the cursor), which every terminal and
 SSH session understands; no curses. A terminal too small for the table says so instead of
@@ -66,9 +68,13 @@ def cmd_top(args: argparse.Namespace) -> int:
 
     def fetch() -> dict[str, Any] | None:
         try:
-            return request_status(control)
+            snapshot = request_status(control)
         except (OSError, ValueError, AgentNotRunning):
             return None
+        snapshot[HOST_UDP_ERRORS] = _host_udp_errors()
+        return snapshot
+
+    first[HOST_UDP_ERRORS] = _host_udp_errors()
 
     if not live:
 
@@ -216,10 +222,31 @@ def render(prev: Mapping[str, Any], cur: Mapping[str, Any], dt: float) -> list[s
             rate = max(0, count - rejected_before.get(reason, 0)) / dt
             parts.append(f"{reason}={count}" + (f" (+{_rate(rate)}/s)" if rate else ""))
         lines += ["", "rejected: " + ", ".join(parts)]
+    errors, errors_before = cur.get(HOST_UDP_ERRORS), prev.get(HOST_UDP_ERRORS)
+    if errors and errors_before:
+        # datagrams the kernel dropped before any reader saw them (all UDP sockets of the
+        # host): what a client sending to a full socket loses
+        lost = [max(0, a - b) / dt for a, b in zip(errors, errors_before, strict=True)]
+        lines += [
+            "",
+            f"host UDP drops (all sockets): receive errors {errors[0]} (+{_rate(lost[0])}/s), "
+            f"buffer full {errors[1]} (+{_rate(lost[1])}/s)",
+        ]
     if cur.get("last_error"):
         when = cur.get("last_error_at")
         lines += ["", f"last error: {cur['last_error']}" + (f" (at {when})" if when else "")]
     return lines
+
+
+#: where top keeps the host's UDP drop counters next to a snapshot (not the agent's key)
+HOST_UDP_ERRORS = "_top_host_udp_errors"
+
+
+def _host_udp_errors() -> tuple[int, int] | None:
+    """(InErrors, RcvbufErrors) of the host's UDP, as /metrics exports them."""
+    from traits_agent.observe.prometheus import read_udp_errors
+
+    return read_udp_errors()
 
 
 def _n(res: Mapping[str, Any], key: str) -> int:

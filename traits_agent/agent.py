@@ -348,7 +348,16 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
                 os.unlink(path)
 
 
-async def _serve(agent, base_url, client, syncer, ingest, durability, task_status) -> None:
+async def _serve(
+    agent: Agent,
+    base_url: str,
+    client: Any,
+    syncer: Syncer,
+    ingest: Ingest,
+    durability: Durability,
+    task_status: Any,
+) -> None:
+    """The running pipeline: lanes, intake, control socket; then the shutdown sequence."""
     config = agent.config
     async with client, trio.open_nursery() as delivery:
         delivery.start_soon(syncer.run)

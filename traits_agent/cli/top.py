@@ -232,7 +232,7 @@ def render(prev: Mapping[str, Any], cur: Mapping[str, Any], dt: float) -> list[s
             f"host UDP drops (all sockets): receive errors {errors[0]} (+{_rate(lost[0])}/s), "
             f"buffer full {errors[1]} (+{_rate(lost[1])}/s)",
         ]
-    if cur.get("last_error"):
+    if cur.get("last_error") and cur.get("upstream", "ok") != "ok":
         when = cur.get("last_error_at")
         lines += ["", f"last error: {cur['last_error']}" + (f" (at {when})" if when else "")]
     return lines

@@ -147,3 +147,27 @@ async def test_without_a_unix_socket_send_goes_through_the_control_socket(workdi
     with trio.fail_after(GUARD_S):
         await api.wait_for_items(1)
     assert await agent.terminate() == 0
+
+
+def test_ndjson_without_an_agent_fails_before_reading_stdin(workdir):
+    """`producer | traits-agent send RESOURCE -` with no agent: exit 1 at once, not after the
+    producer is done (stdin here stays open and unread)."""
+    import subprocess
+    import sys
+
+    config = write_config(workdir, "http://127.0.0.1:9")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "traits_agent", "send", "level_ups", "-", "--config", str(config)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        code = proc.wait(timeout=GUARD_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdin.close()
+    assert code == 1 and b"no agent is running" in proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()

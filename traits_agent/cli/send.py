@@ -17,11 +17,12 @@ agent, rejected by the API, or not delivered within --timeout (it stays queued);
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -50,28 +51,32 @@ def cmd_send(args: argparse.Namespace) -> int:
             f"RESOURCE: unknown resource {args.resource!r} (valid: {', '.join(RESOURCES)})"
         )
     event_time = args.time if args.time is not None else time.time()
+    invalid = [0]  # invalid NDJSON lines, counted as they are read
+    records: Iterable[dict]
     if args.json == "-":
-        records, invalid = _read_ndjson(sys.stdin, resource, event_time)
+        # streamed: a file of any size is read, validated and sent in bounded memory
+        records = _read_ndjson(sys.stdin, resource, event_time, invalid)
     else:
-        records, invalid = [_parse_one(args.json)], []
-        if (reason := _invalid(resource, records[0], event_time)) is not None:
+        record = _parse_one(args.json)
+        if (reason := _invalid(resource, record, event_time)) is not None:
             print(f"{PROG}: invalid {resource.name} event: {reason}", file=sys.stderr)
             return 1
+        records = [record]
     try:
         if args.wait:
             ok = _send_and_wait(config, resource.name, records, event_time, args.timeout)
         else:
-            target = _send(config, resource.name, records, event_time)
-            noun = "event" if len(records) == 1 else "events"
-            print(f"sent {len(records)} {resource.name} {noun} to {target}")
+            target, sent = _send(config, resource.name, records, event_time)
+            noun = "event" if sent == 1 else "events"
+            print(f"sent {sent} {resource.name} {noun} to {target}")
             ok = True
     except NotSent as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
-    if invalid:
-        lines = "line" if len(invalid) == 1 else "lines"
-        print(f"{PROG}: {len(invalid)} invalid {lines} not sent", file=sys.stderr)
-    return 0 if ok and not invalid else 1
+    if invalid[0]:
+        lines = "line" if invalid[0] == 1 else "lines"
+        print(f"{PROG}: {invalid[0]} invalid {lines} not sent", file=sys.stderr)
+    return 0 if ok and not invalid[0] else 1
 
 
 def _parse_one(text: str) -> dict:
@@ -100,11 +105,11 @@ def _invalid(resource: Any, record: Any, event_time: float) -> str | None:
     return None
 
 
-def _read_ndjson(stream: TextIO, resource: Any, event_time: float) -> tuple[list, list]:
-    """Valid records, and (line number, reason) for the lines that are not; the first
-    SHOW_INVALID of those are named on stderr."""
-    records: list[dict] = []
-    invalid: list[tuple[int, str]] = []
+def _read_ndjson(
+    stream: TextIO, resource: Any, event_time: float, invalid: list[int]
+) -> Iterator[dict]:
+    """The valid records, one by one; the others are counted in `invalid[0]`, and the first
+    SHOW_INVALID named on stderr with their line number and reason."""
     for number, line in enumerate(stream, 1):
         if not line.strip():
             continue
@@ -118,30 +123,32 @@ def _read_ndjson(stream: TextIO, resource: Any, event_time: float) -> tuple[list
             else:
                 reason = f"an event is a JSON object, got {type(record).__name__}"
         if reason is None:
-            records.append(record)
+            yield record
             continue
-        invalid.append((number, reason))
-        if len(invalid) <= SHOW_INVALID:
+        invalid[0] += 1
+        if invalid[0] <= SHOW_INVALID:
             print(f"{PROG}: line {number}: {reason}", file=sys.stderr)
-    return records, invalid
 
 
 # -- fire and forget: datagrams ---------------------------------------------------------------
 
 
-def _send(config: Config, name: str, records: list[dict], event_time: float) -> str:
-    """Datagrams to `[listen] unix`; without one, the control socket. Returns where to."""
+def _send(config: Config, name: str, records: Iterable[dict], event_time: float) -> tuple[str, int]:
+    """Datagrams to `[listen] unix`; without one, the control socket. Returns where to, and
+    how many events went."""
     if not config.listen.unix:
-        _store(Path(config.control.socket), name, records, event_time)
-        return config.control.socket
+        answers = _store(Path(config.control.socket), name, records, event_time)
+        return config.control.socket, sum(a["stored"] for a in answers)
     path = config.listen.unix
+    sent = 0
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(path)
+            s.connect(path)  # before reading stdin: no agent fails at once
             # blocking: a full socket queue makes us wait for the agent, never drop
             s.settimeout(30.0)
-            for datagram in forward_datagrams(name, [(event_time, r) for r in records]):
+            for datagram in forward_datagrams(name, ((event_time, r) for r in records)):
                 s.send(datagram.data)
+                sent += datagram.items
     except (FileNotFoundError, ConnectionRefusedError):
         raise NotSent(
             f"no agent is running: nothing receives on {path} (start one: `{PROG} run`)"
@@ -156,7 +163,7 @@ def _send(config: Config, name: str, records: list[dict], event_time: float) -> 
         raise NotSent(f"the agent did not read from {path} for 30 s; not all was sent") from None
     except OSError as e:
         raise NotSent(f"cannot send to {path}: {e.strerror or e}") from None
-    return path
+    return path, sent
 
 
 # -- --wait: through the control socket ------------------------------------------------------
@@ -180,24 +187,33 @@ def _request(control: Path, command: str, body: dict, timeout: float = 30.0) -> 
     return answer
 
 
-def _chunks(records: list[dict]) -> Iterator[list[dict]]:
-    for start in range(0, len(records), CHUNK_RECORDS):
-        yield records[start : start + CHUNK_RECORDS]
+def _chunks(records: Iterable[dict]) -> Iterator[tuple[list[dict], bool]]:
+    """(chunk, is_last) of at most CHUNK_RECORDS records; at least one (maybe empty) chunk."""
+    it = iter(records)
+    chunk = list(itertools.islice(it, CHUNK_RECORDS))
+    while True:
+        following = list(itertools.islice(it, CHUNK_RECORDS))
+        yield chunk, not following
+        if not following:
+            return
+        chunk = following
 
 
-def _store(control: Path, name: str, records: list[dict], event_time: float) -> list[dict]:
+def _store(control: Path, name: str, records: Iterable[dict], event_time: float) -> list[dict]:
     """Hand `records` to the agent; its answers (one per chunk), once they are on disk."""
-    chunks = list(_chunks(records)) or [[]]
     answers = []
-    for n, chunk in enumerate(chunks, 1):
+    for chunk, last in _chunks(records):
         # only the last chunk waits for the fsync: it covers every earlier one
-        body = {"resource": name, "records": chunk, "time": event_time, "sync": n == len(chunks)}
-        answers.append(_request(control, "send", body))
+        body = {"resource": name, "records": chunk, "time": event_time, "sync": last}
+        answer = _request(control, "send", body)
+        # keep what --wait needs, not the records' echo: memory stays bounded
+        answers.append({k: v for k, v in answer.items() if k != "rejected"})
+        answers[-1]["rejected"] = answer.get("rejected", [])[:SHOW_INVALID]
     return answers
 
 
 def _send_and_wait(
-    config: Config, name: str, records: list[dict], event_time: float, timeout: float
+    config: Config, name: str, records: Iterable[dict], event_time: float, timeout: float
 ) -> bool:
     """Store through the control socket, then wait for delivery. True: all delivered."""
     control = Path(config.control.socket)

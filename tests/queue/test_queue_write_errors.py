@@ -220,3 +220,110 @@ def test_space_of_delivered_records_comes_back_on_a_disk_smaller_than_a_segment(
         assert usage.used < usage.total // 2, usage
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_crash_between_emptying_delivered_segments_and_the_checkpoint(tmp_path):
+    """On a full disk delivered segments are truncated before the checkpoint that lets them
+    be deleted is stored. A crash in between leaves the old checkpoint pointing into emptied
+    files: recovery must resume after them and lose no undelivered record."""
+    opts = {"segment_bytes": 4096, "max_bytes": 1 << 30}
+    with DiskQueue.open(tmp_path, **opts) as q:
+        seqs = fill(q, 600)
+        q.sync()
+    files = sorted(tmp_path.glob("*.seg"))
+    assert len(files) > 6
+    with DiskQueue.open(tmp_path, **opts) as q:
+        batch = q.read_batch(40, 1 << 20)  # commit inside the first segment: checkpoint there
+        q.commit(batch)
+        q.sync()
+        delivered = [int(p[1:].split(b":")[0]) for p in batch.payloads]
+        # deliver up to the end of the fourth segment, then "crash" after emptying them
+        more = q.read_batch(1 << 20, 1 << 20)
+    stale = (tmp_path / "checkpoint").read_bytes()
+    cut = [int(p[1:].split(b":")[0]) for p in more.payloads]
+    last_in_fourth = max(s for s in cut if s <= _last_seq_of(files[3]))
+    delivered += [s for s in cut if s <= last_in_fourth]
+    for f in files[:4]:
+        os.truncate(f, 0)
+    (tmp_path / "checkpoint").write_bytes(stale)
+    with DiskQueue.open(tmp_path, **opts) as q:
+        rest = drain(q)
+    assert rest == [s for s in seqs if s not in delivered]
+    assert delivered + rest == seqs
+
+
+def _last_seq_of(path: Path) -> int:
+    data = path.read_bytes()
+    pos, last = 0, 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        seq = int.from_bytes(data[pos + 8 : pos + 16], "little")
+        last = seq or last
+        pos += 24 + length
+    return last
+
+
+def test_full_disk_without_reserve_empties_delivered_segments_for_the_checkpoint(tmp_path):
+    """The reserve is gone (the writer's retries ate the space it freed) and the disk is
+    100 % full: the checkpoint that lets the delivered segment go cannot be written. The
+    delivered segment is emptied first, then the checkpoint fits. Before: it stayed full."""
+    mnt = tmp_path / "mnt"
+    if not _mount_tmpfs(mnt, "1m"):
+        pytest.skip("needs root and mount(2) to make a tiny tmpfs")
+    try:
+        opts = {"segment_bytes": 8 << 20, "max_bytes": 1 << 30}
+        with DiskQueue.open(mnt / "q", **opts) as q:
+            appended: list[int] = []
+            with pytest.raises(QueueWriteError):
+                for _ in range(100_000):
+                    appended.append(q.next_seq)
+                    assert q.append(payload_for(appended[-1]))
+                    if len(appended) % 100 == 0:
+                        q.flush()
+            (mnt / "q" / "reserve").unlink(missing_ok=True)
+            fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:  # every byte the reserve held, taken
+                while os.write(fd, b"\0" * 4096):
+                    pass
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            delivered = drain(q)
+            assert q.emptied_for_space >= 1
+            q.flush()  # room again: the records held in memory go out
+            delivered += drain(q)
+            assert delivered == appended
+            q.sync()
+        with DiskQueue.open(mnt / "q", **opts) as q:
+            assert q.recovery.checkpoint_fallback is None
+            assert q.pending_items == 0 and drain(q) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_rotation_rewrites_only_undelivered_frames_of_a_write_cut_short(tmp_path):
+    """One big write cut short by a full disk: its written frames are delivered, the rest
+    waits in memory. Rotating the drained segment must rewrite only the frames not yet
+    delivered; before, the whole write went again (copies of delivered records included)
+    and filled the disk again for good."""
+    mnt = tmp_path / "mnt"
+    if not _mount_tmpfs(mnt, "1m"):
+        pytest.skip("needs root and mount(2) to make a tiny tmpfs")
+    try:
+        opts = {"segment_bytes": 8 << 20, "max_bytes": 1 << 30}
+        with DiskQueue.open(mnt / "q", **opts) as q:
+            appended = []
+            while q.disk_bytes < 1536 << 10:  # ~1.5 MiB in one write: 2/3 of it fits
+                appended.append(q.next_seq)
+                assert q.append(payload_for(appended[-1]))
+            with pytest.raises(QueueWriteError):
+                q.flush()
+            delivered = drain(q)
+            assert 0 < len(delivered) < len(appended)
+            q.flush()  # the rest (~0.5 MiB) fits once the delivered part is gone
+            delivered += drain(q)
+            assert delivered == appended
+            q.sync()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

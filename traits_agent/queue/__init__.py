@@ -73,7 +73,10 @@ rename over ``checkpoint`` (then fsync the directory when durable).
   the batches committed in one sync interval (with fsync="never": since the last segment
   boundary). Re-delivery is acceptable; loss is not.
 * When a commit completes one or more segments, the checkpoint is written durably *first*,
-  then those segments are deleted. Whole segments only, never a part of a file.
+  then those segments are deleted. Whole segments only, never a part of a file. One
+  exception, on a full disk (ENOSPC even after the reserve): the delivered segments are
+  truncated to 0 bytes first, to make room for that checkpoint. Their records are all
+  delivered, so a crash in between can only skip re-delivering them.
 * Seq lease: before records with seqs near L reach the OS, L is raised durably by 2**24. The
   next run starts at ``max(L, tail + 1)`` unless we closed cleanly (then L = next seq). So a
   record that was read (delivered) before it was fsynced and then lost in a power cut can never

@@ -8,6 +8,7 @@ across an fsync of segment data.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
@@ -134,6 +135,8 @@ class DiskQueue:
         """Times the queue directory was found deleted (or replaced) and made again."""
         self.dropped_dir_deleted = 0
         """Records lost with a deleted queue directory (in its files and no longer in memory)."""
+        self.emptied_for_space = 0
+        """Delivered segments truncated to make room for the checkpoint on a full disk."""
         self.rotated_drained = 0
         """Active segments replaced because all they held was delivered (space returned)."""
         self._rotate_bytes = rotate_drained_bytes
@@ -608,14 +611,42 @@ class DiskQueue:
         self.rotated_drained += 1
 
     def _delete_delivered(self) -> None:
+        cp = Checkpoint(self._cursor, self._lease)
         try:
-            self._cp.store(Checkpoint(self._cursor, self._lease), durable=True)
-        except OSError:
-            self.checkpoint_errors += 1
-            return  # keep them; the next commit or sync tries again
+            self._cp.store(cp, durable=True)
+        except OSError as e:
+            # A full disk whose reserve the writer's retries have eaten: the delivered
+            # segments hold the space the checkpoint needs. Their records are all delivered,
+            # so emptying them first loses nothing (a crash before the checkpoint is stored
+            # can only skip re-delivering them); then the checkpoint fits.
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._empty_delivered():
+                self.checkpoint_errors += 1
+                return  # keep them; the next commit or sync tries again
+            try:
+                self._cp.store(cp, durable=True)
+            except OSError:
+                self.checkpoint_errors += 1
+                return
         while self._segs[0].number < self._cursor.segment:
             self._delete_segment(self._segs[0])
         self._cp.ensure_reserve()
+
+    def _empty_delivered(self) -> bool:
+        """Truncate the fully delivered segments to 0 bytes; True if any space came back."""
+        freed = False
+        for seg in self._segs:
+            if seg.number >= self._cursor.segment:
+                break
+            if not seg.on_disk or not seg.readable:
+                continue
+            self._reader.forget(seg.number)
+            try:
+                os.truncate(os.path.join(self.directory, segment_name(seg.number)), 0)
+            except OSError:
+                continue
+            self.emptied_for_space += 1
+            freed = True
+        return freed
 
     def _delete_segment(self, seg: SegmentInfo) -> None:
         """Forget and unlink a segment (never the newest; the checkpoint is past it)."""

@@ -59,6 +59,20 @@ class SyncTicket(NamedTuple):
     mark: int
 
 
+def _from_seq(data: bytes, seq: int) -> tuple[bytes, int]:
+    """The frames of `data` from the first whose seq is `seq` or more, and that seq.
+
+    Walks the headers only (the frames are ours, whole, back to back); seals (seq 0) and
+    delivered frames before it are dropped. (b"", 0) if there is none."""
+    pos = 0
+    while pos + HEADER_SIZE <= len(data):
+        length, frame_seq = _LENGTH_SEQ.unpack_from(data, pos + 4)
+        if frame_seq >= seq:
+            return (data[pos:] if pos else data), frame_seq
+        pos += HEADER_SIZE + length
+    return b"", 0
+
+
 class SegmentWriter:
     """Buffers frames and writes them to segment files; tracks what is written and synced."""
 
@@ -236,10 +250,22 @@ class SegmentWriter:
         their fsync and so cannot be rewritten: in doubt). Segment record counts are updated.
         """
         self._syncing = set()
-        keep = [b for b in (*self._retained, *self._outq) if b.last_seq >= keep_from]
-        parts = [b.data for b in keep]
+        parts: list[bytes] = []
+        firsts: list[int] = []
+        for blob in (*self._retained, *self._outq):
+            if blob.last_seq < keep_from:
+                continue
+            # a blob can hold delivered frames before undelivered ones (a big write cut
+            # short by a full disk): rewrite from the first undelivered one only, or the
+            # copies alone may fill the disk again
+            data, seq = _from_seq(blob.data, keep_from)
+            if data:
+                parts.append(data)
+                firsts.append(seq)
         for chunk in self._pending:
             parts.extend(chunk.parts)
+            if chunk.first_seq > 0:
+                firsts.append(chunk.first_seq)
         in_doubt = max(0, self._unprotected_seq - durable_seq)
         self.close()
         delta = 0
@@ -249,7 +275,6 @@ class SegmentWriter:
                 seg.size = seg.readable
         while len(segs) > 1 and not segs[-1].on_disk:
             delta -= segs.pop().size
-        firsts = [c.first_seq for c in (*keep, *self._pending) if c.first_seq > 0]
         first = firsts[0] if firsts else next_seq
         last = segs[-1]
         if last.on_disk:

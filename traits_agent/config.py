@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from traits_agent import paths
+from traits_agent.errors import ConfigError
 from traits_agent.schema import RESOURCES
 
 ENDPOINTS = {
@@ -28,14 +29,6 @@ ON_FULL_POLICIES = ("drop_oldest", "drop_newest")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 API_ITEM_LIMIT = 1000
-
-
-class ConfigError(ValueError):
-    """A config key, flag or value is wrong; `key` names it for the one-line message."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 class Secret(str):

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from traits_agent.cli.common import PROG, UsageError, config_from
+from traits_agent.cli.common import PROG, config_from
 from traits_agent.config import Config
+from traits_agent.errors import UsageError
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:

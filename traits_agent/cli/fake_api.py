@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from traits_agent.cli.common import UsageError
 from traits_agent.config import parse_host_port
+from traits_agent.errors import UsageError
 
 
 def cmd_fake_api(args: argparse.Namespace) -> int:

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from traits_agent.cli.common import PROG, config_from
-from traits_agent.config import ConfigError, resolve_api_key
+from traits_agent.config import resolve_api_key
+from traits_agent.errors import ConfigError, TraitsAgentError
 
 FAKE_API_KEY = "fake-api-key"
 
@@ -40,21 +41,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         key = FAKE_API_KEY
     log.add_secret(key)
     log.setup(config.log.level, config.log.format)
-    from traits_agent.queue import QueueLockedError
-
     try:
         trio.run(lambda: agent.run(config, key, fake_api=args.fake_api))
-    except (OSError, QueueLockedError, BaseExceptionGroup) as e:
-        # a start-up failure (address in use, queue locked, directory not writable) arrives
-        # wrapped by the nurseries it passed through: name the first cause in one line
-        cause = _first_cause(e, (OSError, QueueLockedError))
+    except (OSError, TraitsAgentError, BaseExceptionGroup) as e:
+        # a start-up failure (address in use, queue locked, directory not writable, an
+        # inherited socket of the wrong kind) arrives wrapped by the nurseries it passed
+        # through: name the first cause in one line
+        cause = _first_cause(e, (OSError, TraitsAgentError))
         if cause is None:
             raise
         import structlog
 
         structlog.get_logger("traits_agent").error("agent_failed", error=str(cause))
         print(f"{PROG}: {cause}", file=sys.stderr)
-        return 1
+        return cause.exit_status if isinstance(cause, TraitsAgentError) else 1
     return 0
 
 

@@ -7,8 +7,9 @@ import json
 import socket
 import sys
 
-from traits_agent.cli.common import PROG, UsageError, config_from
+from traits_agent.cli.common import PROG, config_from
 from traits_agent.config import Config, parse_host_port
+from traits_agent.errors import UsageError
 
 
 def cmd_send(args: argparse.Namespace) -> int:

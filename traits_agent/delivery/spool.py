@@ -71,6 +71,7 @@ from traits_agent.delivery.uploader import (
     wait_to_retry,
     worst_state,
 )
+from traits_agent.errors import SpoolError
 from traits_agent.observe.log import RateLimited
 from traits_agent.observe.metrics import Counters
 
@@ -102,10 +103,6 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 #: `<20-digit ns timestamp>-<name>`, as `spool_file` names them
 _SPOOLED = re.compile(r"^(\d{20})-(.+)$")
 MAX_NAME = 120
-
-
-class SpoolError(Exception):
-    """The file cannot be spooled because of the file or the arguments (exit status 2)."""
 
 
 # -- the CLI side ------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from traits_agent.errors import WireError
+
 MAX_DECOMPRESSED = 16 * 1024 * 1024
 """The most bytes one CompressedPackedForward value may inflate to."""
 
@@ -60,14 +62,6 @@ class DecodeResult(NamedTuple):
 
     entries: list[Entry]
     errors: list[str]
-
-
-class WireError(ValueError):
-    """A msgpack value that is not a usable Forward-protocol entry; `reason` is a counter label."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 # --------------------------------------------------------------------------- decoding

@@ -35,8 +35,9 @@ from traits_agent.config import Config, parse_host_port
 from traits_agent.delivery.backoff import Backoff
 from traits_agent.delivery.deadletter import DeadLetters, dead_letters_for
 from traits_agent.delivery.lane import Lane, oldest_pending_age
+from traits_agent.delivery.policy import make_client, worst_state
 from traits_agent.delivery.spool import CsvSpool, receive_upload, spool_dir_for
-from traits_agent.delivery.uploader import Uploader, make_client, worst_state
+from traits_agent.delivery.uploader import Uploader
 from traits_agent.intake import activation
 from traits_agent.intake.activation import InheritedSockets, Kind
 from traits_agent.intake.datagram import (
@@ -296,6 +297,7 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
         counters=agent.counters,
         backoff=agent.uploader.backoff,
         agent_id=agent_id,
+        request_deadline_s=agent.uploader.request_deadline_s,
     )
     for name, queue in agent.queues.items():
         agent.lanes[name] = Lane(

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import structlog
 import trio
 
-from traits_agent.delivery.uploader import Stopping
+from traits_agent.errors import Stopping
 from traits_agent.schema import Resource
 
 log = structlog.get_logger(__name__)

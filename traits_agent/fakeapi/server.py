@@ -236,6 +236,11 @@ class FakeAPI:
             if fault.drop:
                 self._record(ctx, None)
                 raise DropConnection
+            if fault.status is not None and fault.streams_body:
+                self._record(ctx, fault.status)
+                size = fault.body_size if fault.body_size is not None else 1024 * 1024
+                headers = {"content-type": "text/plain", "content-length": str(size)}
+                return Response(fault.status, headers=headers, stream=fault.stream_body)
             if fault.status is not None:
                 headers = {"retry-after": fault.retry_after} if fault.retry_after else None
                 return self._answer(ctx, fault.status, fault.error_body(), headers)

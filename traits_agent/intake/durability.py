@@ -14,7 +14,6 @@ from typing import Protocol
 import structlog
 import trio
 
-from traits_agent.observe.log import RateLimited
 from traits_agent.observe.metrics import Counters
 
 log = structlog.get_logger(__name__)
@@ -109,7 +108,6 @@ class Syncer:
         self.policy = policy
         self.interval = interval_s
         self._dirty = trio.Event()
-        self._ratelimit = RateLimited(interval=10.0)
         #: called after every round of fsyncs (the Forward source's acks wait for it)
         self.on_synced: Callable[[], None] = lambda: None
 
@@ -118,15 +116,13 @@ class Syncer:
 
     def write_failed(self, resource: str, error: OSError) -> None:
         self.counters.inc("queue_write_errors", resource=resource, errno=str(error.errno))
-        suppressed = self._ratelimit(f"write/{resource}/{error.errno}")
-        if suppressed is not None:
-            log.error(
-                "queue_write_failed",
-                resource=resource,
-                error=str(error),
-                hint="events stay buffered in memory (bounded) until the disk takes them",
-                suppressed=suppressed,
-            )
+        log.error(
+            "queue_write_failed",
+            resource=resource,
+            errno=error.errno,
+            error=str(error),
+            hint="events stay buffered in memory (bounded) until the disk takes them",
+        )
 
     async def sync_all(self) -> bool:
         """fsync every queue (in a worker thread); False if any failed."""

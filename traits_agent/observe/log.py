@@ -1,17 +1,20 @@
 """structlog setup: JSON lines off a TTY (journald, files), a readable console on a TTY.
 
 Events are `snake_case` verbs with key=value context. Two guards sit in the processor chain:
-`redact` replaces the API key wherever it appears (a URL with `?api_key=`, an error text that
-echoes a header) and `RateLimited` keeps a storm of identical warnings to one line per interval
-with a count of what it held back.
+`RateLimit` keeps a storm of identical lines to one per interval with a count of what it held
+back — which lines, and what makes two of them "identical", is the one table `RATE_LIMITS`, so
+call sites just log — and `redact` replaces the API key wherever it appears (a URL with
+`?api_key=`, an error text that echoes a header).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -60,6 +63,7 @@ def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     )
     structlog.configure(
         processors=[
+            RateLimit(),  # first: a line held back costs nothing more
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -75,24 +79,68 @@ def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     )
 
 
-class RateLimited:
-    """Let one line per `key` through every `interval` seconds; count the rest.
+@dataclass(frozen=True)
+class Limit:
+    """At most one line per `interval` seconds for each distinct value of the `key` fields;
+    numeric `sums` fields of the lines held back are added to the next line that passes."""
+
+    interval: float
+    key: tuple[str, ...] = ()
+    sums: tuple[str, ...] = ()
+
+
+#: every rate-limited event, in one place (event name → its limit)
+RATE_LIMITS: dict[str, Limit] = {
+    # intake: bad input and a full or failing disk can repeat thousands of times a second
+    "event_rejected": Limit(10.0, ("reason",)),
+    "events_dropped": Limit(10.0, ("resource", "reason"), sums=("dropped",)),
+    "queue_write_failed": Limit(10.0, ("resource", "errno")),
+    # delivery: one line a minute is enough to say the API refuses or holds
+    "dead_lettered": Limit(60.0, ("resource",)),
+    "upload_auth_failed": Limit(60.0, ("resource",)),
+    "upload_endpoint_error": Limit(60.0, ("resource",)),
+    "csv_upload_auth_failed": Limit(60.0, ("kind",)),
+    "csv_upload_endpoint_error": Limit(60.0, ("kind",)),
+}
+
+
+class RateLimit:
+    """structlog processor: let one line per event and key through every interval; drop the
+    rest (`structlog.DropEvent`) and count them.
 
     The next line that passes carries `suppressed=N`, so an operator sees how much was held
-    back. `clock` is injectable for tests (defaults to time.monotonic).
+    back. Events not in `limits` pass untouched. `clock` is injectable for tests.
     """
 
-    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic):
-        self.interval = interval
+    def __init__(
+        self,
+        limits: Mapping[str, Limit] = RATE_LIMITS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = limits
         self.clock = clock
-        self._next: dict[str, float] = {}
-        self._held: dict[str, int] = {}
+        self._next: dict[tuple[str, ...], float] = {}
+        self._held: dict[tuple[str, ...], dict[str, float]] = {}
 
-    def __call__(self, key: str) -> int | None:
-        """None: hold this line back. An int: log it, with that many suppressed before it."""
+    def __call__(
+        self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event = event_dict.get("event")
+        limit = self.limits.get(event) if isinstance(event, str) else None
+        if limit is None:
+            return event_dict
+        key = (str(event), *(str(event_dict.get(name)) for name in limit.key))
         now = self.clock()
-        if now < self._next.get(key, float("-inf")):
-            self._held[key] = self._held.get(key, 0) + 1
-            return None
-        self._next[key] = now + self.interval
-        return self._held.pop(key, 0)
+        if now < self._next.get(key, -math.inf):
+            held = self._held.setdefault(key, {"suppressed": 0})
+            held["suppressed"] += 1
+            for name in limit.sums:
+                held[name] = held.get(name, 0) + event_dict.get(name, 0)
+            raise structlog.DropEvent
+        self._next[key] = now + limit.interval
+        held = self._held.pop(key, {})
+        event_dict["suppressed"] = int(held.get("suppressed", 0))
+        for name in limit.sums:
+            if name in held:
+                event_dict[name] = event_dict.get(name, 0) + held[name]
+        return event_dict

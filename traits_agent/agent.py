@@ -34,8 +34,8 @@ from traits_agent import __version__
 from traits_agent.config import Config, parse_host_port
 from traits_agent.delivery.backoff import Backoff
 from traits_agent.delivery.deadletter import DeadLetters, dead_letters_for
-from traits_agent.delivery.lane import Lane, oldest_pending_age
-from traits_agent.delivery.policy import make_client, worst_state
+from traits_agent.delivery.lane import Lane
+from traits_agent.delivery.policy import UpstreamHealth, make_client
 from traits_agent.delivery.spool import CsvSpool, receive_upload, spool_dir_for
 from traits_agent.delivery.uploader import Uploader
 from traits_agent.intake import activation
@@ -49,10 +49,12 @@ from traits_agent.intake.datagram import (
 from traits_agent.intake.durability import Durability, Syncer
 from traits_agent.intake.forward import ForwardServer, bind_forward_tcp, bind_forward_unix
 from traits_agent.intake.ingest import Ingest
+from traits_agent.observe import status as observe_status
 from traits_agent.observe import systemd
 from traits_agent.observe.control import serve_control
 from traits_agent.observe.metrics import Counters
 from traits_agent.observe.prometheus import serve_metrics
+from traits_agent.observe.status import AgentStatus
 from traits_agent.queue import DiskQueue
 from traits_agent.queue.quota import SharedQuota
 from traits_agent.schema import RESOURCES
@@ -88,76 +90,15 @@ class Agent:
     #: socket files we bound ourselves (inherited ones belong to systemd's socket unit)
     owned_paths: list[str] = field(default_factory=list)
 
-    # -- status ---------------------------------------------------------------------------
+    # -- status (the model and its renderers live in observe/status.py) -------------------
+
+    def status(self) -> AgentStatus:
+        """What the agent is doing now, as the one typed status model."""
+        return observe_status.build(self)
 
     def snapshot(self) -> dict[str, Any]:
-        """What `traits-agent status` shows (and what /metrics exports)."""
-        c = self.counters
-        resources = {}
-        states = []
-        for name, queue in self.queues.items():
-            st = self.uploader.state(name) if self.uploader else None
-            dropped = {
-                "drop_oldest": queue.dropped_oldest,
-                "drop_newest": queue.dropped_newest,
-                "write_error": queue.dropped_write_error,
-                **c.by_label("dropped_items", "reason", resource=name),
-            }
-            resources[name] = {
-                "queued_items": queue.pending_items,
-                "queued_bytes": queue.pending_bytes,
-                "in_flight": self.lanes[name].in_flight if name in self.lanes else 0,
-                "accepted": c.get("accepted_events", resource=name),
-                "delivered": c.total("delivered_items", resource=name),
-                "dead_lettered": c.total("dead_lettered_items", resource=name),
-                "dropped": {k: v for k, v in dropped.items() if v},
-                "oldest_age_s": round(
-                    oldest_pending_age(
-                        queue, self.lanes.get(name), trio.current_time(), self.started_at
-                    ),
-                    1,
-                ),
-                "unsynced_items": max(0, queue.next_seq - 1 - queue.durable_seq),
-                "corrupt_skipped": queue.corrupt_skipped,
-                "upstream": st.state if st else "ok",
-                "last_error": st.last_error if st else None,
-                "next_retry_in_s": (
-                    round(max(0.0, st.next_retry_at - trio.current_time()), 1)
-                    if st and st.next_retry_at is not None
-                    else None
-                ),
-            }
-            states.append(resources[name]["upstream"])
-        last_error = None
-        if self.uploader:
-            errors = [
-                (s.last_error_at, s.last_error)
-                for s in self.uploader.states.values()
-                if s.last_error
-            ]
-            last_error = max(errors, key=lambda e: str(e[0]))[1] if errors else None
-        csv = self.csv_spool.status() if self.csv_spool else None
-        if csv is not None:
-            states.append(csv["state"])
-            last_error = last_error or csv["last_error"]
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "endpoint": self.base_url,
-            "listening": self.listening,
-            "upstream": worst_state(states),
-            "last_error": last_error,
-            "received": {
-                "datagrams": c.total("received_datagrams"),
-                "events": c.total("received_events"),
-                "accepted": c.total("accepted_events"),
-            },
-            "rejected": c.by_label("rejected_events", "reason"),
-            "stripped_fields": c.total("stripped_fields"),
-            "resources": resources,
-            "csv": csv,
-        }
+        """What `traits-agent status --json` shows (over the control socket)."""
+        return self.status().as_json()
 
     def receive_upload(self, kind: str, fd: int, name: str) -> dict[str, Any]:
         """A CSV handed over the control socket (runs in a worker thread)."""
@@ -168,10 +109,7 @@ class Agent:
 
     def describe(self) -> str:
         """One line for systemd's STATUS=."""
-        queued = sum(q.pending_items for q in self.queues.values())
-        delivered = self.counters.total("delivered_items")
-        states = [self.uploader.state(n).state for n in self.queues] if self.uploader else []
-        return f"upstream {worst_state(states)}, {queued} queued, {delivered} delivered"
+        return self.status().summary()
 
     def is_progressing(self) -> bool:
         """False when some lane has a backlog, a healthy upstream, and has not moved for long:
@@ -179,7 +117,7 @@ class Agent:
         now = trio.current_time()
         for name, lane in self.lanes.items():
             st = self.uploader.state(name) if self.uploader else None
-            if st is not None and st.state != "ok":
+            if st is not None and st.state != UpstreamHealth.OK:
                 continue  # waiting on upstream is known and visible, not a hang
             if lane.queue.pending_items and lane.in_flight == 0:
                 waiting = lane.waiting_since

@@ -71,7 +71,6 @@ from traits_agent.delivery.policy import (
     UpstreamPolicy,
     UpstreamState,
     Voice,
-    worst_state,
 )
 from traits_agent.errors import SpoolError
 from traits_agent.observe.metrics import Counters
@@ -411,31 +410,12 @@ class CsvSpool:
         self.wake()
 
     def status(self) -> dict[str, Any]:
-        """For `traits-agent status`: what waits, what was rejected, the upstream state."""
-        kinds: dict[str, Any] = {}
-        for kind in KINDS:
-            files = scan(self.kind_dir(kind), kind)
-            st = self.states[kind]
-            kinds[kind] = {
-                "pending_files": len(files),
-                "pending_bytes": sum(f.size for f in files),
-                "rejected_files": len(scan(self.rejected_dir(kind), kind)),
-                "uploaded_files": self.counters.get("csv_uploaded_files", kind=kind),
-                "uploading": self.uploading[kind],
-                "state": st.state,
-                "last_error": st.last_error,
-                "next_retry_in_s": st.next_retry_in(trio.current_time()),
-            }
-        errors = [(s.last_error_at, s.last_error) for s in self.states.values() if s.last_error]
-        return {
-            "dir": str(self.directory),
-            "state": worst_state([k["state"] for k in kinds.values()]),
-            "last_error": max(errors)[1] if errors else None,
-            "pending_files": sum(k["pending_files"] for k in kinds.values()),
-            "pending_bytes": sum(k["pending_bytes"] for k in kinds.values()),
-            "rejected_files": sum(k["rejected_files"] for k in kinds.values()),
-            "kinds": kinds,
-        }
+        """For `traits-agent status`: what waits, what was rejected, the upstream state
+        (`observe.status.CsvStatus` as JSON)."""
+        from traits_agent.observe.status import as_json, csv_status
+
+        result: dict[str, Any] = as_json(csv_status(self))
+        return result
 
     # -- running --------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -179,12 +180,13 @@ async def run(
     try:
         async with trio.open_nursery() as root:
             root.start_soon(_watch_signals, agent.stop_requested)
-            base_url = config.api.base_url
+            base_url: str = config.api.base_url
             if fake_api:
                 from traits_agent.fakeapi import FakeAPI
 
                 api = FakeAPI(api_key=api_key)
                 await root.start(api.serve)
+                assert api.url is not None  # set once serving
                 base_url = api.url
                 log.info("fake_api_started", url=base_url)
             agent.base_url = base_url
@@ -345,7 +347,7 @@ async def _start_sources(
         syncer.dirty()
 
     inherited = InheritedSockets.from_environment()
-    sockets = []
+    sockets: list[tuple[str, socket.socket, str | None]] = []
     if config.unix:
         sock = inherited.take(activation.EVENTS, Kind.UNIX_DATAGRAM, config.unix)
         if sock is None:
@@ -360,7 +362,7 @@ async def _start_sources(
             sock = bind_udp(host, port)
             set_receive_buffer(sock, config.receive_buffer, "udp")
         sockets.append(("udp", sock, None))
-    streams = []
+    streams: list[tuple[str, socket.socket, str | None]] = []
     if config.forward_unix:
         sock = inherited.take(activation.FORWARD_UNIX, Kind.UNIX_STREAM, config.forward_unix)
         if sock is None:

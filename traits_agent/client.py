@@ -165,6 +165,7 @@ class Client:
     ) -> None:
         if unix is not None and udp is not None:
             raise ValueError("give unix or udp, not both")
+        self.address: str | tuple[Any, ...]
         if udp is not None:
             self._family, self.address = _udp_address(udp)
             default_size = DEFAULT_UDP_DATAGRAM

@@ -167,7 +167,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str | None = None) -> Confi
             raise ConfigError(name, f"unknown section (known: {', '.join(sections)})")
         if not isinstance(value, Mapping):
             raise ConfigError(name, "must be a table, e.g. [" + name + "]")
-        section_type = sections[name].default_factory  # type: ignore[misc]
+        section_type: Any = sections[name].default_factory
         built[name] = _build_section(name, section_type, value)
     return validate(Config(**built, source=source))
 

@@ -289,7 +289,7 @@ def _make_validator(f: Field) -> Validator:
         alpha2_message = f"{name} must be a two-letter ISO country code"
 
         def alpha2(v: Any, strict: bool, stripped: list[str]) -> str:
-            s = base(name, v, strict)
+            s = str(base(name, v, strict))
             if len(s) != 2 or not s.isascii() or not s.isalpha():
                 raise Rejected("bad_format", name, alpha2_message)
             return s.upper()

@@ -30,7 +30,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 format=args.log_format or config.log.format,
             ),
         )
-    key = resolve_api_key(config)
+    key: str | None = resolve_api_key(config)
     if key is None:
         if not args.fake_api:
             raise ConfigError(
@@ -58,14 +58,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _first_cause(error: BaseException, kinds: tuple[type[BaseException], ...]):
+def _first_cause(
+    error: BaseException, kinds: tuple[type[BaseException], ...]
+) -> BaseException | None:
     """The first leaf of `error` (an exception group, maybe nested) when every leaf is one of
     `kinds`; None when something else is in there (that is a bug: let the traceback show)."""
     if isinstance(error, BaseExceptionGroup):
         matched, rest = error.split(kinds)
         if rest is not None or matched is None:
             return None
-        while isinstance(matched, BaseExceptionGroup):
-            matched = matched.exceptions[0]
-        return matched
+        leaf: BaseException = matched
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        return leaf
     return error if isinstance(error, kinds) else None

@@ -218,7 +218,7 @@ def _pair(tag: str, event: Any) -> Entry:
 
 
 def _packed(tag: str, payload: bytes | str, option: dict[Any, Any] | None) -> list[Entry]:
-    if type(payload) is str:  # old Fluentd: raw str; surrogateescape gives the bytes back
+    if isinstance(payload, str):  # old Fluentd: raw str; surrogateescape gives the bytes back
         payload = payload.encode("utf-8", "surrogateescape")
     compressed = option.get("compressed") if option else None
     if compressed == "gzip":

@@ -234,8 +234,8 @@ def _upstream_states(status: AgentStatus, family: Family) -> None:
 
 def _counters(status: AgentStatus, family: Family) -> None:
     values: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for name, labels, value in status.counters.series():
-        values.setdefault(name, {})[_key(labels)] = value
+    for name, labels, count in status.counters.series():
+        values.setdefault(name, {})[_key(labels)] = count
     for name in ZERO_PER_RESOURCE:
         series = values.setdefault(name, {})
         for resource in status.resources:

@@ -47,7 +47,7 @@ from traits_agent.intake.datagram import (
     serve_datagrams,
     set_receive_buffer,
 )
-from traits_agent.intake.durability import Durability, Syncer
+from traits_agent.intake.durability import AckGate, Syncer
 from traits_agent.intake.forward import ForwardServer, bind_forward_tcp, bind_forward_unix
 from traits_agent.intake.ingest import Ingest
 from traits_agent.observe import status as observe_status
@@ -257,8 +257,8 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
     )
     quota = SharedQuota(agent.queues, config.queue.max_bytes, floor=2 * config.queue.segment_bytes)
     quota.rebalance()
-    durability = Durability(agent.queues, fsync=config.queue.fsync, request_sync=syncer.dirty)
-    syncer.on_synced = durability.synced
+    ack_gate = AckGate(agent.queues, fsync=config.queue.fsync, request_sync=syncer.dirty)
+    syncer.on_synced = ack_gate.synced
     ingest = Ingest(
         agent.lanes,
         agent.counters,
@@ -270,7 +270,7 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
         lanes = await _start_lanes(agent, delivery)
         await delivery.start(agent.csv_spool.run)
         async with trio.open_nursery() as intake:
-            await _start_sources(agent, ingest, syncer, durability, intake)
+            await _start_sources(agent, ingest, syncer, ack_gate, intake)
             await intake.start(
                 functools.partial(
                     serve_control,
@@ -338,7 +338,7 @@ async def _start_lanes(agent: Agent, nursery: trio.Nursery) -> trio.CancelScope:
 
 
 async def _start_sources(
-    agent: Agent, ingest: Ingest, syncer: Syncer, durability: Durability, nursery
+    agent: Agent, ingest: Ingest, syncer: Syncer, ack_gate: AckGate, nursery: trio.Nursery
 ) -> None:
     config = agent.config.listen
 
@@ -383,7 +383,7 @@ async def _start_sources(
             )
         )
         agent.listening[name] = label or (f"{address[0]}:{address[1]}")
-    forward = ForwardServer(ingest, durability)
+    forward = ForwardServer(ingest, ack_gate)
     for name, sock, label in streams:
         address = await nursery.start(functools.partial(forward.serve, sock, name=name))
         agent.listening[name] = label or f"{address[0]}:{address[1]}"

@@ -18,6 +18,7 @@ queue's commit re-sends that batch after restart.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 from collections.abc import Mapping
@@ -38,7 +39,7 @@ from traits_agent.delivery.policy import (
     UpstreamState,
     Voice,
 )
-from traits_agent.observe.log import add_secret
+from traits_agent.observe.log import add_secret, scrub
 from traits_agent.observe.metrics import Counters
 from traits_agent.schema import Resource
 
@@ -49,6 +50,8 @@ log = structlog.get_logger(__name__)
 DRIFT_MIN_REJECTED = 16
 #: a learned 413 size limit is forgotten after this many deliveries under it
 LIMIT_FORGET_AFTER = 100
+#: dead-lettered seq ranges remembered per resource (for `send --wait`)
+DEAD_LETTER_SEQS_KEPT = 256
 
 VOICE = Voice(
     retrying="upload_retrying",
@@ -99,6 +102,9 @@ class Uploader:
             client, counters=counters, backoff=backoff, request_deadline_s=request_deadline_s
         )
         self.states: dict[str, UpstreamState] = {}
+        #: per resource, the last seq ranges dead-lettered (first, last, status, message):
+        #: `traits-agent send --wait` tells "rejected by the API" from "delivered" with it
+        self.dead_lettered_seqs: dict[str, collections.deque] = {}
         #: shrinks after a 413 so later batches fit (bytes of JSON body)
         self.byte_limit: dict[str, int] = {}
         self._limit_successes: dict[str, int] = {}
@@ -151,6 +157,16 @@ class Uploader:
             tried += len(part)
             rejected += len(part)
             await self._dead_letter(resource, part, status, detail, drift)
+            self.dead_lettered_seqs.setdefault(
+                resource.name, collections.deque(maxlen=DEAD_LETTER_SEQS_KEPT)
+            ).append(
+                (
+                    first_seq + offset,
+                    first_seq + offset + len(part) - 1,
+                    status,
+                    scrub(str(detail.get("message", ""))),
+                )
+            )
             if not drift and rejected >= DRIFT_MIN_REJECTED and rejected * 2 > tried:
                 drift = True
                 log.error(

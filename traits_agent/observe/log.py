@@ -3,14 +3,20 @@
 Events are `snake_case` verbs with key=value context. Two guards sit in the processor chain:
 `RateLimit` keeps a storm of identical lines to one per interval with a count of what it held
 back — which lines, and what makes two of them "identical", is the one table `RATE_LIMITS`, so
-call sites just log — and `redact` replaces the API key wherever it appears (a URL with
-`?api_key=`, an error text that echoes a header).
+call sites just log (some are demoted to debug instead of dropped: every retry of an outage is
+there at debug, one warning a minute); `bound_sample` makes a rejected event's `sample` JSON
+of bounded size (so `jq .sample.user_id` reads into it), after the rate limit, so a line held
+back costs no encoding; and `redact` replaces the API key wherever it appears (a URL with
+`?api_key=`, an error text that echoes a header). The console renderer colours only on a
+terminal and never when `$NO_COLOR` is set (https://no-color.org).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, MutableMapping
@@ -51,29 +57,91 @@ def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> 
     return {k: scrub(v) if k != "event" else v for k, v in event_dict.items()}
 
 
+#: a log sample's JSON encoding stays under this many characters
+SAMPLE_CHARS = 512
+#: a string inside a sample is cut to this many characters
+SAMPLE_STRING_CHARS = 120
+
+
+def sample(value: Any, limit: int = SAMPLE_CHARS) -> Any:
+    """`value` as something JSON can carry, at most about `limit` characters once encoded.
+
+    A record (dict) stays a dict, so a JSON log line nests it and `jq` reads into it: long
+    strings are cut (marked with `…`), and when it is still too large the remaining keys are
+    left out and counted under `"…"`. Bytes (undecodable input) become their `repr` text.
+    """
+    value = _jsonable(value)
+    if len(json.dumps(value, ensure_ascii=False, default=str)) <= limit:
+        return value
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        used = 2
+        for k, v in value.items():
+            size = len(json.dumps({k: v}, ensure_ascii=False, default=str))
+            if used + size > limit - 16:
+                out["…"] = f"{len(value) - len(out)} more fields"
+                break
+            out[k] = v
+            used += size
+        return out
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text[: limit - 1] + "…"
+
+
+def bound_sample(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> Any:
+    """structlog processor: a `sample` field becomes `sample(value)` (bounded JSON)."""
+    if "sample" in event_dict:
+        event_dict["sample"] = sample(event_dict["sample"])
+    return event_dict
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return repr(bytes(value[:SAMPLE_STRING_CHARS]))
+    if isinstance(value, str):
+        return value if len(value) <= SAMPLE_STRING_CHARS else value[:SAMPLE_STRING_CHARS] + "…"
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if depth > 4:
+        return "…"
+    if isinstance(value, dict):
+        items = list(value.items())[:50]  # a sample, not a copy: a huge map stays cheap
+        return {str(_jsonable(k, depth + 1)): _jsonable(v, depth + 1) for k, v in items}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v, depth + 1) for v in value[:20]]
+    return _jsonable(repr(value), depth + 1)
+
+
+def wants_colour(stream: Any, env: Any = None) -> bool:
+    """Colour only on a terminal, and never with `$NO_COLOR` set to anything non-empty."""
+    env = os.environ if env is None else env
+    return bool(stream.isatty()) and not env.get("NO_COLOR")
+
+
 def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Configure structlog once for the process (called by the CLI)."""
     stream = stream or sys.stdout
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        structlog.dev.ConsoleRenderer(colors=wants_colour(stream))
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
+    min_level = getattr(logging, level.upper(), logging.INFO)
     structlog.configure(
         processors=[
-            RateLimit(),  # first: a line held back costs nothing more
-            structlog.contextvars.merge_contextvars,
+            # first (after the level it may demote): a line held back costs nothing more
             structlog.processors.add_log_level,
+            RateLimit(min_level=min_level),
+            bound_sample,
+            structlog.contextvars.merge_contextvars,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             redact,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            getattr(logging, level.upper(), logging.INFO)
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(min_level),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
@@ -82,11 +150,13 @@ def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
 @dataclass(frozen=True)
 class Limit:
     """At most one line per `interval` seconds for each distinct value of the `key` fields;
-    numeric `sums` fields of the lines held back are added to the next line that passes."""
+    numeric `sums` fields of the lines held back are added to the next line that passes.
+    With `demote`, a line held back is not dropped but logged at debug (when debug is on)."""
 
     interval: float
     key: tuple[str, ...] = ()
     sums: tuple[str, ...] = ()
+    demote: bool = False
 
 
 #: every rate-limited event, in one place (event name → its limit)
@@ -101,6 +171,9 @@ RATE_LIMITS: dict[str, Limit] = {
     "upload_endpoint_error": Limit(60.0, ("resource",)),
     "csv_upload_auth_failed": Limit(60.0, ("kind",)),
     "csv_upload_endpoint_error": Limit(60.0, ("kind",)),
+    # an outage: one warning a minute per upstream, every attempt at debug
+    "upload_retrying": Limit(60.0, ("resource",), demote=True),
+    "csv_upload_retrying": Limit(60.0, ("kind",), demote=True),
 }
 
 
@@ -116,9 +189,12 @@ class RateLimit:
         self,
         limits: Mapping[str, Limit] = RATE_LIMITS,
         clock: Callable[[], float] = time.monotonic,
+        min_level: int = logging.DEBUG,
     ) -> None:
         self.limits = limits
         self.clock = clock
+        #: the configured level: a demoted line is dropped when debug is off
+        self.min_level = min_level
         self._next: dict[tuple[str, ...], float] = {}
         self._held: dict[tuple[str, ...], dict[str, float]] = {}
 
@@ -136,6 +212,9 @@ class RateLimit:
             held["suppressed"] += 1
             for name in limit.sums:
                 held[name] = held.get(name, 0) + event_dict.get(name, 0)
+            if limit.demote and self.min_level <= logging.DEBUG:
+                event_dict["level"] = "debug"
+                return event_dict
             raise structlog.DropEvent
         self._next[key] = now + limit.interval
         held = self._held.pop(key, {})

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 import structlog
 
 from traits_agent.intake.wire import Entry, decode_datagram
-from traits_agent.observe.metrics import Counters
+from traits_agent.observe.metrics import QUEUE_DROPS, Counters
 from traits_agent.schema import Rejected, Resource, normalize, resolve_tag
 
 log = structlog.get_logger(__name__)
@@ -128,7 +128,7 @@ class Ingest:
     def _report_drops(self, name: str, queue: object) -> None:
         """Log what the queue's quota (or a write error) dropped since last time (rate-limited
         per resource and reason, the held-back counts added up: a full disk is loud but short)."""
-        for reason in ("dropped_oldest", "dropped_newest", "dropped_write_error"):
+        for reason, _label in QUEUE_DROPS:
             total = getattr(queue, reason, 0)
             key = (name, reason)
             seen = self._drops_seen.get(key, 0)

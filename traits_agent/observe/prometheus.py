@@ -38,7 +38,8 @@ from prometheus_client.utils import floatToGoString
 from traits_agent import __version__
 from traits_agent.delivery.policy import UpstreamHealth
 from traits_agent.httpserver import Request, Response, json_response, serve_http
-from traits_agent.observe.status import QUEUE_DROPS, AgentStatus
+from traits_agent.observe.metrics import QUEUE_DROPS
+from traits_agent.observe.status import AgentStatus
 
 PREFIX = "traits_agent_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -24,17 +24,11 @@ import trio
 from traits_agent import __version__
 from traits_agent.delivery.lane import oldest_pending_age
 from traits_agent.delivery.policy import UpstreamHealth, worst_state
-from traits_agent.observe.metrics import Counters
+from traits_agent.observe.metrics import QUEUE_DROPS, Counters
 
 if TYPE_CHECKING:
     from traits_agent.agent import Agent
 
-#: queue drop counters (DiskQueue attribute → `reason` label in status and /metrics)
-QUEUE_DROPS = (
-    ("dropped_oldest", "drop_oldest"),
-    ("dropped_newest", "drop_newest"),
-    ("dropped_write_error", "write_error"),
-)
 #: other DiskQueue counters /metrics exports per resource (the attribute names)
 QUEUE_COUNTERS = ("corrupt_skipped", "missing_skipped", "checkpoint_errors", "fsync_in_doubt")
 

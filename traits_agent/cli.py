@@ -191,14 +191,20 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def _send_datagram(config: Config, datagram: bytes) -> str:
+    from traits_agent_client.where import agent_socket
+
     errors = []
-    if config.listen.unix:
+    # the client's rule ($TRAITS_AGENT_SOCKET, system service, per-user), a config file's
+    # [listen] unix in place of the last two
+    unix = agent_socket(config.listen.unix if config.source else None)
+    if unix:
+        address = "\0" + unix[1:] if unix.startswith("@") else unix
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                s.sendto(datagram, config.listen.unix)
-            return config.listen.unix
+                s.sendto(datagram, address)
+            return unix
         except OSError as e:
-            errors.append(f"{config.listen.unix}: {e.strerror or e}")
+            errors.append(f"{unix}: {e.strerror or e}")
     if config.listen.udp:
         host, port = parse_host_port(config.listen.udp)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -838,3 +838,15 @@ def test_client_wheel_needs_only_msgpack(tmp_path: Path, unix_receiver: socket.s
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip() == "[]"
     assert [e.record["level"] for e in entries_of(drain(unix_receiver))] == [9]
+
+
+def test_dropped_client_sends_its_buffer(unix_receiver: socket.socket) -> None:
+    """A client garbage-collected without close() sends what it buffered (the flusher thread
+    holds no reference that would keep it alive)."""
+    import gc
+
+    client = Client(unix_receiver.getsockname(), flush_interval=3600)
+    client.level_up("1", 5)
+    del client
+    gc.collect()
+    assert [e.record["level"] for e in entries_of(drain(unix_receiver))] == [5]

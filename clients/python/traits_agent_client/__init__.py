@@ -535,6 +535,11 @@ class Client:
             self._wakeup.set()  # the flusher sees _closed and ends
         _LIVE.discard(self)
 
+    def __del__(self) -> None:
+        """A client dropped without close(): send what can leave now, count the rest."""
+        with contextlib.suppress(Exception):
+            self.close(timeout=0)
+
     def __enter__(self) -> Client:
         return self
 

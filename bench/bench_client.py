@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 
 from traits_agent.client import Client
-from traits_agent.wire import decode_datagram
+from traits_agent.intake.wire import decode_datagram
 
 _mp = multiprocessing.get_context("fork")
 EVENTS = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000

@@ -29,16 +29,16 @@ from pathlib import Path
 import msgpack
 import trio
 
-from traits_agent.ingest import Ingest
-from traits_agent.metrics import Counters
-from traits_agent.queue import DiskQueue
-from traits_agent.resources import RESOURCES
-from traits_agent.sources.forward import (
+from traits_agent.intake.forward import (
     Durability,
     ForwardServer,
     bind_forward_tcp,
     bind_forward_unix,
 )
+from traits_agent.intake.ingest import Ingest
+from traits_agent.observe.metrics import Counters
+from traits_agent.queue import DiskQueue
+from traits_agent.schema import RESOURCES
 
 T0 = 1546355045
 

@@ -22,8 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from traits_agent.control import request_status
-from traits_agent.wire import encode_event, encode_forward
+from traits_agent.intake.wire import encode_event, encode_forward
+from traits_agent.observe.control import request_status
 
 
 def free_port() -> int:

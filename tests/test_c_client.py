@@ -18,7 +18,7 @@ import trio
 from tests.e2e.harness import AgentProcess, kill_leftovers, remove_tree, write_config
 from tests.e2e.test_client_burst import needs_netns, netns_prefix, received_events
 from traits_agent.fakeapi import FakeAPI
-from traits_agent.wire import decode_datagram
+from traits_agent.intake.wire import decode_datagram
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = ROOT / "clients" / "c" / "traits_agent.h"

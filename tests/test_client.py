@@ -23,7 +23,7 @@ import pytest
 import traits_agent_client
 from traits_agent_client import where
 
-from traits_agent import paths, resources, wire
+from traits_agent import paths, schema
 from traits_agent.client import (
     DEFAULT_UDP_DATAGRAM,
     DEFAULT_UNIX_DATAGRAM,
@@ -31,8 +31,9 @@ from traits_agent.client import (
     pack_time,
     resolve_resource,
 )
-from traits_agent.resources import normalize, resolve_tag
-from traits_agent.wire import Entry, decode_datagram
+from traits_agent.intake import wire
+from traits_agent.intake.wire import Entry, decode_datagram
+from traits_agent.schema import normalize, resolve_tag
 
 #: a hang guard for blocking receives, never a speed assertion
 GUARD_S = 30.0
@@ -220,8 +221,8 @@ def test_emit_resolves_resource_names(
 
 def test_resource_names_match_the_agent() -> None:
     """The client's inlined resource table and alias rule are the agent's."""
-    assert set(resources.RESOURCES) == traits_agent_client.RESOURCES
-    names = [*resources.RESOURCES, "users", "Users", "level-ups", "game.Level-Ups", "x.y.items"]
+    assert set(schema.RESOURCES) == traits_agent_client.RESOURCES
+    names = [*schema.RESOURCES, "users", "Users", "level-ups", "game.Level-Ups", "x.y.items"]
     for name in [*names, "levelups", "", "12traits.", "user", "actions.x"]:
         found = resolve_tag(name)
         assert resolve_resource(name) == (found.name if found else None), name
@@ -402,7 +403,7 @@ def test_full_datagram_leaves_at_once(unix_receiver: socket.socket, unix_client:
 
 def test_default_datagram_sizes_fit_the_agent() -> None:
     """Datagrams stay under the agent's 64 KiB limit on both transports."""
-    from traits_agent.sources.datagram import MAX_DATAGRAM
+    from traits_agent.intake.datagram import MAX_DATAGRAM
 
     assert DEFAULT_UDP_DATAGRAM < DEFAULT_UNIX_DATAGRAM < traits_agent_client.AGENT_MAX_DATAGRAM
     assert traits_agent_client.AGENT_MAX_DATAGRAM <= MAX_DATAGRAM

@@ -164,7 +164,7 @@ def test_replay_datagrams_stay_under_the_datagram_limit():
     them, in order; an item no datagram can carry stops the replay (its file is kept)."""
     import msgpack
 
-    from traits_agent.cli import REPLAY_DATAGRAM_BYTES, _replay_datagrams
+    from traits_agent.cli.dead_letters import REPLAY_DATAGRAM_BYTES, _replay_datagrams
 
     records = [{"item": {"user_id": str(i), "blob": "x" * 2000}} for i in range(60)]
     datagrams = list(_replay_datagrams("level_ups", records))

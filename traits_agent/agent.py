@@ -23,7 +23,6 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,34 +30,31 @@ from typing import Any
 import structlog
 import trio
 
-from traits_agent import __version__, activation, systemd
-from traits_agent.activation import InheritedSockets, Kind
-from traits_agent.backoff import Backoff
-from traits_agent.batcher import Lane, oldest_pending_age
+from traits_agent import __version__
 from traits_agent.config import Config, parse_host_port
-from traits_agent.control import serve_control
-from traits_agent.deadletter import DeadLetters, dead_letters_for
-from traits_agent.ingest import Ingest
-from traits_agent.log import RateLimited
-from traits_agent.metrics import Counters
-from traits_agent.prometheus import serve_metrics
-from traits_agent.queue import DiskQueue
-from traits_agent.quota import SharedQuota
-from traits_agent.resources import RESOURCES
-from traits_agent.sources.datagram import (
+from traits_agent.delivery.backoff import Backoff
+from traits_agent.delivery.deadletter import DeadLetters, dead_letters_for
+from traits_agent.delivery.lane import Lane, oldest_pending_age
+from traits_agent.delivery.spool import CsvSpool, receive_upload, spool_dir_for
+from traits_agent.delivery.uploader import Uploader, make_client, worst_state
+from traits_agent.intake import activation
+from traits_agent.intake.activation import InheritedSockets, Kind
+from traits_agent.intake.datagram import (
     bind_udp,
     bind_unix_datagram,
     serve_datagrams,
     set_receive_buffer,
 )
-from traits_agent.sources.forward import (
-    Durability,
-    ForwardServer,
-    bind_forward_tcp,
-    bind_forward_unix,
-)
-from traits_agent.spool import CsvSpool, receive_upload, spool_dir_for
-from traits_agent.uploader import Uploader, make_client, worst_state
+from traits_agent.intake.durability import Durability, Syncer
+from traits_agent.intake.forward import ForwardServer, bind_forward_tcp, bind_forward_unix
+from traits_agent.intake.ingest import Ingest
+from traits_agent.observe import systemd
+from traits_agent.observe.control import serve_control
+from traits_agent.observe.metrics import Counters
+from traits_agent.observe.prometheus import serve_metrics
+from traits_agent.queue import DiskQueue
+from traits_agent.queue.quota import SharedQuota
+from traits_agent.schema import RESOURCES
 
 log = structlog.get_logger(__name__)
 
@@ -311,7 +307,12 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
             max_bytes=config.batch.max_bytes - BODY_OVERHEAD - config.batch.max_items,
             linger_s=config.batch.linger_ms / 1000,
         )
-    syncer = Syncer(agent)
+    syncer = Syncer(
+        agent.queues,
+        agent.counters,
+        policy=config.queue.fsync,
+        interval_s=config.queue.fsync_interval_ms / 1000,
+    )
     quota = SharedQuota(agent.queues, config.queue.max_bytes, floor=2 * config.queue.segment_bytes)
     quota.rebalance()
     durability = Durability(agent.queues, fsync=config.queue.fsync, request_sync=syncer.dirty)
@@ -457,58 +458,3 @@ async def _watch_signals(stop: trio.Event) -> None:
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
-
-
-class Syncer:
-    """Group commit: fsync the queues that took writes, every `fsync_interval_ms` ("interval"),
-    as soon as possible after each burst ("always"), or only at shutdown ("never")."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.policy = agent.config.queue.fsync
-        self.interval = agent.config.queue.fsync_interval_ms / 1000
-        self._dirty = trio.Event()
-        self._ratelimit = RateLimited(interval=10.0)
-        #: called after every round of fsyncs (the Forward source's acks wait for it)
-        self.on_synced: Callable[[], None] = lambda: None
-
-    def dirty(self) -> None:
-        self._dirty.set()
-
-    def write_failed(self, resource: str, error: OSError) -> None:
-        self.agent.counters.inc("queue_write_errors", resource=resource, errno=str(error.errno))
-        suppressed = self._ratelimit(f"write/{resource}/{error.errno}")
-        if suppressed is not None:
-            log.error(
-                "queue_write_failed",
-                resource=resource,
-                error=str(error),
-                hint="events stay buffered in memory (bounded) until the disk takes them",
-                suppressed=suppressed,
-            )
-
-    async def sync_all(self) -> bool:
-        """fsync every queue (in a worker thread); False if any failed."""
-        ok = True
-        for name, queue in self.agent.queues.items():
-            try:
-                await trio.to_thread.run_sync(queue.sync)
-            except OSError as e:
-                ok = False
-                self.write_failed(name, e)
-        self.on_synced()
-        return ok
-
-    async def run(self) -> None:
-        if self.policy == "never":
-            await trio.sleep_forever()
-        while True:
-            await self._dirty.wait()
-            self._dirty = trio.Event()
-            if not await self.sync_all():
-                # held bytes (and Forward acks waiting on them) need another try even if no
-                # new event arrives to mark the queues dirty
-                self._dirty.set()
-                await trio.sleep(max(self.interval, 1.0))
-            elif self.policy == "interval":
-                await trio.sleep(self.interval)

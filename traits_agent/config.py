@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from traits_agent import paths
-from traits_agent.resources import RESOURCES
+from traits_agent.schema import RESOURCES
 
 ENDPOINTS = {
     "production": "https://api.12traits.com",

@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from traits_agent.control import request_status
+from traits_agent.observe.control import request_status
 
 #: a hang guard, not a speed assertion: generous so a loaded CI machine never trips it
 READY_TIMEOUT_S = 60.0

@@ -16,7 +16,7 @@ import trio
 from tests.e2e.harness import AgentProcess, write_config
 from tests.e2e.test_pipeline import EVENT_TIME, send_blocking, start_agent
 from traits_agent.fakeapi import Fault
-from traits_agent.wire import encode_event, encode_forward
+from traits_agent.intake.wire import encode_event, encode_forward
 
 GUARD_S = 60
 
@@ -97,7 +97,17 @@ async def test_quota_drops_are_counted_and_logged(workdir, api, on_full):
     await trio.to_thread.run_sync(send_blocking, agent.unix_socket, actions)
     n = 15000
     await trio.to_thread.run_sync(send_blocking, agent.unix_socket, level_up_datagrams(n))
-    status = await wait_status(agent, lambda s: s["received"]["events"] == n + 100)
+    # received is counted before the events reach the queue: wait until every level-up is
+    # either queued or counted as dropped, so `kept` below is final
+    status = await wait_status(
+        agent,
+        lambda s: (
+            s["received"]["events"] == n + 100
+            and s["resources"]["level_ups"]["queued_items"]
+            + sum(s["resources"]["level_ups"]["dropped"].values())
+            == n
+        ),
+    )
     res = status["resources"]["level_ups"]
     dropped = res["dropped"].get(on_full, 0)
     assert dropped > 0

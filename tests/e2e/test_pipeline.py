@@ -20,7 +20,7 @@ from tests.e2e.harness import AgentProcess, write_config
 from tests.reference_examples import EXAMPLES as REFERENCE_EXAMPLES
 from traits_agent.client import Client
 from traits_agent.fakeapi import Fault
-from traits_agent.wire import encode_event, encode_forward
+from traits_agent.intake.wire import encode_event, encode_forward
 
 GUARD_S = 60
 

@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 from tests.reference_examples import EXAMPLES as REFERENCE_EXAMPLES
-from traits_agent.resources import RESOURCES
+from traits_agent.schema import RESOURCES
 
 API_KEY = "s3cret-test-key-4711"
 

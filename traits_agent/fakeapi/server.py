@@ -47,7 +47,7 @@ import trio
 from traits_agent.fakeapi.faults import Fault
 from traits_agent.fakeapi.multipart import parse_form_data
 from traits_agent.httpserver import DropConnection, Request, Response, json_response, serve_http
-from traits_agent.resources import RESOURCES, Resource, check_api_item
+from traits_agent.schema import RESOURCES, Resource, check_api_item
 
 #: the largest request body the fake accepts: a CSV at the spool's limit, plus multipart room
 FAKE_MAX_BODY = 256 * 1024 * 1024 + 1024 * 1024

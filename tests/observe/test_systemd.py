@@ -16,7 +16,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from traits_agent import systemd
+from traits_agent.observe import systemd
 
 
 class FakeSystemd:
@@ -272,7 +272,7 @@ async def test_status_task_is_idle_outside_systemd(autojump_clock: trio.MockCloc
 
 # --- the shipped units and config agree (systemd/) --------------------------------------------
 
-SYSTEMD_DIR = Path(__file__).resolve().parents[1] / "systemd"
+SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "systemd"
 
 
 def _unit(name: str) -> dict[str, list[str]]:
@@ -297,7 +297,7 @@ def _shipped_config() -> dict:
 def test_socket_units_pass_the_names_and_addresses_the_config_expects() -> None:
     """Each socket unit's FileDescriptorName= is the listener it feeds, and its address is
     the one agent.toml configures for that listener (clients use either)."""
-    from traits_agent import activation
+    from traits_agent.intake import activation
 
     listen = _shipped_config()["listen"]
     expected = {

@@ -35,11 +35,11 @@ import structlog
 import trio
 
 from traits_agent import __version__
-from traits_agent.backoff import Backoff, parse_retry_after
-from traits_agent.deadletter import DeadLetters
-from traits_agent.log import RateLimited, add_secret, scrub
-from traits_agent.metrics import Counters
-from traits_agent.resources import Resource
+from traits_agent.delivery.backoff import Backoff, parse_retry_after
+from traits_agent.delivery.deadletter import DeadLetters
+from traits_agent.observe.log import RateLimited, add_secret, scrub
+from traits_agent.observe.metrics import Counters
+from traits_agent.schema import Resource
 
 log = structlog.get_logger(__name__)
 

@@ -18,14 +18,11 @@ import httpx
 import pytest
 import trio
 
-from traits_agent import spool
-from traits_agent.backoff import Backoff
+from traits_agent.cli.upload import upload_command
 from traits_agent.config import Config, ControlConfig, QueueConfig
-from traits_agent.control import serve_control
-from traits_agent.fakeapi import FakeAPI, Fault
-from traits_agent.httpserver import serve_http
-from traits_agent.metrics import Counters
-from traits_agent.spool import (
+from traits_agent.delivery import spool
+from traits_agent.delivery.backoff import Backoff
+from traits_agent.delivery.spool import (
     CsvSpool,
     SpoolError,
     is_temp_name,
@@ -34,9 +31,12 @@ from traits_agent.spool import (
     scan,
     spool_dir_for,
     spool_file,
-    upload_command,
 )
-from traits_agent.uploader import USER_AGENT
+from traits_agent.delivery.uploader import USER_AGENT
+from traits_agent.fakeapi import FakeAPI, Fault
+from traits_agent.httpserver import serve_http
+from traits_agent.observe.control import serve_control
+from traits_agent.observe.metrics import Counters
 
 KEY = "test-key"
 CSV = b"date,user_id,revenue\n2026-11-28,1001,4.99\n2026-11-28,1002,0\n"

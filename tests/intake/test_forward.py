@@ -19,17 +19,17 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from traits_agent.ingest import Ingest
-from traits_agent.metrics import Counters
-from traits_agent.queue import DiskQueue
-from traits_agent.resources import RESOURCES
-from traits_agent.sources.forward import (
-    Durability,
+from traits_agent.intake.durability import Durability
+from traits_agent.intake.forward import (
     ForwardLimits,
     ForwardServer,
     bind_forward_tcp,
     bind_forward_unix,
 )
+from traits_agent.intake.ingest import Ingest
+from traits_agent.observe.metrics import Counters
+from traits_agent.queue import DiskQueue
+from traits_agent.schema import RESOURCES
 
 T0 = 1546355045  # 2019-01-01 15:04:05 UTC
 #: a missing answer fails a test after this long instead of hanging it

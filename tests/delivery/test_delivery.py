@@ -14,14 +14,14 @@ import httpx
 import pytest
 import trio
 
-from traits_agent.backoff import Backoff
-from traits_agent.batcher import Lane
-from traits_agent.deadletter import DeadLetters
+from traits_agent.delivery.backoff import Backoff
+from traits_agent.delivery.deadletter import DeadLetters
+from traits_agent.delivery.lane import Lane
+from traits_agent.delivery.uploader import Uploader
 from traits_agent.fakeapi import FakeAPI, Fault
-from traits_agent.metrics import Counters
+from traits_agent.observe.metrics import Counters
 from traits_agent.queue import DiskQueue
-from traits_agent.resources import RESOURCES
-from traits_agent.uploader import Uploader
+from traits_agent.schema import RESOURCES
 
 KEY = "test-key"
 
@@ -360,7 +360,7 @@ async def test_413_for_a_single_item_teaches_no_limit(
 
 async def test_learned_413_limit_is_forgotten(autojump_clock, nursery, api, client, tmp_path):
     """A 413 from a passing proxy splits batches for a while, not forever."""
-    from traits_agent.uploader import LIMIT_FORGET_AFTER
+    from traits_agent.delivery.uploader import LIMIT_FORGET_AFTER
 
     api.inject(Fault(status=413, min_items=2, times=1))
     rig = Rig(tmp_path, api, client, "level_ups", linger_s=0.0, max_items=4)

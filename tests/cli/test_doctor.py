@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from traits_agent import doctor
-from traits_agent.config import from_mapping
-from traits_agent.doctor import (
+from traits_agent.cli import doctor
+from traits_agent.cli.doctor import (
     Check,
     check_api_key,
     check_disk_space,
@@ -28,6 +27,7 @@ from traits_agent.doctor import (
     format_checks,
     run_doctor,
 )
+from traits_agent.config import from_mapping
 from traits_agent.fakeapi import FakeAPI
 
 SECRET = "tk_live_s3cr3t-do-not-print"

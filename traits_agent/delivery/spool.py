@@ -7,7 +7,7 @@
     └── survey-data/           files waiting for POST /v1/survey-data/csv
         └── rejected/
 
-The CLI side (`spool_file`, `upload_command`) copies the user's file into `<kind>/` under a
+The CLI side (`spool_file`, `traits_agent.cli.upload`) copies the user's file into `<kind>/` under a
 dot-prefixed temporary name, fsyncs it, gives it its final name and fsyncs the directory: the
 agent never sees a half-copied file, and once `upload` has printed its line a crash loses
 nothing. It needs no running agent; the agent picks the file up when it starts.
@@ -48,7 +48,6 @@ import re
 import secrets
 import shutil
 import stat
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,10 +59,8 @@ import httpx
 import structlog
 import trio
 
-from traits_agent.backoff import Backoff
-from traits_agent.log import RateLimited
-from traits_agent.metrics import Counters
-from traits_agent.uploader import (
+from traits_agent.delivery.backoff import Backoff
+from traits_agent.delivery.uploader import (
     USER_AGENT,
     Outcome,
     RetryTimer,
@@ -74,6 +71,8 @@ from traits_agent.uploader import (
     wait_to_retry,
     worst_state,
 )
+from traits_agent.observe.log import RateLimited
+from traits_agent.observe.metrics import Counters
 
 log = structlog.get_logger(__name__)
 
@@ -282,73 +281,6 @@ def _size(n: int) -> str:
     if n >= 1024 * 1024:
         return f"{n / (1024 * 1024):.0f} MiB"
     return f"{n} bytes"
-
-
-def upload_command(config: Any, kind: str, path: str | Path) -> int:
-    """`traits-agent upload KIND FILE`: spool the file, print one line, return the exit status
-    (0 spooled; 1 the spool could not take it; 2 bad kind or file).
-
-    With an agent running, the open file is handed to it over the control socket (so a user
-    in the agent's group can upload without write access to the service's state directory);
-    with none, the file is copied into the spool directly (as root or the agent's user), and
-    the agent uploads it when it starts.
-    """
-    from traits_agent.control import AgentNotRunning, send_upload
-
-    prog = "traits-agent"
-    if kind not in CSV_PATHS:
-        print(f"{prog}: KIND: must be one of {', '.join(KINDS)} (got {kind!r})", file=sys.stderr)
-        return 2
-    path = Path(path)
-    control = getattr(getattr(config, "control", None), "socket", "")
-    try:
-        src = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        print(f"{prog}: {path}: no such file", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"{prog}: {path}: cannot read: {e.strerror or e}", file=sys.stderr)
-        return 2
-    try:
-        if control:
-            try:
-                answer = send_upload(Path(control), kind, src, path.name)
-            except AgentNotRunning:
-                pass
-            else:
-                if "spooled" in answer:
-                    print(
-                        f"spooled {path} for upload to {CSV_PATHS[kind]} ({answer['bytes']} bytes)"
-                    )
-                    return 0
-                print(f"{prog}: {answer.get('error', answer)}", file=sys.stderr)
-                return int(answer.get("exit", 1))
-        spool_dir = spool_dir_for(config)
-        try:
-            spooled = spool_fd(spool_dir, kind, src, path)
-        except SpoolError as e:
-            print(f"{prog}: {e}", file=sys.stderr)
-            return 2
-        except PermissionError as e:
-            where = e.filename or spool_dir
-            print(
-                f"{prog}: cannot write to the spool {where}: permission denied "
-                "(start the agent, or run this as the agent's user or as root)",
-                file=sys.stderr,
-            )
-            return 1
-        except OSError as e:
-            print(f"{prog}: cannot spool {path}: {e.strerror or e}", file=sys.stderr)
-            return 1
-    finally:
-        os.close(src)
-    size = spooled.stat().st_size
-    print(f"spooled {path} for upload to {CSV_PATHS[kind]} ({size} bytes)")
-    print(
-        f"{prog}: note: no agent is running; it uploads the file when it starts",
-        file=sys.stderr,
-    )
-    return 0
 
 
 def receive_upload(spool_dir: Path, kind: str, fd: int, name: str) -> dict[str, Any]:

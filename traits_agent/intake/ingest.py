@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterable
 
 import structlog
 
-from traits_agent.log import RateLimited
-from traits_agent.metrics import Counters
-from traits_agent.resources import Rejected, Resource, normalize, resolve_tag
-from traits_agent.wire import Entry, decode_datagram
+from traits_agent.intake.wire import Entry, decode_datagram
+from traits_agent.observe.log import RateLimited
+from traits_agent.observe.metrics import Counters
+from traits_agent.schema import Rejected, Resource, normalize, resolve_tag
 
 log = structlog.get_logger(__name__)
 

@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 from traits_agent import __version__
-from traits_agent.batcher import oldest_pending_age
+from traits_agent.delivery.lane import oldest_pending_age
 from traits_agent.httpserver import Request, Response, json_response, serve_http
 
 PREFIX = "traits_agent_"

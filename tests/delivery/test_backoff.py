@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from traits_agent.backoff import Backoff, parse_retry_after
+from traits_agent.delivery.backoff import Backoff, parse_retry_after
 
 
 def test_ceiling_doubles_then_caps():

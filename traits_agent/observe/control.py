@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 import trio
 
-from traits_agent.unixsock import bind_unix
+from traits_agent.intake.unixsock import bind_unix
 
 log = structlog.get_logger(__name__)
 

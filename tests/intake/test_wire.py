@@ -11,7 +11,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from traits_agent.wire import (
+from traits_agent.intake.wire import (
     MAX_DECOMPRESSED,
     DecodeResult,
     Entry,

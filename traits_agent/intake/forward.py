@@ -66,7 +66,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -75,8 +75,9 @@ import msgpack
 import structlog
 import trio
 
-from traits_agent.unixsock import bind_unix
-from traits_agent.wire import WireError, decode_value, stream_unpacker
+from traits_agent.intake.durability import Durability, Mark
+from traits_agent.intake.unixsock import bind_unix
+from traits_agent.intake.wire import WireError, decode_value, stream_unpacker
 
 log = structlog.get_logger(__name__)
 
@@ -106,75 +107,6 @@ class ForwardLimits:
 
 
 DEFAULT_LIMITS = ForwardLimits()
-
-
-# --------------------------------------------------------------------------- durability
-
-
-class _Queue(Protocol):
-    @property
-    def next_seq(self) -> int: ...
-    @property
-    def durable_seq(self) -> int: ...
-
-
-#: (queue, seq) pairs: durable once every queue's durable_seq has reached its seq
-Mark = tuple[tuple[_Queue, int], ...]
-
-
-def _nothing() -> None:
-    pass
-
-
-class Durability:
-    """Tells stream sources when the records they appended are durable (fsynced).
-
-    The source calls `mark(names)` right after appending to the queues `names` and later
-    `await wait(mark)`; the Syncer calls `synced()` after each round of fsyncs (whether every
-    queue succeeded or not: `wait` re-checks `durable_seq`, which only a good fsync advances).
-    `written()` asks the Syncer for a round (group commit). With `fsync="never"` a mark is
-    empty and `wait` returns at once: the caller flushes to the OS first, and that is all.
-
-    Marks use `next_seq - 1` rather than `written_seq`: if a write fails, the records stay
-    buffered in the queue and `durable_seq` does not pass them until a later flush and fsync
-    succeed, so an ack never covers records that only exist in memory.
-    """
-
-    def __init__(
-        self,
-        queues: Mapping[str, _Queue],
-        *,
-        fsync: str = "interval",
-        request_sync: Callable[[], None] = _nothing,
-    ) -> None:
-        self.queues = queues
-        self.waits_for_fsync = fsync != "never"
-        self._request_sync = request_sync
-        self._synced = trio.Event()
-
-    def mark(self, names: Iterable[str]) -> Mark:
-        """What must be durable for every record appended so far to the queues `names`."""
-        if not self.waits_for_fsync:
-            return ()
-        return tuple((q, q.next_seq - 1) for q in (self.queues[name] for name in names))
-
-    @staticmethod
-    def reached(mark: Mark) -> bool:
-        return all(queue.durable_seq >= seq for queue, seq in mark)
-
-    async def wait(self, mark: Mark) -> None:
-        """Return once `mark` is durable (no polling: woken by `synced`)."""
-        while not self.reached(mark):
-            await self._synced.wait()
-
-    def written(self) -> None:
-        """Records were handed to the queues: have them fsynced soon."""
-        self._request_sync()
-
-    def synced(self) -> None:
-        """Called by the Syncer after each round of fsyncs: wake the waiters to re-check."""
-        event, self._synced = self._synced, trio.Event()
-        event.set()
 
 
 # --------------------------------------------------------------------------- binding

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 import structlog
 import trio
 
-from traits_agent.resources import Resource
-from traits_agent.uploader import Stopping
+from traits_agent.delivery.uploader import Stopping
+from traits_agent.schema import Resource
 
 log = structlog.get_logger(__name__)
 

@@ -11,6 +11,7 @@ connection and sends a `HEAD /` without the key). The key is never printed.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import grp
 import json
@@ -28,6 +29,7 @@ from typing import IO
 import httpx
 
 from traits_agent import __version__
+from traits_agent.cli.common import config_from
 from traits_agent.config import Config, ConfigError, resolve_api_key
 
 #: the Unix datagram queue length a burst of non-blocking sends needs (the drop-in's value)
@@ -553,3 +555,7 @@ def _explain(error: BaseException) -> str:
         if phrase in text:
             return f"{meaning}: {text}"
     return f"{type(error).__name__}: {text}"
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    return main(config_from(args), as_json=args.json, network=not args.no_network)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.reference_examples import EXAMPLES as REFERENCE_EXAMPLES
-from traits_agent.resources import (
+from traits_agent.schema import (
     JSON_RESOURCES,
     MAX_STRING_BYTES,
     RESOURCES,

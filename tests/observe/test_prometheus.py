@@ -16,8 +16,8 @@ import pytest
 import trio
 
 from traits_agent import __version__
-from traits_agent.metrics import LATENCY_BUCKETS, Counters
-from traits_agent.prometheus import (
+from traits_agent.observe.metrics import LATENCY_BUCKETS, Counters
+from traits_agent.observe.prometheus import (
     CONTENT_TYPE,
     UPSTREAM_STATES,
     read_udp_errors,

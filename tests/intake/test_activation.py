@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from traits_agent import activation
-from traits_agent.activation import ActivationError, InheritedSockets, Kind
+from traits_agent.intake import activation
+from traits_agent.intake.activation import ActivationError, InheritedSockets, Kind
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -202,7 +202,7 @@ CHILD = textwrap.dedent(
     """
     import json, os, socket, subprocess, sys
     import structlog
-    from traits_agent.activation import InheritedSockets, Kind
+    from traits_agent.intake.activation import InheritedSockets, Kind
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from traits_agent.queue import DiskQueue
-from traits_agent.quota import SharedQuota
+from traits_agent.queue.quota import SharedQuota
 
 SEG = 64 * 1024
 

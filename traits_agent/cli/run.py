@@ -1,0 +1,71 @@
+"""`traits-agent run`: load the config and the key, set up logging, run the agent."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from traits_agent.cli.common import PROG, config_from
+from traits_agent.config import ConfigError, resolve_api_key
+
+FAKE_API_KEY = "fake-api-key"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import trio
+
+    from traits_agent import agent
+    from traits_agent.observe import log
+
+    config = config_from(args)
+    if args.log_level or args.log_format:
+        config = dataclasses.replace(
+            config,
+            log=dataclasses.replace(
+                config.log,
+                level=args.log_level or config.log.level,
+                format=args.log_format or config.log.format,
+            ),
+        )
+    key = resolve_api_key(config)
+    if key is None:
+        if not args.fake_api:
+            raise ConfigError(
+                "api key",
+                "no API key: set $TRAITS_API_KEY, [api] key_file, or systemd LoadCredential="
+                "api_key (or try `traits-agent run --fake-api`)",
+            )
+        key = FAKE_API_KEY
+    log.add_secret(key)
+    log.setup(config.log.level, config.log.format)
+    from traits_agent.queue import QueueLockedError
+
+    try:
+        trio.run(lambda: agent.run(config, key, fake_api=args.fake_api))
+    except (OSError, QueueLockedError, BaseExceptionGroup) as e:
+        # a start-up failure (address in use, queue locked, directory not writable) arrives
+        # wrapped by the nurseries it passed through: name the first cause in one line
+        cause = _first_cause(e, (OSError, QueueLockedError))
+        if cause is None:
+            raise
+        import structlog
+
+        structlog.get_logger("traits_agent").error("agent_failed", error=str(cause))
+        print(f"{PROG}: {cause}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _first_cause(error: BaseException, kinds: tuple[type[BaseException], ...]):
+    """The first leaf of `error` (an exception group, maybe nested) when every leaf is one of
+    `kinds`; None when something else is in there (that is a bug: let the traceback show)."""
+    if isinstance(error, BaseExceptionGroup):
+        matched, rest = error.split(kinds)
+        if rest is not None or matched is None:
+            return None
+        while isinstance(matched, BaseExceptionGroup):
+            matched = matched.exceptions[0]
+        return matched
+    return error if isinstance(error, kinds) else None

@@ -226,6 +226,22 @@ def test_full_queue_holds_bounded_and_counts(driver: Path, receiver: socket.sock
     assert received == counts["sent"]
 
 
+def test_tick_sends_after_flush_interval(driver: Path, receiver: socket.socket) -> None:
+    """A partial datagram leaves on a ta_tick() once flush_interval has passed, with no
+    flush and no further event."""
+    done = subprocess.run(
+        [str(driver), "interval"],
+        env={**os.environ, "TRAITS_AGENT_SOCKET": receiver.getsockname()},
+        capture_output=True,
+        text=True,
+        timeout=GUARD_S,
+    )
+    assert done.returncode == 0, done.stderr
+    first = dict(item.split("=") for item in done.stdout.splitlines()[0].split())
+    assert first["sent_before_close"] == "1"
+    assert len(drain(receiver)) == 1
+
+
 def test_fork_child_starts_empty(driver: Path, receiver: socket.socket) -> None:
     """After fork() the child sends only its own event, the parent only its own."""
     counts = run(driver, "fork", socket_path=receiver.getsockname())

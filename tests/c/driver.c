@@ -5,6 +5,8 @@
  *   driver ticks PER_TICK TICKS       PER_TICK level-ups, ta_tick, 1 ms sleep; TICKS times
  *   driver types                      one event of each value kind, for the decoder
  *   driver fork                       one event buffered, fork: each process sends its own
+ *   driver interval                   one event, then only ta_tick (1 ms apart) until it left;
+ *                                     prints "ticks_until_sent=N" first
  *
  * Prints the final counts on one line: key=value ... ($DRIVER_CLOSE_MS: ta_close's wait, 5000)
  */
@@ -103,6 +105,25 @@ int main(int argc, char **argv) {
         ta_strn(ta, "blob", long_text, sizeof long_text - 1);
         ta_end(ta);
         emitted++;
+    } else if (strcmp(mode, "interval") == 0) {
+        struct timespec ms;
+        long ticks = 0;
+        ms.tv_sec = 0;
+        ms.tv_nsec = 1000000;
+        opt.flush_interval = 0.05;
+        ta_close(ta, 0, NULL);
+        ta = ta_open(&opt);
+        if (!ta) return 2;
+        ta_level_up(ta, "u", 1);
+        emitted++;
+        ta_get_stats(ta, &st);
+        while (st.sent == 0 && ticks < 60000) { /* a hang guard: 60 s */
+            nanosleep(&ms, NULL);
+            ta_tick(ta);
+            ticks++;
+            ta_get_stats(ta, &st);
+        }
+        printf("ticks_until_sent=%ld sent_before_close=%" PRIu64 "\n", ticks, st.sent);
     } else if (strcmp(mode, "fork") == 0) {
         pid_t pid;
         int status = 0;

@@ -11,20 +11,18 @@ interval per reason, with a sample, so a broken client is visible without floodi
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import structlog
 
+from traits_agent.intake.fastpath import FastPath
 from traits_agent.intake.wire import Entry, decode_datagram
 from traits_agent.observe.log import RateLimited
 from traits_agent.observe.metrics import Counters
-from traits_agent.schema import Rejected, Resource, normalize, resolve_tag
+from traits_agent.schema import Rejected, Resource, encode_record, resolve_tag
 
 log = structlog.get_logger(__name__)
-
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class Ingest:
@@ -49,6 +47,7 @@ class Ingest:
         self._ratelimit = RateLimited(interval=10.0)
         self._drops_seen: dict[tuple[str, str], int] = {}
         self._drops_unlogged: dict[tuple[str, str], int] = {}
+        self._fast = FastPath()
 
     def reject(self, reason: str, sample: object = None, **context: object) -> None:
         """Count one rejected event (or datagram) and log it, rate-limited per reason."""
@@ -65,16 +64,29 @@ class Ingest:
             )
 
     def handle(self, datagrams: list[bytes]) -> None:
-        """The sink for a datagram source: everything in `datagrams`, then flush."""
+        """The sink for a datagram source: everything in `datagrams`, then flush.
+
+        A datagram the fast path takes (`fastpath`: decoded, validated and encoded in C) is
+        appended as is; any other goes through `decode_datagram` and `store_entries`. Counters
+        are added once per burst, not per event.
+        """
         now = self.wall_clock()
-        touched: set[str] = set()
+        accepted: dict[str, int] = {}
+        events = 0
+        fast = self._fast.payloads
         for data in datagrams:
+            got = fast(data, now)
+            if got is not None:
+                events += len(got[1])
+                self._append(got[0], got[1], accepted)
+                continue
             result = decode_datagram(data)
             for error in result.errors:
                 self.reject(error, data[:64])
-            touched |= self.store_entries(result.entries, now)
+            events += self._store_entries(result.entries, now, accepted)
         self.counters.inc("received_datagrams", len(datagrams))
-        self.flush(touched)
+        self._count(events, accepted)
+        self.flush(set(accepted))
 
     def store_entries(self, entries: Iterable[Entry], now: float) -> set[str]:
         """Validate decoded entries and append them to their queues (buffered: `flush` after).
@@ -84,7 +96,17 @@ class Ingest:
         Counts received, accepted and rejected events. Returns the names of the resources
         whose queues took at least one item.
         """
-        touched: set[str] = set()
+        accepted: dict[str, int] = {}
+        self._count(self._store_entries(entries, now, accepted), accepted)
+        return set(accepted)
+
+    def _count(self, events: int, accepted: dict[str, int]) -> None:
+        self.counters.inc("received_events", events)
+        for name, n in accepted.items():
+            self.counters.inc("accepted_events", n, resource=name)
+
+    def _store_entries(self, entries: Iterable[Entry], now: float, accepted: dict[str, int]) -> int:
+        """Store `entries`, adding to `accepted` (resource → items taken); returns how many."""
         events = 0
         for entry in entries:
             events += 1
@@ -95,31 +117,41 @@ class Ingest:
             event_time = now if entry.time is None else entry.time
             if resource.passthrough and isinstance(entry.record, list):
                 # PlayFab posts arrays of events: store each as its own item
-                stored = [self._store(resource, one, event_time) for one in entry.record]
-                if any(stored):
-                    touched.add(resource.name)
-            elif self._store(resource, entry.record, event_time):
-                touched.add(resource.name)
-        self.counters.inc("received_events", events)
-        return touched
+                for one in entry.record:
+                    self._store(resource, one, event_time, accepted)
+            else:
+                self._store(resource, entry.record, event_time, accepted)
+        return events
 
-    def _store(self, resource: Resource, record: object, event_time: float) -> bool:
+    def _store(
+        self, resource: Resource, record: object, event_time: float, accepted: dict[str, int]
+    ) -> None:
         try:
-            normalized = normalize(resource, record, event_time)
+            payload, stripped = encode_record(resource, record, event_time)
         except Rejected as e:
             self.reject(e.reason, record, resource=resource.name, field=e.field, error=str(e))
-            return False
-        if normalized.stripped:
-            self.counters.inc("stripped_fields", len(normalized.stripped), resource=resource.name)
-        payload = _encode(normalized.item).encode()
-        try:
-            accepted = self.lanes[resource.name].queue.append(payload)
-        except ValueError as e:  # larger than a queue record may be
-            self.reject("too_large", record, resource=resource.name, error=str(e))
-            return False
-        if accepted:
-            self.counters.inc("accepted_events", resource=resource.name)
-        return accepted
+            return
+        if stripped:
+            self.counters.inc("stripped_fields", len(stripped), resource=resource.name)
+        self._append(resource, (payload,), accepted, record)
+
+    def _append(
+        self,
+        resource: Resource,
+        payloads: Sequence[bytes],
+        accepted: dict[str, int],
+        record: object = None,
+    ) -> None:
+        """Append encoded items to `resource`'s queue; count what it took in `accepted`."""
+        append = self.lanes[resource.name].queue.append
+        taken = 0
+        for payload in payloads:
+            try:
+                taken += append(payload)
+            except ValueError as e:  # larger than a queue record may be
+                self.reject("too_large", record, resource=resource.name, error=str(e))
+        if taken:
+            accepted[resource.name] = accepted.get(resource.name, 0) + taken
 
     def flush(self, names: set[str]) -> None:
         """Write the touched queues' buffers to the OS and wake their lanes."""

@@ -12,7 +12,7 @@ interval per reason, with a sample, so a broken client is visible without floodi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import structlog
 
@@ -66,27 +66,42 @@ class Ingest:
     def handle(self, datagrams: list[bytes]) -> None:
         """The sink for a datagram source: everything in `datagrams`, then flush.
 
-        A datagram the fast path takes (`fastpath`: decoded, validated and encoded in C) is
-        appended as is; any other goes through `decode_datagram` and `store_entries`. Counters
-        are added once per burst, not per event.
+        What the fast path takes (`fastpath`: decoded, validated and encoded in C) is appended
+        once per resource per burst; any other datagram goes through `decode_datagram` and
+        `store_entries` (after what the fast path holds, so each queue keeps arrival order).
+        Counters are added once per burst, not per event.
         """
         now = self.wall_clock()
         accepted: dict[str, int] = {}
+        held: dict[str, tuple[Resource, list[bytes]]] = {}
         events = 0
         fast = self._fast.payloads
         for data in datagrams:
             got = fast(data, now)
             if got is not None:
                 events += len(got[1])
-                self._append(got[0], got[1], accepted)
+                run = held.get(got[0].name)
+                if run is None:
+                    held[got[0].name] = got
+                else:
+                    run[1].extend(got[1])
                 continue
+            self._append_held(held, accepted)
             result = decode_datagram(data)
             for error in result.errors:
                 self.reject(error, data[:64])
             events += self._store_entries(result.entries, now, accepted)
+        self._append_held(held, accepted)
         self.counters.inc("received_datagrams", len(datagrams))
         self._count(events, accepted)
         self.flush(set(accepted))
+
+    def _append_held(
+        self, held: dict[str, tuple[Resource, list[bytes]]], accepted: dict[str, int]
+    ) -> None:
+        for resource, payloads in held.values():
+            self._append(resource, payloads, accepted)
+        held.clear()
 
     def store_entries(self, entries: Iterable[Entry], now: float) -> set[str]:
         """Validate decoded entries and append them to their queues (buffered: `flush` after).
@@ -133,23 +148,26 @@ class Ingest:
             return
         if stripped:
             self.counters.inc("stripped_fields", len(stripped), resource=resource.name)
-        self._append(resource, (payload,), accepted, record)
+        self._append(resource, [payload], accepted, record)
 
     def _append(
         self,
         resource: Resource,
-        payloads: Sequence[bytes],
+        payloads: list[bytes],
         accepted: dict[str, int],
         record: object = None,
     ) -> None:
         """Append encoded items to `resource`'s queue; count what it took in `accepted`."""
-        append = self.lanes[resource.name].queue.append
-        taken = 0
-        for payload in payloads:
-            try:
-                taken += append(payload)
-            except ValueError as e:  # larger than a queue record may be
-                self.reject("too_large", record, resource=resource.name, error=str(e))
+        queue = self.lanes[resource.name].queue
+        try:
+            taken = queue.append_many(payloads)
+        except ValueError:  # one is larger than a queue record may be: take the others
+            taken = 0
+            for payload in payloads:
+                try:
+                    taken += queue.append(payload)
+                except ValueError as e:
+                    self.reject("too_large", record, resource=resource.name, error=str(e))
         if taken:
             accepted[resource.name] = accepted.get(resource.name, 0) + taken
 

@@ -4,8 +4,9 @@ The machine this runs on is usually shared, so absolute figures drift from run t
 ratios against a reference measured in the same run are what to compare. For each shape (one
 event per datagram, and `--batch` events per datagram as a Forward entry) it prints:
 
-(a) bare: a plain Python receiver that drains a Unix datagram socket (blocking `recv`) and
-    `msgpack.unpackb`s each datagram: the most a Python process can take.
+(a) bare: a plain Python receiver that waits for readability (poll), drains the non-blocking
+    Unix datagram socket and `msgpack.unpackb`s each datagram: the most a Python process can
+    take (a blocking `recv` per datagram costs more CPU: a wake-up each).
 (b) intake: the agent's intake path in this process: the real `serve_datagrams` loop (trio,
     non-blocking drain), `Ingest.handle` (decode → validate → JSON-encode → frame → append),
     real `DiskQueue`s in a temporary directory written to the OS after each burst, the shared
@@ -38,6 +39,7 @@ import contextlib
 import multiprocessing
 import os
 import resource
+import select
 import shutil
 import socket
 import struct
@@ -208,16 +210,28 @@ class Result:
 
 
 def bare(work: Path, datagrams: list[bytes], events: int, sender: Sender) -> Result:
-    """(a): blocking recv + msgpack.unpackb per datagram, nothing else."""
+    """(a): wait for readability, drain the non-blocking socket, `msgpack.unpackb` each
+    datagram; nothing else (the agent's loop shape, without the agent)."""
     path = str(work / "bare.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     proc = sender.start(datagrams, "unix", path)
     recv, unpackb = sock.recv, msgpack.unpackb
     unpackb(recv(65537))
+    sock.setblocking(False)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    left = len(datagrams) - 1
     t0, c0 = time.perf_counter(), cpu_self()
-    for _ in range(len(datagrams) - 1):
-        unpackb(recv(65537))
+    while left:
+        poller.poll()
+        while left:
+            try:
+                data = recv(65537)
+            except BlockingIOError:
+                break
+            unpackb(data)
+            left -= 1
     result = Result(events, time.perf_counter() - t0, cpu_self() - c0)
     proc.wait()
     sock.close()

@@ -596,7 +596,7 @@ def _fast_str(min_length: int = 0) -> Any:
     return Annotated[str, Meta(min_length=min_length, max_length=_FAST_STR_CHARS)]
 
 
-class FastParam(msgspec.Struct, forbid_unknown_fields=True):
+class FastParam(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """One `action_params` entry as the fast path takes it: exactly `{key, value}`, strings."""
 
     key: _fast_str()  # type: ignore[valid-type]
@@ -621,8 +621,8 @@ class FastSchema(NamedTuple):
     """A resource's typed record struct, and the fields it still checks in Python."""
 
     type: type[msgspec.Struct]
-    post: tuple[Field, ...]  # timestamps, dates, country: their rules are not types
-    has_timestamp: bool
+    timestamp: Field | None  # filled from the event time when absent, else checked
+    post: tuple[Field, ...]  # other dates and times, country: their rules are not types
 
 
 def _fast_schema(resource: Resource) -> FastSchema:
@@ -636,9 +636,15 @@ def _fast_schema(resource: Resource) -> FastSchema:
         kw_only=True,
         forbid_unknown_fields=True,  # unknown fields are stripped and reported: normalize
         omit_defaults=True,  # an optional nil is dropped, as normalize drops it
+        gc=False,  # str, numbers and lists of FastParam only: no cycles; cheaper to allocate
     )
-    post = tuple(f for f in resource.fields if f.type in (TIMESTAMP, DATE) or f.alpha2)
-    return FastSchema(struct, post, resource.has_timestamp)
+    timestamp = resource.by_name.get("timestamp")
+    post = tuple(
+        f
+        for f in resource.fields
+        if f is not timestamp and (f.type in (TIMESTAMP, DATE) or f.alpha2)
+    )
+    return FastSchema(struct, timestamp, post)
 
 
 FAST_SCHEMAS: dict[str, FastSchema] = {n: _fast_schema(r) for n, r in JSON_RESOURCES.items()}
@@ -650,12 +656,16 @@ _encode_struct = msgspec.json.Encoder().encode
 def encode_fast(fast: FastSchema, record: msgspec.Struct, event_time: float) -> bytes:
     """The payload of a record already decoded into `fast.type`; raises `Rejected` (the caller
     then hands the original record to `normalize`, for its decision and its reason)."""
+    if fast.timestamp is not None:
+        given = record.timestamp  # type: ignore[attr-defined]
+        if given is None:
+            record.timestamp = format_timestamp(event_time)  # type: ignore[attr-defined]
+        elif given not in _valid_timestamps:
+            fast.timestamp.validate(given, False, _NO_STRIP)
     for f in fast.post:
         value = getattr(record, f.name)
         if value is not None:
             setattr(record, f.name, f.validate(value, False, _NO_STRIP))
-    if fast.has_timestamp and record.timestamp is None:  # type: ignore[attr-defined]
-        record.timestamp = format_timestamp(event_time)  # type: ignore[attr-defined]
     return _encode_struct(record)
 
 

@@ -35,7 +35,7 @@ _CACHE_MAX = 256  # distinct (form, tag) prefixes remembered; cleared when full
 def _decoders(resource: Resource) -> tuple[msgspec.msgpack.Decoder, msgspec.msgpack.Decoder]:
     """(Message decoder, Forward decoder) for one resource's typed records."""
     record = FAST_SCHEMAS[resource.name].type
-    options: dict[str, Any] = {"array_like": True, "forbid_unknown_fields": True}
+    options: dict[str, Any] = {"array_like": True, "forbid_unknown_fields": True, "gc": False}
     message = msgspec.defstruct(
         f"{resource.name}_message", [("tag", str), ("time", _Time), ("record", record)], **options
     )

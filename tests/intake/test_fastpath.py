@@ -18,9 +18,9 @@ from tests.generated_events import datagrams
 from tests.reference_examples import EXAMPLES
 from traits_agent.intake.fastpath import FastPath
 from traits_agent.intake.ingest import Ingest
-from traits_agent.intake.wire import decode_datagram, encode_event, encode_forward
+from traits_agent.intake.wire import Entry, decode_datagram, encode_event, encode_forward
 from traits_agent.observe.metrics import Counters
-from traits_agent.queue import DiskQueue
+from traits_agent.queue import MAX_PAYLOAD, DiskQueue
 from traits_agent.schema import RESOURCES, Rejected, normalize, resolve_tag
 
 NOW = 1700000000.5
@@ -108,16 +108,17 @@ def test_anything_else_takes_the_general_path(data: bytes) -> None:
     assert FastPath().payloads(data, NOW) is None
 
 
+class Lane:
+    def __init__(self, queue: DiskQueue) -> None:
+        self.queue = queue
+
+    def notify(self) -> None:
+        pass
+
+
 def test_ingest_counts_the_same_on_either_path(tmp_path) -> None:
     """The same events as fast datagrams and as datagrams the fast path refuses (a stripped
     field each): the same counters, the same items queued (less the stripped field)."""
-
-    class Lane:
-        def __init__(self, queue: DiskQueue) -> None:
-            self.queue = queue
-
-        def notify(self) -> None:
-            pass
 
     def run(records: list[dict[str, Any]], sub: str) -> tuple[Counters, list[Any]]:
         queues = {n: DiskQueue.open(tmp_path / sub / n) for n in RESOURCES}
@@ -145,3 +146,23 @@ def test_ingest_counts_the_same_on_either_path(tmp_path) -> None:
         assert c.by_label("rejected_events", "reason") == {"bad_value": 1, "not_msgpack": 1}
     assert fast_counters.total("stripped_fields") == 0
     assert slow_counters.get("stripped_fields", resource="level_ups") == 7
+
+
+def test_a_record_over_the_queue_limit_is_rejected_and_the_others_kept(tmp_path) -> None:
+    queues = {n: DiskQueue.open(tmp_path / n) for n in RESOURCES}
+    counters = Counters()
+    ingest = Ingest({n: Lane(q) for n, q in queues.items()}, counters)
+    huge = {"blob": "x" * (MAX_PAYLOAD + 1)}
+    entries = [Entry("playfab", NOW, {"n": 1}), Entry("playfab", NOW, huge)]
+    entries.append(Entry("playfab", NOW, {"n": 2}))
+    assert ingest.store_entries(entries, NOW) == {"playfab"}
+    batch = queues["playfab"].read_batch(10, 1 << 20)
+    assert batch is None  # buffered until flushed
+    ingest.flush({"playfab"})
+    batch = queues["playfab"].read_batch(10, 1 << 20)
+    assert [json.loads(p) for p in batch.payloads] == [{"n": 1}, {"n": 2}]
+    assert counters.by_label("rejected_events", "reason") == {"too_large": 1}
+    assert counters.get("accepted_events", resource="playfab") == 2
+    assert counters.get("received_events") == 3
+    for q in queues.values():
+        q.close()

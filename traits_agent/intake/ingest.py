@@ -20,6 +20,7 @@ from traits_agent.intake.fastpath import FastPath
 from traits_agent.intake.wire import Entry, decode_datagram
 from traits_agent.observe.log import RateLimited
 from traits_agent.observe.metrics import Counters
+from traits_agent.queue import MAX_PAYLOAD
 from traits_agent.schema import Rejected, Resource, encode_record, resolve_tag
 
 log = structlog.get_logger(__name__)
@@ -66,13 +67,12 @@ class Ingest:
     def handle(self, datagrams: list[bytes]) -> None:
         """The sink for a datagram source: everything in `datagrams`, then flush.
 
-        What the fast path takes (`fastpath`: decoded, validated and encoded in C) is appended
-        once per resource per burst; any other datagram goes through `decode_datagram` and
-        `store_entries` (after what the fast path holds, so each queue keeps arrival order).
-        Counters are added once per burst, not per event.
+        A datagram the fast path takes (`fastpath`: decoded, validated and encoded in C) needs
+        nothing more; any other goes through `decode_datagram` and `_store_entries`. Either
+        way the payloads are held per resource, in arrival order, and each queue takes its run
+        once per burst; counters are added once per burst too, not per event.
         """
         now = self.wall_clock()
-        accepted: dict[str, int] = {}
         held: dict[str, tuple[Resource, list[bytes]]] = {}
         events = 0
         fast = self._fast.payloads
@@ -80,28 +80,14 @@ class Ingest:
             got = fast(data, now)
             if got is not None:
                 events += len(got[1])
-                run = held.get(got[0].name)
-                if run is None:
-                    held[got[0].name] = got
-                else:
-                    run[1].extend(got[1])
+                self._hold(held, got[0], got[1])
                 continue
-            self._append_held(held, accepted)
             result = decode_datagram(data)
             for error in result.errors:
                 self.reject(error, data[:64])
-            events += self._store_entries(result.entries, now, accepted)
-        self._append_held(held, accepted)
+            events += self._store_entries(result.entries, now, held)
         self.counters.inc("received_datagrams", len(datagrams))
-        self._count(events, accepted)
-        self.flush(set(accepted))
-
-    def _append_held(
-        self, held: dict[str, tuple[Resource, list[bytes]]], accepted: dict[str, int]
-    ) -> None:
-        for resource, payloads in held.values():
-            self._append(resource, payloads, accepted)
-        held.clear()
+        self.flush(self._append_held(held, events))
 
     def store_entries(self, entries: Iterable[Entry], now: float) -> set[str]:
         """Validate decoded entries and append them to their queues (buffered: `flush` after).
@@ -111,17 +97,39 @@ class Ingest:
         Counts received, accepted and rejected events. Returns the names of the resources
         whose queues took at least one item.
         """
-        accepted: dict[str, int] = {}
-        self._count(self._store_entries(entries, now, accepted), accepted)
-        return set(accepted)
+        held: dict[str, tuple[Resource, list[bytes]]] = {}
+        return self._append_held(held, self._store_entries(entries, now, held))
 
-    def _count(self, events: int, accepted: dict[str, int]) -> None:
+    @staticmethod
+    def _hold(
+        held: dict[str, tuple[Resource, list[bytes]]], resource: Resource, payloads: list[bytes]
+    ) -> None:
+        run = held.get(resource.name)
+        if run is None:
+            held[resource.name] = (resource, payloads)
+        else:
+            run[1].extend(payloads)
+
+    def _append_held(self, held: dict[str, tuple[Resource, list[bytes]]], events: int) -> set[str]:
+        """Append each resource's run to its queue; count; the names of the queues that took
+        at least one."""
         self.counters.inc("received_events", events)
-        for name, n in accepted.items():
-            self.counters.inc("accepted_events", n, resource=name)
+        touched = set()
+        for name, (_, payloads) in held.items():
+            queue = self.lanes[name].queue
+            try:
+                taken = queue.append_many(payloads)
+            except ValueError:  # a payload over the queue's limit: `_store` lets none through
+                taken = sum(queue.append(p) for p in payloads if len(p) <= MAX_PAYLOAD)
+            if taken:
+                self.counters.inc("accepted_events", taken, resource=name)
+                touched.add(name)
+        return touched
 
-    def _store_entries(self, entries: Iterable[Entry], now: float, accepted: dict[str, int]) -> int:
-        """Store `entries`, adding to `accepted` (resource → items taken); returns how many."""
+    def _store_entries(
+        self, entries: Iterable[Entry], now: float, held: dict[str, tuple[Resource, list[bytes]]]
+    ) -> int:
+        """Validate and encode `entries` into `held`; returns how many there were."""
         events = 0
         for entry in entries:
             events += 1
@@ -133,13 +141,17 @@ class Ingest:
             if resource.passthrough and isinstance(entry.record, list):
                 # PlayFab posts arrays of events: store each as its own item
                 for one in entry.record:
-                    self._store(resource, one, event_time, accepted)
+                    self._store(resource, one, event_time, held)
             else:
-                self._store(resource, entry.record, event_time, accepted)
+                self._store(resource, entry.record, event_time, held)
         return events
 
     def _store(
-        self, resource: Resource, record: object, event_time: float, accepted: dict[str, int]
+        self,
+        resource: Resource,
+        record: object,
+        event_time: float,
+        held: dict[str, tuple[Resource, list[bytes]]],
     ) -> None:
         try:
             payload, stripped = encode_record(resource, record, event_time)
@@ -148,28 +160,11 @@ class Ingest:
             return
         if stripped:
             self.counters.inc("stripped_fields", len(stripped), resource=resource.name)
-        self._append(resource, [payload], accepted, record)
-
-    def _append(
-        self,
-        resource: Resource,
-        payloads: list[bytes],
-        accepted: dict[str, int],
-        record: object = None,
-    ) -> None:
-        """Append encoded items to `resource`'s queue; count what it took in `accepted`."""
-        queue = self.lanes[resource.name].queue
-        try:
-            taken = queue.append_many(payloads)
-        except ValueError:  # one is larger than a queue record may be: take the others
-            taken = 0
-            for payload in payloads:
-                try:
-                    taken += queue.append(payload)
-                except ValueError as e:
-                    self.reject("too_large", record, resource=resource.name, error=str(e))
-        if taken:
-            accepted[resource.name] = accepted.get(resource.name, 0) + taken
+        if len(payload) > MAX_PAYLOAD:  # larger than a queue record may be
+            error = f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD} limit"
+            self.reject("too_large", record, resource=resource.name, error=error)
+            return
+        self._hold(held, resource, [payload])
 
     def flush(self, names: set[str]) -> None:
         """Write the touched queues' buffers to the OS and wake their lanes."""

@@ -9,6 +9,7 @@ dates, case, `action_params` shapes, unknown and bytes keys.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import struct
@@ -245,6 +246,10 @@ def datagrams(seed: int, count: int) -> Iterator[bytes]:
         roll = rng.random()
         if roll < 0.05:
             data += pack([tag, 1, {}])
+        elif roll < 0.25:  # as the buffered client sends: another resource's entry after
+            other_name, other = next(gen)
+            with contextlib.suppress(TypeError, ValueError, OverflowError, UnicodeEncodeError):
+                data += pack([tag_for(rng, other_name), [[_time(rng), other]]], use_bin_type=True)
         elif roll < 0.08:
             data = data[: rng.randrange(len(data))]
         elif roll < 0.10:

@@ -47,20 +47,20 @@ def general(data: bytes) -> tuple[list[str], list[tuple[Any, ...]]]:
 
 def test_the_fast_path_takes_only_what_the_general_path_stores_whole() -> None:
     fast = FastPath()
-    taken = handed_over = 0
+    taken = handed_over = several = 0
     for data in datagrams(seed=12, count=20_000):
         got = fast.payloads(data, NOW)
         if got is None:
             handed_over += 1
             continue
         taken += 1
+        several += len(got) > 1
         errors, outcomes = general(data)
         assert errors == [], data
-        assert outcomes and all(o[0] == "ok" for o in outcomes), (data, outcomes)
-        resource, payloads = got
-        assert all(o[1] == resource.name and o[3] == () for o in outcomes), data
-        assert [json.loads(p) for p in payloads] == [o[2] for o in outcomes], data
-    assert taken > 3000 and handed_over > 10_000, (taken, handed_over)
+        assert all(o[0] == "ok" and o[3] == () for o in outcomes), (data, outcomes)
+        items = [(r.name, json.loads(p)) for r, payloads in got for p in payloads]
+        assert items == [(o[1], o[2]) for o in outcomes], data
+    assert taken > 3000 and handed_over > 10_000 and several > 100, (taken, handed_over, several)
 
 
 def event_time(seconds: int, nanoseconds: int) -> msgpack.ExtType:
@@ -77,13 +77,27 @@ def event_time(seconds: int, nanoseconds: int) -> msgpack.ExtType:
         ["purchases", [[1, EXAMPLES["purchases"]], [None, EXAMPLES["purchases"]]]],
         ["x" * 200 + ".virtual-purchases", [[1, EXAMPLES["virtual_purchases"]]]],
         ["social_dynamics", []],
+        # the buffered client: one Forward entry per resource, concatenated
+        ["level_ups", [[1, EXAMPLES["level_ups"]]]],
+        ["actions", [[1, EXAMPLES["actions"]], [2, EXAMPLES["actions"]]]],
+        ["level_ups", 1546355045, EXAMPLES["level_ups"]],
     ],
 )
 def test_common_forms_take_the_fast_path(value: list[Any]) -> None:
     data = msgpack.packb(value, use_bin_type=True)
     got = FastPath().payloads(data, NOW)
     assert got is not None
-    assert [json.loads(p) for p in got[1]] == [o[2] for o in general(data)[1]]
+    assert [json.loads(p) for _, ps in got for p in ps] == [o[2] for o in general(data)[1]]
+
+
+def test_several_entries_in_one_datagram() -> None:
+    data = b"".join(
+        encode_forward(name, [(NOW, EXAMPLES[name])] * 3) for name in ("actions", "level_ups")
+    ) + encode_event("items", EXAMPLES["items"])
+    got = FastPath().payloads(data, NOW)
+    assert [(r.name, len(ps)) for r, ps in got] == [("actions", 3), ("level_ups", 3), ("items", 1)]
+    assert FastPath().payloads(data + b"\x92", NOW) is None  # a truncated last entry
+    assert FastPath().payloads(data * 6, NOW) is None  # more than MAX_ENTRIES
 
 
 @pytest.mark.parametrize(
@@ -93,7 +107,8 @@ def test_common_forms_take_the_fast_path(value: list[Any]) -> None:
         encode_event("nope", EXAMPLES["level_ups"]),
         encode_event("level_ups", {**EXAMPLES["level_ups"], "extra": 1}),
         encode_event("level_ups", {**EXAMPLES["level_ups"], "user_id": 1001}),
-        encode_event("level_ups", EXAMPLES["level_ups"]) * 2,
+        encode_event("level_ups", EXAMPLES["level_ups"]) + encode_event("playfab", {}),
+        encode_event("level_ups", EXAMPLES["level_ups"]) + b"\xc0",
         msgpack.packb(["level_ups", 1, EXAMPLES["level_ups"], {}]),
         msgpack.packb(["level_ups", [[1, EXAMPLES["level_ups"]]], {"chunk": "c"}]),
         msgpack.packb(["level_ups", [[[1, {}], EXAMPLES["level_ups"]]]]),

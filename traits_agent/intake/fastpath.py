@@ -1,12 +1,12 @@
 """The datagram fast path: the common datagram decoded, validated and JSON-encoded in C.
 
-Most datagrams are one Message `[tag, time, record]` or one Forward entry `[tag, [[time,
-record], ...]]` (no option) of one JSON resource, and every record fits the resource's typed
+Most datagrams are one Message `[tag, time, record]`, or one or a few Forward entries `[tag,
+[[time, record], ...]]` (no option) of JSON resources, and every record fits the resource's typed
 schema (`schema.FAST_SCHEMAS`). For those, a `msgspec` decoder chosen by the datagram's first
 bytes (array header + tag) turns the bytes straight into typed structs: no Python objects for
 the envelope, no per-field Python checks, and the JSON payload comes out of C too.
 
-Anything else — several values in a datagram, an option map, PackedForward, PlayFab, a
+Anything else — an option map, PackedForward, PlayFab, a nil heartbeat, a
 Fluent Bit metadata entry, an EventTime that is not one, a record with an unknown field, a
 lenient case (an int for a string, bytes keys), a bad value of any kind — makes `payloads`
 return None, and the caller takes the general path (`wire.decode_datagram` +
@@ -18,6 +18,7 @@ path on what it takes (tests/intake/test_fastpath.py checks that on generated da
 from __future__ import annotations
 
 import math
+import re
 import struct
 from typing import Any
 
@@ -30,6 +31,9 @@ _EVENT_TIME = struct.Struct(">II")
 _FIXARRAY_2, _FIXARRAY_3 = 0x92, 0x93
 _STR8 = 0xD9
 _CACHE_MAX = 256  # distinct (form, tag) prefixes remembered; cleared when full
+MAX_ENTRIES = 16
+"""Entries in one datagram the fast path takes; more go the general path."""
+_TRAILING = re.compile(r"MessagePack data is malformed: trailing characters \(byte ([0-9]+)\)")
 
 
 def _decoders(resource: Resource) -> tuple[msgspec.msgpack.Decoder, msgspec.msgpack.Decoder]:
@@ -77,7 +81,9 @@ class FastPath:
         self._by_prefix: dict[bytes, tuple[Resource, msgspec.msgpack.Decoder, bool] | None] = {}
         self._by_resource: dict[str, tuple[msgspec.msgpack.Decoder, msgspec.msgpack.Decoder]] = {}
 
-    def _lookup(self, data: bytes) -> tuple[Resource, msgspec.msgpack.Decoder, bool] | None:
+    def _lookup(
+        self, data: bytes | memoryview
+    ) -> tuple[Resource, msgspec.msgpack.Decoder, bool] | None:
         if len(data) < 3:
             return None
         head, size = data[0], data[1]
@@ -89,7 +95,7 @@ class FastPath:
             start, end = 3, 3 + data[2]
         else:
             return None
-        prefix = data[:end]
+        prefix = bytes(data[:end])
         try:
             return self._by_prefix[prefix]
         except KeyError:
@@ -110,20 +116,43 @@ class FastPath:
         self._by_prefix[prefix] = found
         return found
 
-    def payloads(self, data: bytes, now: float) -> tuple[Resource, list[bytes]] | None:
-        """The resource and the JSON payload of every event in `data`, or None: then the
-        datagram takes the general path. `now` is the event time of events sent without one."""
-        found = self._lookup(data)
-        if found is None:
-            return None
-        resource, decoder, forward = found
-        fast = FAST_SCHEMAS[resource.name]
+    def payloads(self, data: bytes, now: float) -> list[tuple[Resource, list[bytes]]] | None:
+        """Per entry in `data`, its resource and the JSON payload of each of its events; or
+        None: then the datagram takes the general path. `now` is the event time of events
+        sent without one.
+
+        A datagram may hold several entries (the buffered client sends one Forward entry per
+        resource): msgspec decodes one value per call and names the byte where trailing data
+        starts, so each entry but the last is decoded twice; at most `MAX_ENTRIES`.
+        """
+        out = []
+        view = memoryview(data)
         try:
-            value = decoder.decode(data)
-            if forward:
-                return resource, [
-                    encode_fast(fast, e.record, _event_time(e.time, now)) for e in value.events
-                ]
-            return resource, [encode_fast(fast, value.record, _event_time(value.time, now))]
+            while len(out) < MAX_ENTRIES:
+                found = self._lookup(view)
+                if found is None:
+                    return None
+                resource, decoder, forward = found
+                try:
+                    value = decoder.decode(view)
+                    rest = None
+                except msgspec.DecodeError as exc:
+                    trailing = _TRAILING.fullmatch(str(exc))
+                    if trailing is None:
+                        return None
+                    end = int(trailing.group(1))
+                    value, rest = decoder.decode(view[:end]), view[end:]
+                fast = FAST_SCHEMAS[resource.name]
+                if forward:
+                    items = [
+                        encode_fast(fast, e.record, _event_time(e.time, now)) for e in value.events
+                    ]
+                else:
+                    items = [encode_fast(fast, value.record, _event_time(value.time, now))]
+                out.append((resource, items))
+                if rest is None:
+                    return out
+                view = rest
         except (msgspec.DecodeError, msgspec.ValidationError, Rejected, _NotFast):
             return None
+        return None

@@ -79,8 +79,9 @@ class Ingest:
         for data in datagrams:
             got = fast(data, now)
             if got is not None:
-                events += len(got[1])
-                self._hold(held, got[0], got[1])
+                for resource, payloads in got:
+                    events += len(payloads)
+                    self._hold(held, resource, payloads)
                 continue
             result = decode_datagram(data)
             for error in result.errors:

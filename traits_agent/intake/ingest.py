@@ -1,9 +1,11 @@
 """Ingest: a burst of datagrams → decoded entries → validated items → appended to the queues.
 
 Runs synchronously in the source task between socket reads, so it must be cheap: decode,
-validate, JSON-encode once (the stored bytes are exactly what goes into the request body), append
-to the resource's queue buffer. At the end of the burst each touched queue is flushed to the OS
-in one write and its lane is woken; fsync happens elsewhere (group commit, see `agent`).
+validate, JSON-encode once (the stored bytes are exactly what goes into the request body) —
+in C for the common datagram (`fastpath`) and the common record (`schema.encode_record`) —
+and hold the payloads per resource. At the end of the burst each queue takes its run in one
+`append_many`, is flushed to the OS in one write and its lane is woken once; counters are added
+once per burst; fsync happens elsewhere (group commit, see `agent`).
 
 Every event that does not make it into a queue is counted by reason and logged at most once per
 interval per reason, with a sample, so a broken client is visible without flooding the log.

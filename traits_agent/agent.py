@@ -45,6 +45,7 @@ from traits_agent.intake.datagram import (
     serve_datagrams,
     set_receive_buffer,
 )
+from traits_agent.intake.direct import DirectIntake
 from traits_agent.intake.durability import Durability, Syncer
 from traits_agent.intake.forward import ForwardServer, bind_forward_tcp, bind_forward_unix
 from traits_agent.intake.ingest import Ingest
@@ -52,6 +53,7 @@ from traits_agent.observe import systemd
 from traits_agent.observe.control import serve_control
 from traits_agent.observe.metrics import Counters
 from traits_agent.observe.prometheus import serve_metrics
+from traits_agent.observe.summary import run_summary
 from traits_agent.queue import DiskQueue
 from traits_agent.queue.quota import SharedQuota
 from traits_agent.schema import RESOURCES
@@ -237,6 +239,7 @@ async def run(
     """Run the agent until SIGTERM/SIGINT (or cancellation)."""
     agent = Agent(config=config, api_key=api_key)
     agent.queues = open_queues(config)
+    failed = True
     try:
         async with trio.open_nursery() as root:
             root.start_soon(_watch_signals, agent.stop_requested)
@@ -251,6 +254,7 @@ async def run(
             agent.base_url = base_url
             await _run_pipeline(agent, base_url, task_status)
             root.cancel_scope.cancel()
+        failed = False
     finally:
         close_errors: list[OSError] = []
         for q in agent.queues.values():
@@ -259,7 +263,9 @@ async def run(
             except OSError as e:
                 close_errors.append(e)
                 log.error("queue_close_failed", path=str(getattr(q, "directory", "")), error=str(e))
-        log.info("agent_stopped", queued=sum(q.pending_items for q in agent.queues.values()))
+        if not failed:
+            # a failed start is reported once, as `agent_failed`, by the caller
+            log.info("agent_stopped", queued=sum(q.pending_items for q in agent.queues.values()))
     if close_errors:
         # what was received may not be on disk: say so with the exit status (1), not only
         # in the log
@@ -323,18 +329,51 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
         on_write_error=syncer.write_failed,
         after_flush=quota.rebalance,
     )
+    # the first line of every run, before a recovered backlog's first `batch_delivered`
+    log.info(
+        "agent_started",
+        version=__version__,
+        pid=os.getpid(),
+        endpoint=base_url,
+        queue_dir=config.queue.dir,
+        fsync=config.queue.fsync,
+        queued=sum(q.pending_items for q in agent.queues.values()),
+    )
+    try:
+        await _serve(agent, base_url, client, syncer, ingest, durability, task_status)
+    finally:
+        # also after a failed start (a port in use): no socket file of ours is left behind
+        for path in agent.owned_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+async def _serve(
+    agent: Agent,
+    base_url: str,
+    client: Any,
+    syncer: Syncer,
+    ingest: Ingest,
+    durability: Durability,
+    task_status: Any,
+) -> None:
+    """The running pipeline: lanes, intake, control socket; then the shutdown sequence."""
+    config = agent.config
     async with client, trio.open_nursery() as delivery:
         delivery.start_soon(syncer.run)
         lanes = await _start_lanes(agent, delivery)
         await delivery.start(agent.csv_spool.run)
         async with trio.open_nursery() as intake:
             await _start_sources(agent, ingest, syncer, durability, intake)
+            direct = DirectIntake(agent.queues, ingest, durability, lambda: agent.uploader)
             await intake.start(
                 functools.partial(
                     serve_control,
                     Path(config.control.socket),
                     agent.snapshot,
                     upload=agent.receive_upload,
+                    send=direct.store,
+                    outcome=direct.outcome,
                 )
             )
             agent.listening["control"] = config.control.socket
@@ -345,20 +384,15 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
             intake.start_soon(_cancel_when_set, agent.stop_requested, intake.cancel_scope)
             await delivery.start(systemd.watchdog_task, agent.is_progressing)
             delivery.start_soon(systemd.status_task, agent.describe)
-            log.info(
-                "agent_started",
-                version=__version__,
-                endpoint=base_url,
-                queue_dir=config.queue.dir,
-                fsync=config.queue.fsync,
-                **agent.listening,
-            )
+            delivery.start_soon(run_summary, agent.snapshot)
+            log.info("agent_ready", **agent.listening)
             systemd.ready(agent.describe())
             task_status.started(agent)
         # intake is done: no more reading. Make everything received durable.
         for path in agent.owned_paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        agent.owned_paths.clear()
         agent.stopping = True
         systemd.stopping("flushing the queue to disk")
         systemd.extend_timeout(SHUTDOWN_GRACE_S + 10)

@@ -11,8 +11,22 @@ from traits_agent.config import ConfigError, resolve_api_key
 FAKE_API_KEY = "fake-api-key"
 
 
+def first_run_hint(config_flag: str | None) -> str:
+    """What a newcomer at a terminal wants next: how to send an event, where to look."""
+    cfg = f" --config {config_flag}" if config_flag else ""
+    return (
+        f"\nThe agent is ready. In another terminal:\n"
+        f'  {PROG} send{cfg} level_ups \'{{"user_id": "1001", "level": 10}}\'   '
+        f"# send a test event\n"
+        f"  {PROG} status{cfg}      # what it did with it\n"
+        f"  {PROG} top{cfg}         # a live view\n"
+        f"Ctrl-C stops the agent (the queue stays on disk).\n"
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import dataclasses
+    import functools
 
     import trio
 
@@ -42,8 +56,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.setup(config.log.level, config.log.format)
     from traits_agent.queue import QueueLockedError
 
+    hint = sys.stderr.isatty() and (
+        config.log.format == "console" or (config.log.format == "auto" and sys.stdout.isatty())
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(agent.run, config, key, fake_api=args.fake_api))
+            if hint:
+                print(first_run_hint(args.config), file=sys.stderr, flush=True)
+
     try:
-        trio.run(lambda: agent.run(config, key, fake_api=args.fake_api))
+        trio.run(main)
     except (OSError, QueueLockedError, BaseExceptionGroup) as e:
         # a start-up failure (address in use, queue locked, directory not writable) arrives
         # wrapped by the nurseries it passed through: name the first cause in one line

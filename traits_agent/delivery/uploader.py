@@ -23,6 +23,7 @@ queue's commit re-sends that batch after restart.
 
 from __future__ import annotations
 
+import collections
 import enum
 import functools
 import hashlib
@@ -52,6 +53,8 @@ HOLD_PROBE_MAX_S = 60.0
 DRIFT_MIN_REJECTED = 16
 #: a learned 413 size limit is forgotten after this many deliveries under it
 LIMIT_FORGET_AFTER = 100
+#: dead-lettered seq ranges remembered per resource (for `send --wait`)
+DEAD_LETTER_SEQS_KEPT = 256
 #: we read at most this much of an answer (the API's are tiny; a broken proxy's may not be)
 MAX_ANSWER_BYTES = 64 * 1024
 
@@ -188,6 +191,9 @@ class Uploader:
         self.limiter = trio.CapacityLimiter(max_in_flight)
         self.agent_id = agent_id
         self.states: dict[str, UpstreamState] = {}
+        #: per resource, the last seq ranges dead-lettered (first, last, status, message):
+        #: `traits-agent send --wait` tells "rejected by the API" from "delivered" with it
+        self.dead_lettered_seqs: dict[str, collections.deque] = {}
         #: shrinks after a 413 so later batches fit (bytes of JSON body)
         self.byte_limit: dict[str, int] = {}
         self._limit_successes: dict[str, int] = {}
@@ -240,6 +246,16 @@ class Uploader:
             tried += len(part)
             rejected += len(part)
             await self._dead_letter(resource, part, status, detail, drift)
+            self.dead_lettered_seqs.setdefault(
+                resource.name, collections.deque(maxlen=DEAD_LETTER_SEQS_KEPT)
+            ).append(
+                (
+                    first_seq + offset,
+                    first_seq + offset + len(part) - 1,
+                    status,
+                    scrub(str(detail.get("message", ""))),
+                )
+            )
             if not drift and rejected >= DRIFT_MIN_REJECTED and rejected * 2 > tried:
                 drift = True
                 log.error(
@@ -333,7 +349,10 @@ class Uploader:
             if outcome in (Outcome.AUTH, Outcome.ENDPOINT):
                 self._log_hold(resource, outcome, status, error, delay)
             else:
-                log.warning(
+                # one warning per resource per minute (with what it held back), every
+                # attempt at debug: an outage must not write a warning per retry
+                suppressed = self._ratelimit(f"retry/{resource.name}")
+                (log.warning if suppressed is not None else log.debug)(
                     "upload_retrying",
                     resource=resource.name,
                     items=len(part),
@@ -341,6 +360,7 @@ class Uploader:
                     error=error,
                     attempt=timer.attempt,
                     retry_in_s=round(delay, 3),
+                    **({"suppressed": suppressed} if suppressed else {}),
                 )
             self.counters.inc("upload_retries", resource=resource.name, reason=_reason(status))
             await wait_to_retry(st, delay, self._stopping)

@@ -21,6 +21,7 @@ import structlog
 from traits_agent.intake.fastpath import FastPath
 from traits_agent.intake.wire import Entry, decode_datagram
 from traits_agent.observe.log import RateLimited
+from traits_agent.observe.log import sample as log_sample
 from traits_agent.observe.metrics import Counters
 from traits_agent.queue import MAX_PAYLOAD
 from traits_agent.schema import Rejected, Resource, encode_record, resolve_tag
@@ -57,11 +58,10 @@ class Ingest:
         self.counters.inc("rejected_events", reason=reason)
         suppressed = self._ratelimit(f"rejected/{reason}")
         if suppressed is not None:
-            text = repr(sample)
             log.warning(
                 "event_rejected",
                 reason=reason,
-                sample=text[:300],
+                sample=log_sample(sample),
                 suppressed=suppressed,
                 **context,
             )

@@ -57,6 +57,8 @@ LIMIT_FORGET_AFTER = 100
 DEAD_LETTER_SEQS_KEPT = 256
 #: we read at most this much of an answer (the API's are tiny; a broken proxy's may not be)
 MAX_ANSWER_BYTES = 64 * 1024
+#: an answer nested deeper than this is kept as text only (the API's answers nest 3 deep)
+MAX_ANSWER_DEPTH = 16
 
 
 class Stopping(Exception):
@@ -468,14 +470,35 @@ def read_answer(status: int, headers: httpx.Headers, body: bytes) -> tuple[dict,
     detail: dict = {}
     try:
         parsed = json.loads(body)
-        if isinstance(parsed, dict):
-            detail = parsed
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested past Python's stack
+        parsed = None
         detail = {"message": body[:200].decode("utf-8", "replace")}
+    if isinstance(parsed, dict):
+        if _nesting(parsed) <= MAX_ANSWER_DEPTH:
+            detail = parsed
+        else:  # scrub, the dead-letter file and the log line all walk it recursively
+            detail = {"message": body[:200].decode("utf-8", "replace")}
     retry_after = None
     if status in (429, 503):
         retry_after = parse_retry_after(headers.get("retry-after"))
     return scrub(detail), retry_after
+
+
+def _nesting(value: object) -> int:
+    """How deep containers nest in a parsed JSON value (iterative: safe on any depth)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_ANSWER_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 def _reason(status: int) -> str:

@@ -78,6 +78,7 @@ import trio
 from traits_agent.intake.durability import Durability, Mark
 from traits_agent.intake.unixsock import bind_unix
 from traits_agent.intake.wire import WireError, decode_value, stream_unpacker
+from traits_agent.observe.sample import describe
 
 log = structlog.get_logger(__name__)
 
@@ -418,16 +419,9 @@ def _chunk_of(value: list[Any]) -> object:
 
 
 def _sample(value: object) -> str:
-    """A short description of a value for the log, cheap even for a 32 MiB one."""
-    if isinstance(value, (list, tuple)):
-        head = ", ".join(_sample(v) for v in value[:3])
-        more = ", ..." if len(value) > 3 else ""
-        return f"[{head}{more}] ({len(value)} elements)"
-    if isinstance(value, (str, bytes)):
-        return repr(value[:40]) + (f" ({len(value)} long)" if len(value) > 40 else "")
-    if isinstance(value, dict):
-        return f"<map of {len(value)}>"
-    return repr(value)[:80]
+    """A short description of a value for the log: bounded in time and size whatever the
+    value's size or nesting (see `observe.sample`)."""
+    return describe(value)
 
 
 def _peer(stream: trio.SocketStream) -> str:

@@ -52,7 +52,12 @@ class Ingest:
         self._drops_unlogged: dict[tuple[str, str], int] = {}
 
     def reject(self, reason: str, sample: object = None, **context: object) -> None:
-        """Count one rejected event (or datagram) and log it, rate-limited per reason."""
+        """Count one rejected event (or datagram) and log it, rate-limited per reason.
+
+        `sample` is what the peer sent: `observe.log.sample` bounds it in depth and size, so
+        it never raises whatever the value's shape (a `repr()` of a list nested 1,000 deep
+        raised RecursionError here and stopped the agent).
+        """
         self.counters.inc("rejected_events", reason=reason)
         suppressed = self._ratelimit(f"rejected/{reason}")
         if suppressed is not None:
@@ -65,16 +70,33 @@ class Ingest:
             )
 
     def handle(self, datagrams: list[bytes]) -> None:
-        """The sink for a datagram source: everything in `datagrams`, then flush."""
+        """The sink for a datagram source: everything in `datagrams`, then flush.
+
+        One datagram cannot stop the others: an exception while handling it (a bug of ours
+        that a peer's bytes found) is counted as `rejected_events{reason=internal_error}` and
+        logged with its traceback as `datagram_failed`; the rest of the burst goes on.
+        """
         now = self.wall_clock()
         touched: set[str] = set()
         for data in datagrams:
-            result = decode_datagram(data)
-            for error in result.errors:
-                self.reject(error, data[:64])
-            touched |= self.store_entries(result.entries, now)
+            try:
+                result = decode_datagram(data)
+                for error in result.errors:
+                    self.reject(error, data[:64])
+                touched |= self.store_entries(result.entries, now)
+            except Exception:
+                self._failed(data)
         self.counters.inc("received_datagrams", len(datagrams))
         self.flush(touched)
+
+    def _failed(self, data: bytes) -> None:
+        """Count and log a datagram whose handling raised (never raises itself)."""
+        self.counters.inc("rejected_events", reason="internal_error")
+        try:
+            if self._ratelimit("failed/datagram") is not None:
+                log.exception("datagram_failed", size=len(data), sample=log_sample(data[:64]))
+        except Exception:  # the log line itself failed: the count above is what remains
+            pass
 
     def store_entries(self, entries: Iterable[Entry], now: float) -> set[str]:
         """Validate decoded entries and append them to their queues (buffered: `flush` after).

@@ -434,9 +434,10 @@ async def _start_sources(
 ) -> None:
     config = agent.config.listen
 
-    def sink(datagrams: list[bytes]) -> None:
-        ingest.handle(datagrams)
+    def sink(datagrams: list[bytes]) -> int:
+        taken = ingest.handle(datagrams)
         syncer.dirty()
+        return taken
 
     inherited = InheritedSockets.from_environment()
     sockets = []

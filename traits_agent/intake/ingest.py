@@ -25,6 +25,9 @@ from traits_agent.schema import Rejected, Resource, normalize, resolve_tag
 
 log = structlog.get_logger(__name__)
 
+#: events handled in one synchronous slice of a datagram burst (tens of ms)
+BURST_ENTRIES = 8 * 1024
+
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -69,8 +72,13 @@ class Ingest:
                 **context,
             )
 
-    def handle(self, datagrams: list[bytes]) -> None:
-        """The sink for a datagram source: everything in `datagrams`, then flush.
+    def handle(self, datagrams: list[bytes]) -> int:
+        """The sink for a datagram source: the datagrams of `datagrams`, then flush.
+
+        Returns how many it took: it stops after the datagram that brings this call past
+        `BURST_ENTRIES` events, so that a burst of compressed datagrams (each up to
+        `wire.DATAGRAM_BOUNDS`) is handled in slices between which the source lets the other
+        tasks run; the source calls again with the rest.
 
         One datagram cannot stop the others: an exception while handling it (a bug of ours
         that a peer's bytes found) is counted as `rejected_events{reason=internal_error}` and
@@ -78,16 +86,22 @@ class Ingest:
         """
         now = self.wall_clock()
         touched: set[str] = set()
+        taken = events = 0
         for data in datagrams:
+            taken += 1
             try:
                 result = decode_datagram(data)
                 for error in result.errors:
                     self.reject(error, data[:64])
                 touched |= self.store_entries(result.entries, now)
+                events += len(result.entries)
             except Exception:
                 self._failed(data)
-        self.counters.inc("received_datagrams", len(datagrams))
+            if events >= BURST_ENTRIES:
+                break
+        self.counters.inc("received_datagrams", taken)
         self.flush(touched)
+        return taken
 
     def _failed(self, data: bytes) -> None:
         """Count and log a datagram whose handling raised (never raises itself)."""

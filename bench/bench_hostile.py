@@ -3,9 +3,10 @@
 Starts the real daemon (`python -m traits_agent run`, Forward on loopback TCP, UDP) against
 a local sink that answers 201, then:
 
-1. memory: CONNS connections each send all but the last byte of a 32 MiB value; prints the
+1. Forward memory: CONNS connections each send all but the last byte of a 32 MiB value; prints the
    agent's RSS before and after (VmRSS from /proc).
-2. amplification: one 16 KB gzip datagram that inflates to 5.59M events; prints how long
+2. /metrics: 40 connections each POST a 16 MiB body; RSS before and after.
+3. amplification: one 16 KB gzip datagram that inflates to 5.59M events; prints how long
    the agent's loop was blocked, as seen by a UDP heartbeat it has to answer — the `status`
    control request, timed from here.
 
@@ -60,6 +61,7 @@ def start(directory: Path) -> tuple[subprocess.Popen, Path]:
         'forward = "127.0.0.1:0"\nforward_unix = ""\n'
         f'[queue]\ndir = "{directory / "queue"}"\n'
         f'[control]\nsocket = "{control}"\n[log]\nlevel = "warning"\n'
+        '[metrics]\nlisten = "127.0.0.1:0"\n'
     )
     env = dict(os.environ, TRAITS_API_KEY="bench")
     proc = subprocess.Popen(
@@ -134,11 +136,41 @@ def amplification(proc: subprocess.Popen, control: Path) -> None:
     print(f"  rejected so far: {status(control)['rejected']}")
 
 
+def metrics(proc: subprocess.Popen, control: Path) -> None:
+    host, port = address(status(control)["listening"]["metrics"])
+    before = rss_mib(proc.pid)
+    size = 16 * MiB
+    head = f"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
+    body = b"x" * size
+    socks = []
+
+    def send(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.sendall(head + body)
+
+    threads = []
+    for _ in range(40):
+        s = socket.create_connection((host, port))
+        s.settimeout(60)
+        socks.append(s)
+        t = threading.Thread(target=send, args=(s,), daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    time.sleep(1)
+    after = rss_mib(proc.pid)
+    print(f"metrics: 40 connections x 16 MiB POST body: RSS {before:.0f} MiB -> {after:.0f} MiB")
+    for s in socks:
+        s.close()
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ta-bench-", dir="/tmp") as tmp:
         proc, control = start(Path(tmp))
         try:
             amplification(proc, control)
+            metrics(proc, control)
             memory(proc, control)
         finally:
             proc.send_signal(signal.SIGTERM)

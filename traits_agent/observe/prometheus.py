@@ -28,11 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
 import trio
 
 from traits_agent import __version__
 from traits_agent.delivery.lane import oldest_pending_age
 from traits_agent.httpserver import Request, Response, json_response, serve_http
+from traits_agent.observe.log import RateLimited
+
+log = structlog.get_logger(__name__)
 
 PREFIX = "traits_agent_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -378,6 +382,11 @@ def _key(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 # -- the HTTP endpoint ----------------------------------------------------------------------
 
 
+#: a scrape is one short request: Prometheus uses one connection per target
+METRICS_MAX_CONNECTIONS = 16
+METRICS_TIMEOUT_S = 10.0
+
+
 async def serve_metrics(
     agent: Any,
     host: str = "127.0.0.1",
@@ -389,8 +398,33 @@ async def serve_metrics(
 
     `nursery.start(serve_metrics, agent, host, port)` returns the bound (host, port) (port 0
     lets the OS pick). Raises OSError if the address cannot be bound.
+
+    Bounded, since any local user can connect (issue 7 item 9: 40 connections with request
+    bodies took 678 MiB): at most `METRICS_MAX_CONNECTIONS` at once (more are closed unread),
+    GET and HEAD only (405 before any body is read), no request body at all (413), and
+    `METRICS_TIMEOUT_S` to send a request. Each refusal counts in
+    `metrics_requests_rejected{reason}`.
     """
-    await serve_http(make_handler(agent), host, port, task_status=task_status)
+
+    ratelimit = RateLimited(interval=10.0)
+
+    def rejected(reason: str) -> None:
+        agent.counters.inc("metrics_requests_rejected", reason=reason)
+        suppressed = ratelimit(reason)
+        if suppressed is not None:
+            log.info("metrics_request_rejected", reason=reason, suppressed=suppressed)
+
+    await serve_http(
+        make_handler(agent),
+        host,
+        port,
+        max_body_size=0,
+        idle_timeout=METRICS_TIMEOUT_S,
+        max_connections=METRICS_MAX_CONNECTIONS,
+        methods=frozenset({"GET", "HEAD"}),
+        on_reject=rejected,
+        task_status=task_status,
+    )
 
 
 def make_handler(agent: Any):

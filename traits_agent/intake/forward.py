@@ -598,7 +598,7 @@ class ForwardServer:
         sock = conn.stream.socket
         taken = 0
         try:
-            while taken < self.limits.max_buffer_size:
+            while taken < self.limits.max_buffer_size and not decoder.starved:
                 try:
                     data = _recv_nowait(sock)
                 except BlockingIOError:

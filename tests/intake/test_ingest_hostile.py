@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import msgpack
+import pytest
 from structlog.testing import capture_logs
 
 from traits_agent.intake.ingest import Ingest
 from traits_agent.intake.wire import encode_event
+from traits_agent.observe.log import sample
 from traits_agent.observe.metrics import Counters
 
 T0 = 1546355045
@@ -49,7 +53,18 @@ def test_nested_datagram_is_rejected_with_a_bounded_sample():
         ingest.handle([msgpack.packb(["actions", T0, value])])
     assert counters.get("rejected_events", reason="not_a_map") == 1
     (line,) = [e for e in logs if e["event"] == "event_rejected"]
-    assert line["sample"].startswith("[[[[") and len(line["sample"]) <= 303
+    assert len(json.dumps(line["sample"])) <= 600  # a bounded sample, not the whole value
+
+
+@pytest.mark.parametrize("depth", [1000, 100_000])
+def test_log_samples_of_any_depth_are_bounded(depth):
+    """repr() of a list nested 1,000 deep raises RecursionError; the log sample cuts it."""
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    with pytest.raises(RecursionError):
+        repr(value)
+    assert len(json.dumps(sample(value))) <= 600
 
 
 def test_a_datagram_that_raises_costs_only_itself():

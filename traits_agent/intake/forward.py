@@ -101,7 +101,7 @@ from traits_agent.intake.durability import Durability, Mark
 from traits_agent.intake.unixsock import bind_unix
 from traits_agent.intake.wire import WireError, decode_value, stream_unpacker
 from traits_agent.observe.log import RateLimited
-from traits_agent.observe.sample import describe
+from traits_agent.observe.log import sample as log_sample
 
 log = structlog.get_logger(__name__)
 
@@ -655,10 +655,10 @@ def _chunk_of(value: list[Any]) -> object:
     return option.get("chunk") if type(option) is dict else None
 
 
-def _sample(value: object) -> str:
-    """A short description of a value for the log: bounded in time and size whatever the
-    value's size or nesting (see `observe.sample`)."""
-    return describe(value)
+def _sample(value: object) -> object:
+    """A short sample of a value for the log: bounded in time and size whatever the value's
+    size or nesting (see `observe.log.sample`)."""
+    return log_sample(value)
 
 
 def _peer(stream: trio.SocketStream) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from functools import partial
 
+import msgpack
 import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
@@ -261,3 +262,21 @@ async def test_a_large_chunk_is_stored_in_slices(nursery, rig, tmp_path) -> None
         assert await acks(stream, 1) == [{"ack": "big"}]
     done.set()
     assert any(0 < n < 20_000 for n in seen), sorted(seen)
+
+
+# --------------------------------------------------------------------------- hostile chunk ids
+
+
+async def test_a_chunk_id_that_is_not_utf8_is_acked_with_its_bytes(nursery, rig, tmp_path):
+    """Found by the fuzz target: a non-UTF-8 chunk id closed the connection (internal_error)
+    and was never acked. It is acked with the bytes it came with."""
+    nursery.start_soon(rig.autosync)
+    _, connect = await start_server(nursery, rig, "unix", tmp_path)
+    raw = msgpack.packb(["level_ups", T0, level_up(1)])
+    message = b"\x94" + raw[1:] + b"\x81\xa5chunk\xa2\xff\xfe"  # a 4-array: with an option
+    async with await connect() as stream:
+        await stream.send_all(message)
+        with trio.fail_after(10):
+            answer = await stream.receive_some(4096)
+    assert answer == b"\x81\xa3ack\xa2\xff\xfe"
+    assert rig.closed("internal_error") == 0

@@ -623,14 +623,37 @@ class ForwardServer:
         async with acks:
             async for chunk, mark in acks:
                 await durability.wait(mark)
+                answer = self._ack_bytes(conn, chunk)
+                if answer is None:
+                    continue
                 try:
-                    await conn.stream.send_all(msgpack.packb({"ack": chunk}))
+                    await conn.stream.send_all(answer)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     conn.reason = "reset"
                     nursery_scope.cancel()
                     return
                 conn.progressed()
                 self.counters.inc("forward_acks", source=conn.source)
+
+    def _ack_bytes(self, conn: _Connection, chunk: Any) -> bytes | None:
+        """`{"ack": chunk}` as the peer sent `chunk`: a non-UTF-8 str goes back as its bytes
+        (surrogateescape: found by the Forward fuzz target, it used to close the connection as
+        internal_error, and the client resent the chunk forever). None for a chunk msgpack
+        cannot write back: no ack, counted (`forward_acks_unencodable`) and logged; the
+        connection goes on."""
+        try:
+            return msgpack.packb({"ack": chunk}, unicode_errors="surrogateescape")
+        except (ValueError, TypeError, OverflowError) as e:
+            self.counters.inc("forward_acks_unencodable", source=conn.source)
+            if self._ratelimit(f"ack/{conn.source}") is not None:
+                log.warning(
+                    "forward_ack_unencodable",
+                    source=conn.source,
+                    peer=conn.peer,
+                    chunk=_sample(chunk),
+                    error=str(e),
+                )
+            return None
 
 
 def _recv_nowait(sock: trio.socket.SocketType) -> bytes:

@@ -93,6 +93,11 @@ COUNTER_HELP: dict[str, str] = {
     "forward_connections": "Forward-protocol stream connections accepted, by listener.",
     "forward_acks": "Forward-protocol chunk acks sent (each after its events were fsynced).",
     "forward_connections_closed": "Forward-protocol connections closed by the agent, by reason.",
+    "forward_buffer_waits": "Forward-protocol reads paused: a large message waited for the "
+    "shared memory budget (back-pressure on the client).",
+    "forward_acks_unencodable": "Forward-protocol chunk ids that could not be sent back (no ack).",
+    "metrics_requests_rejected": "Requests to /metrics refused, by reason (too_many_connections, "
+    "method_not_allowed, too_large, bad_request, timeout).",
     "csv_uploaded_files": "CSV files the API accepted, by kind.",
     "csv_uploaded_bytes": "Bytes of CSV files the API accepted, by kind.",
     "csv_rejected_files": "CSV files the API rejected (set aside with a note), by kind and reason.",

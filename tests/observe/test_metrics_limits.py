@@ -3,11 +3,14 @@ time. Before, 40 connections sending bodies held 678 MiB."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import httpx
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from tests.observe.test_prometheus import stand_in
+from tests.observe.test_prometheus import Source, stand_in
+from traits_agent.observe.metrics import Counters
 from traits_agent.observe.prometheus import METRICS_MAX_CONNECTIONS, serve_metrics
 
 GUARD_S = 10
@@ -30,8 +33,11 @@ async def answer(stream: trio.SocketStream) -> bytes:
 async def test_40_connections_with_large_bodies_are_bounded(nursery):
     """40 connections each start a 16 MiB POST: the first 16 get 405 before their body is
     read, the other 24 are closed unread; each refusal is counted; a scrape still works."""
-    agent = stand_in()
-    host, port = await nursery.start(serve_metrics, agent, "127.0.0.1", 0)
+    agent = Source(stand_in())
+    agent.counters = Counters()
+    host, port = await nursery.start(
+        partial(serve_metrics, counters=agent.counters), agent, "127.0.0.1", 0
+    )
     head = b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 16777216\r\n\r\n" + b"x" * 65536
     streams = [await trio.open_tcp_stream(host, port) for _ in range(40)]
     for stream in streams:
@@ -53,8 +59,11 @@ async def test_40_connections_with_large_bodies_are_bounded(nursery):
 async def test_connections_past_the_limit_are_closed_unread(nursery):
     """With 16 connections open and silent, the 17th is closed at once; when one of the 16
     goes, a scrape gets in."""
-    agent = stand_in()
-    host, port = await nursery.start(serve_metrics, agent, "127.0.0.1", 0)
+    agent = Source(stand_in())
+    agent.counters = Counters()
+    host, port = await nursery.start(
+        partial(serve_metrics, counters=agent.counters), agent, "127.0.0.1", 0
+    )
     held = [await trio.open_tcp_stream(host, port) for _ in range(METRICS_MAX_CONNECTIONS)]
     await wait_all_tasks_blocked()
     extra = await trio.open_tcp_stream(host, port)
@@ -70,8 +79,11 @@ async def test_connections_past_the_limit_are_closed_unread(nursery):
 
 async def test_a_get_with_a_body_is_refused_unread(nursery):
     """No request body is read: a GET declaring one gets 413 at once."""
-    agent = stand_in()
-    host, port = await nursery.start(serve_metrics, agent, "127.0.0.1", 0)
+    agent = Source(stand_in())
+    agent.counters = Counters()
+    host, port = await nursery.start(
+        partial(serve_metrics, counters=agent.counters), agent, "127.0.0.1", 0
+    )
     async with await trio.open_tcp_stream(host, port) as stream:
         await stream.send_all(
             b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
@@ -82,8 +94,11 @@ async def test_a_get_with_a_body_is_refused_unread(nursery):
 
 async def test_a_slow_request_is_cut_after_10_s(nursery, autojump_clock):
     """A request that is not complete 10 s after the connection opened is closed, counted."""
-    agent = stand_in()
-    host, port = await nursery.start(serve_metrics, agent, "127.0.0.1", 0)
+    agent = Source(stand_in())
+    agent.counters = Counters()
+    host, port = await nursery.start(
+        partial(serve_metrics, counters=agent.counters), agent, "127.0.0.1", 0
+    )
     async with await trio.open_tcp_stream(host, port) as stream:
         start = trio.current_time()
         await stream.send_all(b"GET /metrics HTTP/1.1\r\n")

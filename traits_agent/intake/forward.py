@@ -100,7 +100,6 @@ import trio
 from traits_agent.intake.durability import Durability, Mark
 from traits_agent.intake.unixsock import bind_unix
 from traits_agent.intake.wire import WireError, decode_value, stream_unpacker
-from traits_agent.observe.log import RateLimited
 from traits_agent.observe.log import sample as log_sample
 
 log = structlog.get_logger(__name__)
@@ -342,7 +341,6 @@ class ForwardServer:
         #: each listener's open connections, by name
         self.listeners: dict[str, dict[_Connection, None]] = {}
         self._slots = trio.Semaphore(limits.big_value_slots)
-        self._ratelimit = RateLimited(interval=10.0)
 
     async def serve(
         self, sock: socket.socket, *, name: str, task_status=trio.TASK_STATUS_IGNORED
@@ -400,15 +398,14 @@ class ForwardServer:
         del conns[victim]
         victim.evicted = True
         victim.scope.cancel()
-        if self._ratelimit(f"evicted/{name}") is not None:
-            log.info(
-                "forward_connection_evicted",
-                source=name,
-                peer=victim.peer,
-                quiet_s=round(quiet, 1),
-                values=victim.values,
-                limit=self.limits.max_connections,
-            )
+        log.info(  # rate-limited: observe.log.RATE_LIMITS
+            "forward_connection_evicted",
+            source=name,
+            peer=victim.peer,
+            quiet_s=round(quiet, 1),
+            values=victim.values,
+            limit=self.limits.max_connections,
+        )
         return True
 
     async def _connection(
@@ -453,14 +450,13 @@ class ForwardServer:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
             self.counters.inc("forward_buffer_waits", source=conn.source)
-            if self._ratelimit(f"budget/{conn.source}") is not None:
-                log.info(
-                    "forward_read_paused",
-                    source=conn.source,
-                    peer=conn.peer,
-                    reason="buffer_budget",
-                    budget=self.limits.max_buffered_bytes,
-                )
+            log.info(  # rate-limited: observe.log.RATE_LIMITS
+                "forward_read_paused",
+                source=conn.source,
+                peer=conn.peer,
+                reason="buffer_budget",
+                budget=self.limits.max_buffered_bytes,
+            )
             await self._slots.acquire()
         conn.slot_deadline = trio.current_time() + self.limits.big_value_timeout_s
         decoder.grow()
@@ -645,14 +641,13 @@ class ForwardServer:
             return msgpack.packb({"ack": chunk}, unicode_errors="surrogateescape")
         except (ValueError, TypeError, OverflowError) as e:
             self.counters.inc("forward_acks_unencodable", source=conn.source)
-            if self._ratelimit(f"ack/{conn.source}") is not None:
-                log.warning(
-                    "forward_ack_unencodable",
-                    source=conn.source,
-                    peer=conn.peer,
-                    chunk=_sample(chunk),
-                    error=str(e),
-                )
+            log.warning(  # rate-limited: observe.log.RATE_LIMITS
+                "forward_ack_unencodable",
+                source=conn.source,
+                peer=conn.peer,
+                sample=chunk,
+                error=str(e),
+            )
             return None
 
 

@@ -320,7 +320,10 @@ class _Connection:
 class ForwardServer:
     """Serves the Forward protocol on any number of listening stream sockets.
 
-    One server holds the connection limit for all its listeners. `serve(sock, name=...)` runs
+    Each listener has its own connection limit; the big-value memory budget is the server's,
+    shared by all its listeners. The accept loop is our own rather than `trio.serve_listeners`
+    (which also sleeps on EMFILE): a connection past the limit must be refused or make room
+    before a handler starts. `serve(sock, name=...)` runs
     one listener until cancelled; start it with `await nursery.start(server.serve, sock, ...)`
     so the caller knows the socket is being served (`task_status` gets its address).
     """

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from traits_agent import paths
+from traits_agent.errors import ConfigError
 from traits_agent.schema import RESOURCES
 
 ENDPOINTS = {
@@ -28,14 +29,6 @@ ON_FULL_POLICIES = ("drop_oldest", "drop_newest")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 API_ITEM_LIMIT = 1000
-
-
-class ConfigError(ValueError):
-    """A config key, flag or value is wrong; `key` names it for the one-line message."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 class Secret(str):
@@ -192,7 +185,7 @@ def from_mapping(
             raise ConfigError(name, f"unknown section (known: {', '.join(sections)})")
         if not isinstance(value, Mapping):
             raise ConfigError(name, "must be a table, e.g. [" + name + "]")
-        section_type = sections[name].default_factory  # type: ignore[misc]
+        section_type: Any = sections[name].default_factory
         built[name] = _build_section(name, section_type, _resolve_paths(name, value, base))
     return validate(Config(**built, source=source))
 

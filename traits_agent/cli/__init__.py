@@ -1,7 +1,9 @@
 """`traits-agent` command line: argv → the command module that runs it (one module per command).
 
 Exit status: 0 success; 1 the thing asked for did not happen (no agent running, event not sent,
-invalid event); 2 bad usage or configuration (one line naming the flag or key).
+invalid event); 2 bad usage or configuration (one line naming the flag or key). Every error of
+the agent's own (`traits_agent.errors.TraitsAgentError`) reaches the user as one line
+`traits-agent: <message>` with the exit status its class names, never as a traceback.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import sys
 import textwrap
 
 from traits_agent import __version__
-from traits_agent.cli.common import PROG, UsageError
-from traits_agent.config import ConfigError
+from traits_agent.cli.common import PROG
+from traits_agent.errors import TraitsAgentError
 
 RUN_EPILOG = """\
 The API key comes from $TRAITS_API_KEY, else [api] key_file, else
@@ -262,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _command(args.command)(args)
-    except (ConfigError, UsageError) as e:
+    except TraitsAgentError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

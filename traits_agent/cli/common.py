@@ -7,12 +7,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from traits_agent.config import Config, find_config_file, load_config
+from traits_agent.errors import UsageError as UsageError  # re-exported: the commands raise it
 
 PROG = "traits-agent"
-
-
-class UsageError(Exception):
-    """Bad usage that argparse did not catch; exit 2."""
 
 
 def config_from(args: argparse.Namespace) -> Config:

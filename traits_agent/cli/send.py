@@ -28,6 +28,7 @@ from typing import Any, TextIO
 
 from traits_agent.cli.common import PROG, UsageError, config_from, forward_datagrams
 from traits_agent.config import Config
+from traits_agent.errors import TraitsAgentError
 
 #: records per `send` request over the control socket (under its MAX_RECORDS)
 CHUNK_RECORDS = 1000
@@ -37,7 +38,7 @@ POLL_S = 0.2
 SHOW_INVALID = 10
 
 
-class NotSent(Exception):
+class NotSent(TraitsAgentError):
     """The events did not reach the agent; the message says why (exit 1)."""
 
 
@@ -134,16 +135,21 @@ def _read_ndjson(
 
 
 def _send(config: Config, name: str, records: Iterable[dict], event_time: float) -> tuple[str, int]:
-    """Datagrams to `[listen] unix`; without one, the control socket. Returns where to, and
-    how many events went."""
-    if not config.listen.unix:
+    """Datagrams to the agent's socket (found as the client finds it); without one, the
+    control socket. Returns where to, and how many events went."""
+    from traits_agent_client.where import agent_socket
+
+    # $TRAITS_AGENT_SOCKET, else a config file's [listen] unix, else the system service's
+    # socket when it exists, else the per-user default: the client's rule, written once
+    path = agent_socket(config.listen.unix if config.source else None)
+    if not path:
         answers = _store(Path(config.control.socket), name, records, event_time)
         return config.control.socket, sum(a["stored"] for a in answers)
-    path = config.listen.unix
     sent = 0
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(path)  # before reading stdin: no agent fails at once
+            # before reading stdin: no agent fails at once
+            s.connect("\0" + path[1:] if path.startswith("@") else path)
             # blocking: a full socket queue makes us wait for the agent, never drop
             s.settimeout(30.0)
             for datagram in forward_datagrams(name, ((event_time, r) for r in records)):

@@ -15,13 +15,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 import trio
 
-from traits_agent.delivery.uploader import Stopping
-from traits_agent.observe.log import RateLimited
+from traits_agent.errors import Stopping
 from traits_agent.schema import Resource
 
 log = structlog.get_logger(__name__)
@@ -30,8 +29,6 @@ log = structlog.get_logger(__name__)
 UNREADABLE_RETRY_S = 1.0
 #: how long a lane waits after delivery failed with an unexpected error
 FAILURE_RETRY_S = 30.0
-#: at most one `queue_read_failed` line per lane this often (the rest are counted)
-READ_ERROR_LOG_S = 60.0
 
 
 class BatchLike(Protocol):
@@ -39,15 +36,19 @@ class BatchLike(Protocol):
     seqs: list[int]
 
 
-class QueueLike(Protocol):
-    """What a lane needs from the disk queue."""
+B = TypeVar("B", bound=BatchLike)
+
+
+class QueueLike(Protocol[B]):
+    """What a lane needs from the disk queue (`queue.DiskQueue` is one, with its `Batch`): a
+    lane commits exactly the batches the same queue handed it."""
 
     @property
     def pending_items(self) -> int: ...
     @property
     def pending_bytes(self) -> int: ...
-    def read_batch(self, max_items: int, max_bytes: int) -> BatchLike | None: ...
-    def commit(self, batch: BatchLike) -> None: ...
+    def read_batch(self, max_items: int, max_bytes: int) -> B | None: ...
+    def commit(self, batch: B, /) -> None: ...
 
 
 #: (resource, payloads, the queue seq of each payload)
@@ -60,7 +61,7 @@ class Lane:
     def __init__(
         self,
         resource: Resource,
-        queue: QueueLike,
+        queue: QueueLike[Any],
         deliver: Deliver,
         *,
         max_items: int,
@@ -80,7 +81,6 @@ class Lane:
         self.in_flight = 0
         self.failures = 0
         self._stopping = False
-        self._read_log = RateLimited(interval=READ_ERROR_LOG_S)
         self._recreated_seen = getattr(queue, "dir_recreated", 0)
         self._dir_lost_seen = getattr(queue, "dropped_dir_deleted", 0)
 
@@ -165,21 +165,18 @@ class Lane:
 
     def _say_read_error(self) -> None:
         """The queue could not read (EMFILE, EACCES, EIO...): nothing was skipped, the lane
-        waits there and tries again; say so, once a minute at most."""
+        waits there and tries again; say so (once a minute: observe.log.RATE_LIMITS)."""
         error = getattr(self.queue, "read_error", None)
         if error is None:
             return
-        suppressed = self._read_log(self.resource.name)
-        if suppressed is not None:
-            log.error(
-                "queue_read_failed",
-                resource=self.resource.name,
-                errno=error.errno,
-                error=str(error),
-                retries=getattr(self.queue, "read_retries", 0),
-                suppressed=suppressed,
-                hint="nothing is skipped: delivery waits here and retries",
-            )
+        log.error(
+            "queue_read_failed",
+            resource=self.resource.name,
+            errno=error.errno,
+            error=str(error),
+            retries=getattr(self.queue, "read_retries", 0),
+            hint="nothing is skipped: delivery waits here and retries",
+        )
 
     def _say_dir_recreated(self) -> None:
         """The queue found its directory deleted and made it again: an operator must know

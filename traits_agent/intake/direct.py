@@ -99,7 +99,12 @@ class DirectIntake:
         """Where the seq range `first_seq..last_seq` of `resource` is now."""
         name = body.get("resource")
         first, last = body.get("first_seq"), body.get("last_seq")
-        if name not in self.queues or not isinstance(first, int) or not isinstance(last, int):
+        if (
+            not isinstance(name, str)
+            or name not in self.queues
+            or not isinstance(first, int)
+            or not isinstance(last, int)
+        ):
             return {"error": "outcome: needs resource, first_seq, last_seq"}
         queue = self.queues[name]
         delivered_before = queue.delivered.next_seq  # every seq below it is answered

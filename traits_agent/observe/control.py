@@ -32,6 +32,7 @@ from typing import Any
 import structlog
 import trio
 
+from traits_agent.errors import AgentNotRunning
 from traits_agent.intake.unixsock import bind_unix
 
 log = structlog.get_logger(__name__)
@@ -39,10 +40,6 @@ log = structlog.get_logger(__name__)
 #: a request line: `status`, `upload ...` are short; `send` carries up to a chunk of events
 MAX_REQUEST = 1024 * 1024
 MAX_FDS = 4
-
-
-class AgentNotRunning(Exception):
-    """No agent answers on the control socket."""
 
 
 async def serve_control(

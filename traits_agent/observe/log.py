@@ -1,21 +1,26 @@
 """structlog setup: JSON lines off a TTY (journald, files), a readable console on a TTY.
 
 Events are `snake_case` verbs with key=value context. Two guards sit in the processor chain:
-`redact` replaces the API key wherever it appears (a URL with `?api_key=`, an error text that
-echoes a header) and `RateLimited` keeps a storm of identical warnings to one line per interval
-with a count of what it held back. `sample` makes a rejected event loggable as JSON of bounded
-size (so `jq .sample.user_id` reads into it). The console renderer colours only on a terminal
-and never when `$NO_COLOR` is set (https://no-color.org).
+`RateLimit` keeps a storm of identical lines to one per interval with a count of what it held
+back — which lines, and what makes two of them "identical", is the one table `RATE_LIMITS`, so
+call sites just log (some are demoted to debug instead of dropped: every retry of an outage is
+there at debug, one warning a minute); `bound_sample` makes a rejected event's `sample` JSON
+of bounded size (so `jq .sample.user_id` reads into it), after the rate limit, so a line held
+back costs no encoding; and `redact` replaces the API key wherever it appears (a URL with
+`?api_key=`, an error text that echoes a header). The console renderer colours only on a
+terminal and never when `$NO_COLOR` is set (https://no-color.org).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -83,6 +88,13 @@ def sample(value: Any, limit: int = SAMPLE_CHARS) -> Any:
     return text[: limit - 1] + "…"
 
 
+def bound_sample(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> Any:
+    """structlog processor: a `sample` field becomes `sample(value)` (bounded JSON)."""
+    if "sample" in event_dict:
+        event_dict["sample"] = sample(event_dict["sample"])
+    return event_dict
+
+
 def _jsonable(value: Any, depth: int = 0) -> Any:
     if isinstance(value, bytes | bytearray):
         return repr(bytes(value[:SAMPLE_STRING_CHARS]))
@@ -116,41 +128,107 @@ def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
+    min_level = getattr(logging, level.upper(), logging.INFO)
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
+            # first (after the level it may demote): a line held back costs nothing more
             structlog.processors.add_log_level,
+            RateLimit(min_level=min_level),
+            bound_sample,
+            structlog.contextvars.merge_contextvars,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             redact,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            getattr(logging, level.upper(), logging.INFO)
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(min_level),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
 
 
-class RateLimited:
-    """Let one line per `key` through every `interval` seconds; count the rest.
+@dataclass(frozen=True)
+class Limit:
+    """At most one line per `interval` seconds for each distinct value of the `key` fields;
+    numeric `sums` fields of the lines held back are added to the next line that passes.
+    With `demote`, a line held back is not dropped but logged at debug (when debug is on)."""
+
+    interval: float
+    key: tuple[str, ...] = ()
+    sums: tuple[str, ...] = ()
+    demote: bool = False
+
+
+#: every rate-limited event, in one place (event name → its limit)
+RATE_LIMITS: dict[str, Limit] = {
+    # intake: bad input and a full or failing disk can repeat thousands of times a second
+    "event_rejected": Limit(10.0, ("reason",)),
+    "events_dropped": Limit(10.0, ("resource", "reason"), sums=("dropped",)),
+    "queue_write_failed": Limit(10.0, ("resource", "errno")),
+    # hostile peers (issue 7): a flood of bad input must not become a flood of log lines
+    "datagram_failed": Limit(10.0),
+    "datagram_burst_failed": Limit(10.0, ("source",)),
+    "forward_connection_evicted": Limit(10.0, ("source",)),
+    "forward_read_paused": Limit(10.0, ("source",)),
+    "forward_ack_unencodable": Limit(10.0, ("source",)),
+    "metrics_request_rejected": Limit(10.0, ("reason",)),
+    # delivery: one line a minute is enough to say the API refuses or holds
+    "dead_lettered": Limit(60.0, ("resource",)),
+    "upload_auth_failed": Limit(60.0, ("resource",)),
+    "upload_endpoint_error": Limit(60.0, ("resource",)),
+    # the queue cannot read (EMFILE, EIO...): the lane retries every second, says so once a minute
+    "queue_read_failed": Limit(60.0, ("resource", "errno")),
+    "csv_upload_auth_failed": Limit(60.0, ("kind",)),
+    "csv_upload_endpoint_error": Limit(60.0, ("kind",)),
+    # an outage: one warning a minute per upstream, every attempt at debug
+    "upload_retrying": Limit(60.0, ("resource",), demote=True),
+    "csv_upload_retrying": Limit(60.0, ("kind",), demote=True),
+}
+
+
+class RateLimit:
+    """structlog processor: let one line per event and key through every interval; drop the
+    rest (`structlog.DropEvent`) and count them.
 
     The next line that passes carries `suppressed=N`, so an operator sees how much was held
-    back. `clock` is injectable for tests (defaults to time.monotonic).
+    back. Events not in `limits` pass untouched. `clock` is injectable for tests.
     """
 
-    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic):
-        self.interval = interval
+    def __init__(
+        self,
+        limits: Mapping[str, Limit] = RATE_LIMITS,
+        clock: Callable[[], float] = time.monotonic,
+        min_level: int = logging.DEBUG,
+    ) -> None:
+        self.limits = limits
         self.clock = clock
-        self._next: dict[str, float] = {}
-        self._held: dict[str, int] = {}
+        #: the configured level: a demoted line is dropped when debug is off
+        self.min_level = min_level
+        self._next: dict[tuple[str, ...], float] = {}
+        self._held: dict[tuple[str, ...], dict[str, float]] = {}
 
-    def __call__(self, key: str) -> int | None:
-        """None: hold this line back. An int: log it, with that many suppressed before it."""
+    def __call__(
+        self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event = event_dict.get("event")
+        limit = self.limits.get(event) if isinstance(event, str) else None
+        if limit is None:
+            return event_dict
+        key = (str(event), *(str(event_dict.get(name)) for name in limit.key))
         now = self.clock()
-        if now < self._next.get(key, float("-inf")):
-            self._held[key] = self._held.get(key, 0) + 1
-            return None
-        self._next[key] = now + self.interval
-        return self._held.pop(key, 0)
+        if now < self._next.get(key, -math.inf):
+            held = self._held.setdefault(key, {"suppressed": 0})
+            held["suppressed"] += 1
+            for name in limit.sums:
+                held[name] = held.get(name, 0) + event_dict.get(name, 0)
+            if limit.demote and self.min_level <= logging.DEBUG:
+                event_dict["level"] = "debug"
+                return event_dict
+            raise structlog.DropEvent
+        self._next[key] = now + limit.interval
+        held = self._held.pop(key, {})
+        event_dict["suppressed"] = int(held.get("suppressed", 0))
+        for name in limit.sums:
+            if name in held:
+                event_dict[name] = event_dict.get(name, 0) + held[name]
+        return event_dict

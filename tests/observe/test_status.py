@@ -51,6 +51,9 @@ RESOURCE_KEYS = {
     "upstream",
     "last_error",
     "next_retry_in_s",
+    # issue 7 items 2 and 13: a queue that cannot store, reads retried instead of skipped
+    "queue_error",
+    "read_retries",
 }
 CSV_KEYS = {
     "dir",

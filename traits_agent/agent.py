@@ -153,6 +153,7 @@ class Agent:
                 "accepted": c.total("accepted_events"),
             },
             "rejected": c.by_label("rejected_events", "reason"),
+            "protocol_errors": c.by_label("protocol_errors", "reason"),
             "stripped_fields": c.total("stripped_fields"),
             "resources": resources,
             "csv": csv,

@@ -52,6 +52,9 @@ def format_status(s: dict[str, Any]) -> str:
     if s["rejected"]:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["rejected"].items()))
         lines.append(f"rejected: {reasons}")
+    if s.get("protocol_errors"):
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["protocol_errors"].items()))
+        lines.append(f"protocol errors (messages): {reasons}")
     lines.append("")
     header = f"{'resource':<18}{'queued':>9}{'delivered':>11}{'dead':>7}{'dropped':>9}  upstream"
     lines.append(header)

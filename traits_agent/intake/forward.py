@@ -64,6 +64,7 @@ internal_error, a bug of ours, logged with its traceback: it closes only that co
 from __future__ import annotations
 
 import errno
+import json
 import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -76,8 +77,10 @@ import structlog
 import trio
 
 from traits_agent.intake.durability import Durability, Mark
+from traits_agent.intake.handshake import Security, Session, is_ping
+from traits_agent.intake.jsonstream import JsonStream, JsonStreamError, starts_json
 from traits_agent.intake.unixsock import bind_unix
-from traits_agent.intake.wire import WireError, decode_value, stream_unpacker
+from traits_agent.intake.wire import WireError, decode_value, event_count, stream_unpacker
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +92,9 @@ BACKLOG = 128
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_RETRY_S = 0.1
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+#: a connection to a keyless listener that sends nothing this long is logged once (it may be
+#: a client waiting for a HELO: see `_first_receive`)
+SILENT_PEER_HINT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,9 @@ class _Ingest(Protocol):
     def store_entries(self, entries: Iterable[Any], now: float) -> set[str]: ...
     def flush(self, names: set[str]) -> None: ...
     def reject(self, reason: str, sample: object = None, **context: object) -> None: ...
+    def protocol_error(
+        self, reason: str, sample: object = None, events: int = 0, **context: object
+    ) -> None: ...
 
 
 class _Decoder:
@@ -179,6 +188,19 @@ class _Decoder:
                 raise _ProtocolError("not_msgpack", f"{type(e).__name__}: {e}") from None
 
 
+class _JsonDecoder:
+    """JSON values out of a byte stream (a connection whose first byte is `[` or `{`)."""
+
+    def __init__(self, limit: int) -> None:
+        self._stream = JsonStream(limit)
+
+    def values(self, data: bytes) -> Iterator[Any]:
+        try:
+            yield from self._stream.values(data)
+        except JsonStreamError as e:
+            raise _ProtocolError(e.reason, e.detail) from None
+
+
 class _ProtocolError(Exception):
     """The peer does not speak the protocol; its connection is closed."""
 
@@ -186,6 +208,21 @@ class _ProtocolError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.sample = sample
+
+
+def _pack_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), default=_json_default).encode()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+#: an item for the connection's writer: the bytes to send, what must be durable first, and
+#: whether it is an ack (counted) rather than a handshake reply
+_Reply = tuple[bytes, Mark, bool]
 
 
 @dataclass
@@ -196,6 +233,14 @@ class _Connection:
     scope: trio.CancelScope
     idle_timeout_s: float
     reason: str = "eof"
+    #: the stream's decoder, chosen by its first byte (JSON or msgpack)
+    decoder: _Decoder | _JsonDecoder | None = None
+    #: how replies are encoded: as the client writes
+    encode: Callable[[Any], bytes] = msgpack.packb
+    #: the handshake still to do (None: none configured, or done)
+    session: Session | None = None
+    #: a message stopped the connection: nothing after it is read
+    stopped: bool = False
 
     def progressed(self) -> None:
         self.scope.deadline = trio.current_time() + self.idle_timeout_s
@@ -206,7 +251,8 @@ class ForwardServer:
 
     One server holds the connection limit for all its listeners. `serve(sock, name=...)` runs
     one listener until cancelled; start it with `await nursery.start(server.serve, sock, ...)`
-    so the caller knows the socket is being served (`task_status` gets its address).
+    so the caller knows the socket is being served (`task_status` gets its address). A
+    listener given `security` asks every connection for the shared-key handshake first.
     """
 
     def __init__(
@@ -224,7 +270,12 @@ class ForwardServer:
         self.connections = 0
 
     async def serve(
-        self, sock: socket.socket, *, name: str, task_status=trio.TASK_STATUS_IGNORED
+        self,
+        sock: socket.socket,
+        *,
+        name: str,
+        security: Security | None = None,
+        task_status=trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept and serve connections on the bound `sock` (ours or inherited from systemd)
         until cancelled; the socket is closed on return, its file (if any) is left alone."""
@@ -251,9 +302,11 @@ class ForwardServer:
                     await trio.aclose_forcefully(stream)
                     continue
                 self.connections += 1
-                handlers.start_soon(self._connection, stream, name)
+                handlers.start_soon(self._connection, stream, name, security)
 
-    async def _connection(self, stream: trio.SocketStream, name: str) -> None:
+    async def _connection(
+        self, stream: trio.SocketStream, name: str, security: Security | None = None
+    ) -> None:
         conn = _Connection(
             stream,
             name,
@@ -266,15 +319,18 @@ class ForwardServer:
         conn.progressed()
         try:
             with conn.scope:
-                send, receive = trio.open_memory_channel[tuple[Any, Mark]](
-                    self.limits.max_pending_acks
-                )
+                if security is not None:
+                    conn.session = Session(security)
+                    await stream.send_all(msgpack.packb(conn.session.helo()))
+                send, receive = trio.open_memory_channel[_Reply](self.limits.max_pending_acks)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._send_acks, conn, receive, nursery.cancel_scope)
+                    nursery.start_soon(self._send_replies, conn, receive, nursery.cancel_scope)
                     async with send:
                         await self._read(conn, send, nursery.cancel_scope)
             if conn.scope.cancelled_caught:
                 conn.reason = "idle_timeout"
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            conn.reason = "reset"  # while sending the HELO
         except Exception:
             # A bug of ours met by this peer's data. Kill only this connection: a client that
             # resends its chunk on reconnect must not be able to crash-loop the whole agent.
@@ -292,75 +348,153 @@ class ForwardServer:
     async def _read(
         self,
         conn: _Connection,
-        acks: trio.MemorySendChannel[tuple[Any, Mark]],
+        replies: trio.MemorySendChannel[_Reply],
         nursery_scope: trio.CancelScope,
     ) -> None:
-        """Receive, decode and store until EOF or a protocol error; hand chunks to ack."""
-        decoder = _Decoder(self.limits.max_buffer_size)
+        """Receive, decode and store until EOF or a protocol error; hand chunks to ack.
+
+        A message the agent cannot use (see the module docstring) ends the reading: the
+        replies owed for the messages before it are still sent, then the connection closes.
+        """
         try:
-            while True:
+            first = True
+            while not conn.stopped:
                 try:
-                    data = await conn.stream.receive_some(RECEIVE_BYTES)
+                    if first and conn.session is None:
+                        data = await self._first_receive(conn)
+                    else:
+                        data = await conn.stream.receive_some(RECEIVE_BYTES)
                 except trio.BrokenResourceError:
                     conn.reason = "reset"
                     return
+                first = False
                 if not data:
                     return  # EOF: acks still owed are sent before the connection closes
                 conn.progressed()
-                pending = self._take(conn, decoder, data)
-                for ack in pending:
-                    await acks.send(ack)
+                for reply in self._take(conn, data):
+                    await replies.send(reply)
         except _ProtocolError as e:
             conn.reason = e.reason
-            self.ingest.reject(e.reason, e.sample, source=conn.source, peer=conn.peer)
+            self.ingest.protocol_error(e.reason, e.sample, source=conn.source, peer=conn.peer)
             nursery_scope.cancel()  # no more acks either: the stream is out of step
         except trio.Cancelled:
             if not (conn.scope.cancel_called or nursery_scope.cancel_called):
                 conn.reason = "shutdown"
-                self._drain(conn, decoder)
+                self._drain(conn)
             raise
 
-    def _take(self, conn: _Connection, decoder: _Decoder, data: bytes) -> list[tuple[Any, Mark]]:
-        """Decode `data`, store every whole value, flush once; the acks the values asked for.
+    async def _first_receive(self, conn: _Connection) -> bytes:
+        """The first bytes of a connection to a listener without a shared key. A client that
+        sends nothing for a while may be waiting for a HELO (it has a shared key configured):
+        say so once in the log, then go on waiting (it may also just be quiet)."""
+        with trio.move_on_after(SILENT_PEER_HINT_S):
+            return await conn.stream.receive_some(RECEIVE_BYTES)
+        self.counters.inc("forward_silent_connections", source=conn.source)
+        log.warning(
+            "forward_peer_silent",
+            source=conn.source,
+            peer=conn.peer,
+            after_s=SILENT_PEER_HINT_S,
+            hint="a client configured with a shared key (Fluent Bit Shared_Key, Fluentd "
+            "<security>) waits for a HELO this listener does not send: configure the same key "
+            "on the listener (listen.forward_shared_key) or remove it from the client",
+        )
+        return await conn.stream.receive_some(RECEIVE_BYTES)
 
-        Raises _ProtocolError when the peer is not speaking the protocol (after storing and
-        flushing what came before the bad bytes).
+    def _take(self, conn: _Connection, data: bytes) -> list[_Reply]:
+        """Decode `data`, store every whole value, flush once; the replies owed.
+
+        Raises _ProtocolError when the peer is not speaking the protocol at all (after storing
+        and flushing what came before the bad bytes). A message that is msgpack (or JSON) but
+        not a usable entry sets `conn.stopped` instead: what came before it is still acked.
         """
         ingest = self.ingest
         durability = self.durability
         now = ingest.wall_clock()
         touched: set[str] = set()
-        acks: list[tuple[Any, Mark]] = []
+        replies: list[_Reply] = []
+        if conn.decoder is None:
+            if starts_json(data[0]):
+                conn.decoder = _JsonDecoder(self.limits.max_buffer_size)
+                conn.encode = _pack_json
+            else:
+                conn.decoder = _Decoder(self.limits.max_buffer_size)
         try:
-            for value in decoder.values(data):
+            for value in conn.decoder.values(data):
                 if value is None:  # heartbeat
+                    continue
+                if conn.session is not None:
+                    replies.append(self._handshake(conn, value))
+                    if conn.stopped:
+                        break
                     continue
                 if type(value) is not list:
                     raise _ProtocolError("not_an_entry", _sample(value))
                 try:
                     entries, option = decode_value(value)
                 except WireError as e:
-                    ingest.reject(e.reason, _sample(value), source=conn.source, peer=conn.peer)
-                    chunk = _chunk_of(value)
-                    names: set[str] = set()
-                else:
-                    chunk = option.get("chunk") if option else None
-                    names = ingest.store_entries(entries, now)
-                    touched |= names
+                    replies.extend(self._refuse(conn, value, e.reason, e.events))
+                    break
+                names = ingest.store_entries(entries, now)
+                touched |= names
+                chunk = option.get("chunk") if option else None
                 if chunk is not None:
-                    acks.append((chunk, durability.mark(names)))
+                    reply = conn.encode({"ack": chunk})
+                    replies.append((reply, durability.mark(names), True))
         finally:
             if touched:
                 ingest.flush(touched)
                 durability.written()
-        return acks
+        return replies
 
-    def _drain(self, conn: _Connection, decoder: _Decoder) -> None:
+    def _refuse(
+        self, conn: _Connection, value: list[Any], reason: str, events: int
+    ) -> list[_Reply]:
+        """A message that is not a usable entry: counted (per event and once as a protocol
+        error), logged with its likely cause, never acked; the connection stops here. A client
+        with acks keeps the chunk and sends it again, so nothing is lost while an operator
+        sees the error (acking it would make the client drop it). A PING (a client with a
+        shared key, to a listener without one) gets a failed PONG that says so."""
+        replies: list[_Reply] = []
+        if is_ping(value):
+            reason = "unexpected_handshake"
+            pong = ["PONG", False, "this listener has no shared key configured", "", ""]
+            replies.append((conn.encode(pong), (), False))
+        conn.reason = reason
+        conn.stopped = True
+        self.ingest.protocol_error(
+            reason, _sample(value), events, source=conn.source, peer=conn.peer
+        )
+        return replies
+
+    def _handshake(self, conn: _Connection, value: Any) -> _Reply:
+        """The PONG for the first message of a connection to a listener with a shared key."""
+        session = conn.session
+        assert session is not None
+        pong, failure = session.answer(value)
+        if failure is None:
+            conn.session = None
+            log.debug("forward_handshake_passed", source=conn.source, peer=conn.peer)
+        else:
+            reason = "auth_failed" if is_ping(value) else "handshake_expected"
+            conn.reason = reason
+            conn.stopped = True
+            self.ingest.protocol_error(
+                reason,
+                _sample(value),
+                0 if is_ping(value) else event_count(value),
+                source=conn.source,
+                peer=conn.peer,
+                error=failure,
+            )
+        return conn.encode(pong), (), False
+
+    def _drain(self, conn: _Connection) -> None:
         """At shutdown: store what the kernel already holds for this connection (bounded)."""
         sock = conn.stream.socket
         taken = 0
         try:
-            while taken < self.limits.max_buffer_size:
+            while taken < self.limits.max_buffer_size and not conn.stopped:
                 try:
                     data = _recv_nowait(sock)
                 except BlockingIOError:
@@ -368,31 +502,32 @@ class ForwardServer:
                 if not data:
                     break
                 taken += len(data)
-                self._take(conn, decoder, data)
+                self._take(conn, data)
         except _ProtocolError as e:
-            self.ingest.reject(e.reason, e.sample, source=conn.source, peer=conn.peer)
+            self.ingest.protocol_error(e.reason, e.sample, source=conn.source, peer=conn.peer)
         except OSError:
             pass  # reset by the peer: nothing more to take
 
-    async def _send_acks(
+    async def _send_replies(
         self,
         conn: _Connection,
-        acks: trio.MemoryReceiveChannel[tuple[Any, Mark]],
+        replies: trio.MemoryReceiveChannel[_Reply],
         nursery_scope: trio.CancelScope,
     ) -> None:
-        """Write `{"ack": chunk}` for each chunk, in order, once its records are durable."""
+        """Write each reply in order: an ack `{"ack": chunk}` once its records are durable."""
         durability = self.durability
-        async with acks:
-            async for chunk, mark in acks:
+        async with replies:
+            async for data, mark, is_ack in replies:
                 await durability.wait(mark)
                 try:
-                    await conn.stream.send_all(msgpack.packb({"ack": chunk}))
+                    await conn.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     conn.reason = "reset"
                     nursery_scope.cancel()
                     return
                 conn.progressed()
-                self.counters.inc("forward_acks", source=conn.source)
+                if is_ack:
+                    self.counters.inc("forward_acks", source=conn.source)
 
 
 def _recv_nowait(sock: trio.socket.SocketType) -> bytes:
@@ -403,18 +538,6 @@ def _recv_nowait(sock: trio.socket.SocketType) -> bytes:
         return view.recv(RECEIVE_BYTES, socket.MSG_DONTWAIT)
     finally:
         view.detach()
-
-
-def _chunk_of(value: list[Any]) -> object:
-    """The `chunk` of a value that did not decode, if its option map can be found: the 4th
-    element, or the 3rd when the 2nd is not a time (so the 3rd is not a Message's record)."""
-    if len(value) == 4:
-        option = value[3]
-    elif len(value) == 3 and isinstance(value[1], (list, bytes, str)):
-        option = value[2]
-    else:
-        return None
-    return option.get("chunk") if type(option) is dict else None
 
 
 def _sample(value: object) -> str:

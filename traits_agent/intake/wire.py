@@ -71,7 +71,7 @@ class DecodeResult(NamedTuple):
 
     entries: list[Entry]
     errors: list[str]
-    lost: list[int] = []  # noqa: RUF012 (never mutated: each result builds its own)
+    lost: list[int] = []  # never mutated: each result builds its own
 
 
 class WireError(ValueError):
@@ -182,7 +182,7 @@ def decode_value(obj: Any) -> tuple[list[Entry], dict[Any, Any] | None]:
         return _decode_value(obj)
     except WireError as exc:
         if not exc.events:
-            exc.events = _event_count(obj)
+            exc.events = event_count(obj)
         raise
 
 
@@ -213,7 +213,7 @@ def _is_metadata(value: Any) -> bool:
     return value is None or type(value) is dict
 
 
-def _event_count(obj: Any) -> int:
+def event_count(obj: Any) -> int:
     """How many events a value that did not decode held, when that can be told cheaply."""
     if type(obj) is not list or len(obj) < 2:
         return 0

@@ -316,7 +316,12 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
     )
     quota = SharedQuota(agent.queues, config.queue.max_bytes, floor=2 * config.queue.segment_bytes)
     quota.rebalance()
-    durability = Durability(agent.queues, fsync=config.queue.fsync, request_sync=syncer.dirty)
+    durability = Durability(
+        agent.queues,
+        fsync=config.queue.fsync,
+        request_sync=syncer.dirty,
+        request_prompt_sync=syncer.prompt,
+    )
     syncer.on_synced = durability.synced
     ingest = Ingest(
         agent.lanes,

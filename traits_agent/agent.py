@@ -47,6 +47,7 @@ from traits_agent.intake.datagram import (
 )
 from traits_agent.intake.durability import Durability, Syncer
 from traits_agent.intake.forward import ForwardServer, bind_forward_tcp, bind_forward_unix
+from traits_agent.intake.handshake import Security
 from traits_agent.intake.ingest import Ingest
 from traits_agent.observe import systemd
 from traits_agent.observe.control import serve_control
@@ -449,7 +450,11 @@ async def _start_sources(
         agent.listening[name] = label or (f"{address[0]}:{address[1]}")
     forward = ForwardServer(ingest, durability)
     for name, sock, label in streams:
-        address = await nursery.start(functools.partial(forward.serve, sock, name=name))
+        key = getattr(config, f"{name}_shared_key")
+        security = Security(key, dict(getattr(config, f"{name}_users"))) if key else None
+        address = await nursery.start(
+            functools.partial(forward.serve, sock, name=name, security=security)
+        )
         agent.listening[name] = label or f"{address[0]}:{address[1]}"
 
 

@@ -72,11 +72,18 @@ class Rig:
         self.counters = Counters()
         self.ingest = Ingest(self.lanes, self.counters)
         self.sync_requests = 0
+        self.prompts = 0
         self.wanted = trio.Event()
-        self.durability = Durability(self.queues, fsync=fsync, request_sync=self._request)
+        self.durability = Durability(
+            self.queues, fsync=fsync, request_sync=self._request, request_prompt_sync=self._prompt
+        )
 
     def _request(self) -> None:
         self.sync_requests += 1
+        self.wanted.set()
+
+    def _prompt(self) -> None:
+        self.prompts += 1
         self.wanted.set()
 
     def sync(self) -> None:
@@ -236,6 +243,7 @@ async def test_ack_is_sent_only_after_the_fsync(nursery, rig, tmp_path) -> None:
         assert got == []
         assert (queue.written_seq, queue.durable_seq) == (1, 0)  # flushed, not fsynced
         assert rig.sync_requests == 1  # and an fsync was asked for
+        assert rig.prompts == 1  # now: an ack waits for it
         rig.durability.synced()  # a sync round that did not cover it changes nothing
         await wait_all_tasks_blocked()
         assert got == []

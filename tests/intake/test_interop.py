@@ -153,3 +153,19 @@ async def replies(stream: trio.SocketStream, n: int, *, json_client: bool) -> li
                 unpacker.feed(data)
                 got.extend(unpacker)
     return got
+
+
+async def test_a_json_client_gets_json_acks(nursery, rig: Rig, tmp_path: Path) -> None:
+    """fluent-logger-golang with MarshalAsJSON and RequestAck reads its acks with a JSON
+    decoder: a JSON connection is answered in JSON; an unusable JSON entry is not acked."""
+    nursery.start_soon(rig.autosync)
+    _, connect = await start_server(nursery, rig, "tcp", tmp_path)
+    message = ["game.level-ups", 1600000000, {"level": 3, "user_id": "j1"}, {"chunk": "YQ=="}]
+    async with await connect() as stream:
+        await stream.send_all(json.dumps(message).encode() + b"\n")
+        assert await replies(stream, 1, json_client=True) == [{"ack": "YQ=="}]
+        await stream.send_all(b'["level_ups", {"when": 1}, {"user_id": "j2"}, {"chunk": "Yg=="}]')
+        with trio.fail_after(GUARD_S):
+            assert await stream.receive_some(100) == b""  # closed, no ack
+    assert [r["user_id"] for r in rig.items("level_ups")] == ["j1"]
+    assert rig.counters.get("protocol_errors", reason="bad_time") == 1

@@ -565,10 +565,14 @@ def test_tcp_helper_binds_loopback_and_listens() -> None:
 # --------------------------------------------------------------------------- a real client
 
 
+@pytest.mark.parametrize("module", ["fluent.sender", "fluent.asyncsender"])
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
-async def test_fluent_logger_python_feeds_the_agent(nursery, rig, tmp_path, transport) -> None:
-    """fluent-logger's FluentSender (blocking, in a thread) with nanosecond EventTimes."""
-    sender_module = pytest.importorskip("fluent.sender")
+async def test_fluent_logger_python_feeds_the_agent(
+    nursery, rig, tmp_path, transport, module
+) -> None:
+    """fluent-logger's FluentSender (blocking, in a thread) and its asyncsender (a background
+    thread and queue, flushed at close) with nanosecond EventTimes."""
+    sender_module = pytest.importorskip(module)
     server = ForwardServer(rig.ingest, rig.durability)
     if transport == "unix":
         path = tmp_path / "forward.sock"

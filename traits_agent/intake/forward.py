@@ -3,9 +3,14 @@
 Any Fluentd / Fluent Bit client library (fluent-logger-python, -golang, -java, -node, NLog,
 Fluent Bit's `out_forward`, Fluentd's `out_forward`) can feed the agent through these
 listeners. A connection carries a stream of msgpack values; each is one entry in one of the
-forms `wire` decodes (Message, Forward, PackedForward, CompressedPackedForward with gzip); a nil
-value is a heartbeat and is ignored. Entries go through the same validation and queues as
-datagrams (`Ingest.store_entries`).
+forms `wire` decodes (Message, Forward, PackedForward, CompressedPackedForward with gzip, each
+also with Fluent Bit's `[[time, metadata], record]` events); a nil value is a heartbeat and is
+ignored. Entries go through the same validation and queues as datagrams
+(`Ingest.store_entries`).
+
+JSON: a connection whose first byte is `[` or `{` is read as concatenated JSON entries and
+answered in JSON, as Fluentd's in_forward does (fluent-logger-golang's `MarshalAsJSON`). In
+msgpack those bytes are small integers, never an entry, so the rule cannot misread a client.
 
 Acknowledgements mean "stored durably"
 --------------------------------------
@@ -28,10 +33,19 @@ Other cases:
 
 * `queue.fsync = "never"`: the ack is sent once the records are handed to the OS (they survive
   a crash of the agent, not a power cut). There is no durability promise in that mode.
-* A message rejected as a whole (not a valid entry) or whose every event is invalid is still
-  acked, right away (in order with the others on the connection): the rejection is counted and
-  logged, and resending the same bytes cannot fix it; not acking would make the client resend
-  it forever. The same holds for events dropped because a queue is full (counted as drops).
+* Acks by cause. An entry the agent cannot parse as the protocol (`wire.WireError`: not one of
+  the entry forms, a time that is not a time, a bad tag, option, packed stream or gzip) is
+  never acked: the messages before it on the connection are stored and acked, then the
+  connection is closed. It is counted once in `protocol_errors{reason}`, its events (where
+  they can be counted) in `rejected_events{reason}` and `received_events`, and logged as the
+  error `message_rejected` with a `hint` naming the likely cause, typically an entry shape
+  from a client newer than the agent. The client keeps the chunk and retries (its retries show
+  in the counters and the log) while an operator sees it: acking would make the client drop
+  data the agent could not read, which is how Fluent Bit 5.0.5's metadata form was once lost.
+  An event that parses but fails the schema (unknown resource, missing or wrong field) is
+  counted per event and the message acked: resending the same bytes cannot fix it, and not
+  acking would make the client resend it forever. So is a message whose every event is
+  invalid (acked at once) and events dropped because a queue is full (counted as drops).
 * Acks are sent in the order of the messages on the connection. The connection is read on
   while acks wait (a client may pipeline chunks), up to `ForwardLimits.max_pending_acks`
   waiting acks; past that reading pauses, which is TCP back-pressure on the client.
@@ -40,25 +54,34 @@ Other cases:
   acks believes them delivered); acks still pending then are not sent, so a client with acks
   sends those chunks again after the restart (duplicates, not loss).
 
-Not supported: the optional handshake (HELO / PING / PONG) with `shared_key` and user
-authentication. A client configured with a shared key waits for a HELO that never comes and
-fails to connect (its own timeout); configure clients without one. The listeners are local by
-design: a Unix socket (file permissions are the access control) and loopback TCP (the config
-refuses other addresses unless `listen.allow_remote`).
+Shared-key handshake: a listener given a `handshake.Security` (config
+`listen.forward_shared_key` / `forward_users`, `forward_unix_*` for the Unix one) sends a HELO
+on connect and takes only a PING with the right key (and user) as the first message; anything
+else gets a failed PONG, is counted (`auth_failed`, `handshake_expected`) and logged, and the
+connection is closed, nothing acked. It is what guards a TCP listener opened beyond loopback
+(`listen.allow_remote`). On a keyless listener a PING gets a failed PONG saying so
+(`unexpected_handshake`), and a connection that sends nothing for `SILENT_PEER_HINT_S` is
+logged once as `forward_peer_silent` (a client with a key waits for a HELO and would otherwise
+hang silently on both sides). The listeners are local by default: a Unix socket (file
+permissions are the access control) and loopback TCP (the config refuses other addresses
+unless `listen.allow_remote`).
 
 Limits (`ForwardLimits`): at most `max_connections` concurrent connections across the
 listeners of one `ForwardServer` (more are accepted and closed at once, counted); a value
 larger than `max_buffer_size` closes its connection (`too_large`); a connection that neither
 sends anything nor gets an ack for `idle_timeout_s` is closed. Bytes that are not msgpack
-(`not_msgpack`), or a msgpack value that is not an array (`not_an_entry`: an HTTP request,
-say), mean the peer does not speak this protocol and the stream cannot be resynchronised:
-that connection is closed, the reason counted and logged; every other connection goes on.
+(`not_msgpack`) or not JSON (`not_json`), or a value that is not an array (`not_an_entry`: an
+HTTP request, say), mean the peer does not speak this protocol and the stream cannot be
+resynchronised: that connection is closed at once (acks still owed are not sent), the reason
+counted and logged; every other connection goes on.
 
-Telemetry: counters `forward_connections{source}`, `forward_acks{source}` and
-`forward_connections_closed{source,reason}` (eof, reset, idle_timeout, shutdown; the peer's
-errors not_msgpack, not_an_entry, too_large, too_many_connections, each also counted in
-`rejected_events{reason}` with a rate-limited `event_rejected` log line carrying a sample; and
-internal_error, a bug of ours, logged with its traceback: it closes only that connection).
+Telemetry: counters `forward_connections{source}`, `forward_acks{source}`,
+`forward_silent_connections{source}` and `forward_connections_closed{source,reason}` (eof,
+reset, idle_timeout, shutdown; the peer's errors not_msgpack, not_json, not_an_entry,
+too_large, bad_time, bad_tag, bad_option, bad_packed, bad_compressed, auth_failed,
+handshake_expected, unexpected_handshake, each also counted in `protocol_errors{reason}` with a
+rate-limited `message_rejected` error line carrying a sample and a hint; too_many_connections;
+and internal_error, a bug of ours, logged with its traceback: it closes only that connection).
 """
 
 from __future__ import annotations

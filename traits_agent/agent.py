@@ -289,6 +289,7 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
         ),
         max_in_flight=config.api.max_in_flight,
         agent_id=agent_id,
+        playfab_arrays=config.api.playfab_arrays,
         request_deadline_s=2 * config.api.timeout_s,
     )
     agent.csv_spool = CsvSpool(

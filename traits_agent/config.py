@@ -52,8 +52,12 @@ class ApiConfig:
     #: seconds for connecting / for a whole request
     connect_timeout_s: float = 5.0
     timeout_s: float = 30.0
-    #: upper bound on concurrent requests across resources (each resource has at most one)
+    #: upper bound on concurrent requests across resources (each resource has at most one,
+    #: PlayFab up to 8 single-event requests)
     max_in_flight: int = 4
+    #: post PlayFab events as JSON arrays; only for accounts that enabled PlayFab's "Post
+    #: multiple events in JSON array" (the default, like PlayFab's webhook: one per request)
+    playfab_arrays: bool = False
 
     @property
     def base_url(self) -> str:

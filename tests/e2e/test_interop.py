@@ -62,6 +62,7 @@ async def test_fluent_bit_default_bytes_arrive_once_with_their_times(workdir: Pa
             ]
     with trio.fail_after(GUARD_S):
         await api.wait_for_items(len(expected), "level_ups")
+
     def key(item: dict) -> tuple:
         return item["timestamp"], item["user_id"]
 

@@ -78,6 +78,7 @@ async def rig(tmp_path):
 
 
 async def at(rig: Rig, t: float) -> None:
+    assert trio.current_time() <= rig.t0 + t, "the schedule is behind"
     await trio.sleep_until(rig.t0 + t)
 
 
@@ -90,14 +91,21 @@ async def test_an_ack_waits_for_one_fsync_not_for_the_interval(autojump_clock, n
     await at(rig, 0.001)  # round 1 (0 .. 0.004) is running
     nursery.start_soon(rig.ack, "b", rig.write())
     nursery.start_soon(rig.ack, "c", rig.write("logins"))
+    await at(rig, 0.003)
+    # round 1 took its snapshot before b and c were written: they ride round 2
+    assert (rig.queues["level_ups"].durable_seq, rig.queues["logins"].durable_seq) == (1, 0)
     await at(rig, 0.02)
     rig.write()  # a datagram: nobody waits
     await at(rig, 0.3)
     nursery.start_soon(rig.ack, "e", rig.write())
     await at(rig, 0.5)
-    assert rig.acked == {"a": 0.004, "b": 0.008, "c": 0.008, "e": 0.304}
-    # rounds: a; b+c (started when a's ended); the datagram (0.004 + interval); e
+    # rounds end: a's; b+c's (started the moment a's ended, not an interval later); the
+    # datagram's (0.004 + interval after b+c's began); e's (at once)
     assert rig.rounds == [0.004, 0.008, 0.108, 0.304]
+    # b and c are durable once round 2 has run: at 0.008, or at 0.004 when their waiters
+    # re-check after round 2 took its (inline, instant) snapshot; never an interval later
+    assert rig.acked["a"] == 0.004 and rig.acked["e"] == 0.304
+    assert rig.acked["b"] in (0.004, 0.008) and rig.acked["c"] in (0.004, 0.008)
     assert rig.queues["level_ups"].durable_seq == 4
 
 

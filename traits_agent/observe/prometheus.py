@@ -93,6 +93,8 @@ COUNTER_HELP: dict[str, str] = {
     "forward_connections": "Forward-protocol stream connections accepted, by listener.",
     "forward_acks": "Forward-protocol chunk acks sent (each after its events were fsynced).",
     "forward_connections_closed": "Forward-protocol connections closed by the agent, by reason.",
+    "forward_silent_connections": "Forward-protocol connections that sent nothing for 10 s on a "
+    "listener without a shared key (a client waiting for a HELO?).",
     "csv_uploaded_files": "CSV files the API accepted, by kind.",
     "csv_uploaded_bytes": "Bytes of CSV files the API accepted, by kind.",
     "csv_rejected_files": "CSV files the API rejected (set aside with a note), by kind and reason.",

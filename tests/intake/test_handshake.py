@@ -190,3 +190,30 @@ async def test_a_client_waiting_for_a_helo_is_logged_not_left_silent(
             rig.wanted.set()
             assert await acks(stream, 1) == [{"ack": "late"}]
     assert rig.counters.get("forward_silent_connections", source="forward_unix") == 1
+
+
+async def test_fluent_bit_style_ping_with_a_raw_binary_salt(nursery, rig) -> None:
+    """Fluent Bit packs its 16 random salt bytes as a msgpack *str* (not bin, not UTF-8): the
+    digest is over those exact bytes, on both sides."""
+    connect = await serve(nursery, rig, Security(KEY))
+    salt = bytes(range(0xF0, 0x100))  # not UTF-8
+    async with await connect() as stream:
+        client = Client(stream)
+        helo = await client.receive()
+        nonce = helo[1]["nonce"]
+        digest = sha512_hex(salt, CLIENT_HOST, nonce, KEY).encode()
+        ping = (
+            b"\x96"
+            + pack("PING")
+            + pack(CLIENT_HOST)
+            + b"\xd9\x10"  # str 8, 16 bytes
+            + salt
+            + b"\xd9\x80"  # str 8, 128 bytes
+            + digest
+            + pack("")
+            + pack("")
+        )
+        await stream.send_all(ping)
+        pong = await client.receive()
+        assert pong[:3] == ["PONG", True, ""]
+        assert pong[4] == sha512_hex(salt, pong[3], nonce, KEY)

@@ -31,7 +31,7 @@ import structlog
 import trio
 
 from traits_agent import __version__
-from traits_agent.config import Config, parse_host_port
+from traits_agent.config import Config, ListenConfig, is_loopback_host, parse_host_port
 from traits_agent.delivery.backoff import Backoff
 from traits_agent.delivery.deadletter import DeadLetters, dead_letters_for
 from traits_agent.delivery.lane import Lane, oldest_pending_age
@@ -451,12 +451,29 @@ async def _start_sources(
         agent.listening[name] = label or (f"{address[0]}:{address[1]}")
     forward = ForwardServer(ingest, durability)
     for name, sock, label in streams:
-        key = getattr(config, f"{name}_shared_key")
-        security = Security(key, dict(getattr(config, f"{name}_users"))) if key else None
         address = await nursery.start(
-            functools.partial(forward.serve, sock, name=name, security=security)
+            functools.partial(forward.serve, sock, name=name, security=security_for(config, name))
         )
         agent.listening[name] = label or f"{address[0]}:{address[1]}"
+
+
+def security_for(listen: ListenConfig, name: str) -> Security | None:
+    """The handshake settings of the Forward listener `name` ("forward", "forward_unix"). A TCP
+    listener beyond loopback without a shared key accepts events from anyone who can reach
+    it: allowed (a firewall may guard it), but said loudly at start."""
+    key = getattr(listen, f"{name}_shared_key")
+    if key:
+        return Security(key, dict(getattr(listen, f"{name}_users")))
+    if name == "forward" and listen.forward:
+        host, _ = parse_host_port(listen.forward)
+        if not is_loopback_host(host):
+            log.warning(
+                "forward_listener_unauthenticated",
+                listen=listen.forward,
+                hint="anyone who reaches this address can send events: set "
+                "listen.forward_shared_key (and the same key on the clients)",
+            )
+    return None
 
 
 async def _watch_signals(stop: trio.Event) -> None:

@@ -25,6 +25,8 @@ from tests.intake.test_forward import (
     pack,
     start_server,
 )
+from traits_agent.agent import security_for
+from traits_agent.config import ListenConfig
 from traits_agent.intake.forward import SILENT_PEER_HINT_S, ForwardServer, bind_forward_tcp
 from traits_agent.intake.handshake import Security
 
@@ -217,3 +219,22 @@ async def test_fluent_bit_style_ping_with_a_raw_binary_salt(nursery, rig) -> Non
         pong = await client.receive()
         assert pong[:3] == ["PONG", True, ""]
         assert pong[4] == sha512_hex(salt, pong[3], nonce, KEY)
+
+
+def test_security_comes_from_the_config_per_listener() -> None:
+    """forward_shared_key/forward_users guard the TCP listener, forward_unix_* the Unix one;
+    a TCP listener beyond loopback without a key is allowed but logged at start."""
+    listen = ListenConfig(
+        forward="127.0.0.1:24224",
+        forward_shared_key="k",
+        forward_users={"alice": "pw"},
+        forward_unix_shared_key="",
+    )
+    security = security_for(listen, "forward")
+    assert security is not None and security.shared_key == "k"
+    assert dict(security.users) == {"alice": "pw"} and "pw" not in repr(security)
+    assert security_for(listen, "forward_unix") is None
+    with capture_logs() as logs:
+        assert security_for(ListenConfig(forward="0.0.0.0:24224"), "forward") is None
+        assert security_for(ListenConfig(forward="127.0.0.1:24224"), "forward") is None
+    assert [e["event"] for e in logs] == ["forward_listener_unauthenticated"]

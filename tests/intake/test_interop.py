@@ -7,8 +7,11 @@ events and times below were read off the bytes by hand, not by the agent's decod
 
 from __future__ import annotations
 
+import datetime
+import gzip
 import json
 import math
+import struct
 from pathlib import Path
 
 import msgpack
@@ -76,8 +79,6 @@ def test_every_capture_is_listed() -> None:
 
 
 def utc(seconds: int) -> str:
-    import datetime
-
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -169,3 +170,41 @@ async def test_a_json_client_gets_json_acks(nursery, rig: Rig, tmp_path: Path) -
             assert await stream.receive_some(100) == b""  # closed, no ack
     assert [r["user_id"] for r in rig.items("level_ups")] == ["j1"]
     assert rig.counters.get("protocol_errors", reason="bad_time") == 1
+
+
+def fluentd_out_forward(tag: str, entries: bytes, *, compress: str, chunk: str) -> bytes:
+    """What Fluentd's out_forward writes (`send_data_actual`, read from its source): a fixed
+    3-array header, the tag, the entries as a *str32* of raw bytes (gzip or not), then the
+    option map; `chunk` is `Base64.encode64(unique_id)`, trailing newline included."""
+    return (
+        b"\x93"
+        + msgpack.packb(tag)
+        + b"\xdb"
+        + len(entries).to_bytes(4, "big")
+        + entries
+        + msgpack.packb({"size": 3, "compressed": compress, "chunk": chunk})
+    )
+
+
+@pytest.mark.parametrize("compress", ["text", "gzip"])
+async def test_fluentd_out_forward_packed_str32(
+    nursery, rig: Rig, tmp_path: Path, compress: str
+) -> None:
+    """Fluentd's PackedForward (raw str32 entries, EventTime, gzip or not) is stored and its
+    chunk acked verbatim."""
+    event_time = msgpack.ExtType(0, struct.pack(">II", 1600000000, 123000000))
+    entries = b"".join(
+        msgpack.packb([event_time, {"user_id": f"f{i}", "level": 3}]) for i in range(3)
+    )
+    if compress == "gzip":
+        entries = gzip.compress(entries)
+    chunk = "AAYV7Rq1Fj2sUqXOt0S0Fg==\n"
+    nursery.start_soon(rig.autosync)
+    _, connect = await start_server(nursery, rig, "tcp", tmp_path)
+    async with await connect() as stream:
+        await stream.send_all(
+            fluentd_out_forward("game.level_ups", entries, compress=compress, chunk=chunk)
+        )
+        assert await replies(stream, 1, json_client=False) == [{"ack": chunk}]
+    assert [r["user_id"] for r in rig.items("level_ups")] == ["f0", "f1", "f2"]
+    assert {r["timestamp"] for r in rig.items("level_ups")} == {"2020-09-13 12:26:40"}

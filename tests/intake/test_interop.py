@@ -27,7 +27,7 @@ FB_USERS = ["u1", "u2", "u3"]
 NODE_USERS = ["n-0000000", "n-0000001", "n-0000002"]
 GO_USERS = ["g-0000000", "g-0000001", "g-0000002"]
 
-#: file -> (resource, users, [(seconds, nanoseconds)] per event, chunks acked)
+#: file -> (users, [(seconds, nanoseconds)] per event, how many chunks it asks acks for)
 EXPECTED: dict[str, tuple[list[str], list[tuple[int, int]], int]] = {
     "fb511-default-ack.bin": (
         FB_USERS,

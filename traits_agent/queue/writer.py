@@ -75,6 +75,9 @@ class SegmentWriter:
         self._sealed: list[tuple[int, int]] = []  # (segment number, fd) awaiting fsync
         self._syncing: set[int] = set()  # fds a sync is fsyncing right now: not to be closed
         self._dir_dirty = False
+        #: the current write file took bytes since the last sync began (a clean file is not
+        #: fsynced again: on a real disk each fsync is a cache flush, clean or not)
+        self._wfd_dirty = False
         self.buffered = 0
         """Bytes appended that the OS has not taken yet."""
         self.written_seq = written_seq
@@ -126,6 +129,7 @@ class SegmentWriter:
                 group.append(blob)
             try:
                 fd = self._fd_for(seg)
+                self._wfd_dirty = True  # before the write: a failed one may have left bytes
                 n = os.writev(fd, [memoryview(b.data)[b.written :] for b in group])
             except OSError as e:
                 self.write_error = e
@@ -188,12 +192,15 @@ class SegmentWriter:
         if self._wfd is not None and self._wseg is not None:
             self._sealed.append((self._wseg.number, self._wfd))
         self._wfd = self._wseg = None
+        self._wfd_dirty = False  # a sealed file is always fsynced before it is closed
 
     # -- fsync ------------------------------------------------------------------------------
 
     def begin_sync(self) -> SyncTicket:
         sealed = [fd for _, fd in self._sealed]
-        fds = [*sealed, *([self._wfd] if self._wfd is not None else [])]
+        current = [self._wfd] if self._wfd is not None and self._wfd_dirty else []
+        fds = [*sealed, *current]
+        self._wfd_dirty = False  # this ticket covers it; a write from now on marks it again
         self._syncing = set(fds)
         ticket = SyncTicket(fds, sealed, self.written_seq, self._dir_dirty, self._blob_ids)
         self._dir_dirty = False

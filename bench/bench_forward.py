@@ -2,9 +2,11 @@
 
 The agent side runs in this process: a `ForwardServer` on a Unix stream socket or loopback TCP,
 a real `Ingest`, real `DiskQueue`s in a temporary directory, the agent's own `Syncer` and
-`Durability` wired as `agent.py` wires them (fsync "interval", 100 ms, unless --fsync) and stub
-lanes (nothing is delivered). The client is a second process with a blocking socket, so the two
-do not share a GIL. Each run ends when the last ack has arrived (so everything is fsynced).
+`Durability` wired as `agent.py` wires them (fsync "interval", 100 ms) and stub lanes (nothing
+is delivered). Every queue holds one record before the run, as in an agent that has received
+every resource (each sync round then visits 8 open segment files). The client is a second
+process with a blocking socket, so the two do not share a GIL. Each run ends when the last ack
+has arrived (so everything is fsynced).
 
     python bench/bench_forward.py [--events 200000] [--per-message 100] [--window 8]
                                   [--ack-events 5000] [--modes ...] [--transports ...]
@@ -139,6 +141,10 @@ async def serve_and_measure(
     window = 1 if mode == "message-ack" else args.window
     work = Path(tempfile.mkdtemp(prefix="ta-bench-fwd-", dir="/tmp"))
     queues = {n: DiskQueue.open(work / n, fsync=fsync) for n in RESOURCES}
+    for queue in queues.values():  # as in an agent that has received every resource: each
+        queue.append(b"{}")  # queue has a segment file open, which each sync round visits
+        queue.flush()
+        queue.sync()
     counters = Counters()
     ingest = Ingest({n: Lane(q) for n, q in queues.items()}, counters)
     syncer = Syncer(queues, counters, policy=fsync, interval_s=0.1)

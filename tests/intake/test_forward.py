@@ -399,6 +399,8 @@ async def test_messages_without_chunk_get_no_answer(nursery, rig, tmp_path) -> N
         (b"\xc1\x00\x00", "not_msgpack"),  # 0xc1 is never valid msgpack
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not_an_entry"),  # valid msgpack ints
         (pack({"ack": "x"}), "not_an_entry"),
+        (b'["level_ups", nope]', "not_json"),  # a JSON connection (first byte [)
+        (b'{"tag": "level_ups"}', "not_an_entry"),  # JSON, but not an entry
     ],
 )
 async def test_garbage_closes_only_that_connection(nursery, rig, tmp_path, garbage, reason) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -180,6 +181,7 @@ async def serve_and_measure(
     finally:
         for q in queues.values():
             q.close()
+        shutil.rmtree(work, ignore_errors=True)  # a run leaves nothing behind in /tmp
     accepted = counters.total("accepted_events")
     rate = events / elapsed
     print(

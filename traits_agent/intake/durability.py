@@ -1,14 +1,14 @@
-"""When is what was received on disk: the group-commit `Syncer` and the ack gate `Durability`.
+"""When is what was received on disk: the group-commit `Syncer` and the Forward `AckGate`.
 
 Intake appends to the queues without fsyncing; the Syncer fsyncs the queues that took writes,
-as a group, on the `queue.fsync` policy, and after every round tells `Durability`, which wakes
+as a group, on the `queue.fsync` policy, and after every round tells the `AckGate`, which wakes
 the Forward connections whose acks wait for their records to be durable. An ack therefore never
 covers a record that only exists in memory or in the page cache.
 
 Group commit, "interval" policy: `fsync_interval_ms` is an upper bound on how long a record
 stays un-fsynced, not a floor on ack latency. Records nobody waits for (datagrams, Forward
 messages without `chunk`) are fsynced at most one interval after the previous round began, so
-a flood of them costs one round per interval. When a Forward ack waits (`Durability.wait`) and
+a flood of them costs one round per interval. When a Forward ack waits (`AckGate.wait`) and
 no round is running, one starts at once; records that arrive during a round ride the next one,
 which starts as soon as it ends. A client that waits for each event's ack therefore gets one
 ack per fsync of the disk (0.5-5 ms on the bench VM), not one per interval (it was: 9 acked
@@ -24,7 +24,6 @@ from typing import Any, Protocol
 import structlog
 import trio
 
-from traits_agent.observe.log import RateLimited
 from traits_agent.observe.metrics import Counters
 
 log = structlog.get_logger(__name__)
@@ -51,7 +50,7 @@ def _nothing() -> None:
     pass
 
 
-class Durability:
+class AckGate:
     """Tells stream sources when the records they appended are durable (fsynced).
 
     The source calls `mark(names)` right after appending to the queues `names` and later
@@ -109,6 +108,10 @@ class Durability:
         event.set()
 
 
+#: the gate's old name; forward.py and its tests still use it (another branch is changing them)
+Durability = AckGate
+
+
 class Syncer:
     """Group commit: fsync the queues that took writes, at most one interval after the last
     round ("interval", or at once when an ack waits: `prompt`), as soon as possible after each
@@ -133,7 +136,6 @@ class Syncer:
         self._prompt = trio.Event()
         #: when the next round is due if nobody prompts (trio time)
         self._due = -math.inf
-        self._ratelimit = RateLimited(interval=10.0)
         #: called after every round of fsyncs (the Forward source's acks wait for it)
         self.on_synced: Callable[[], None] = lambda: None
         #: rounds done (bench and tests)
@@ -151,15 +153,13 @@ class Syncer:
 
     def write_failed(self, resource: str, error: OSError) -> None:
         self.counters.inc("queue_write_errors", resource=resource, errno=str(error.errno))
-        suppressed = self._ratelimit(f"write/{resource}/{error.errno}")
-        if suppressed is not None:
-            log.error(
-                "queue_write_failed",
-                resource=resource,
-                error=str(error),
-                hint="events stay buffered in memory (bounded) until the disk takes them",
-                suppressed=suppressed,
-            )
+        log.error(
+            "queue_write_failed",
+            resource=resource,
+            errno=error.errno,
+            error=str(error),
+            hint="events stay buffered in memory (bounded) until the disk takes them",
+        )
 
     async def sync_all(self) -> bool:
         """fsync every queue (all in one worker thread call); False if any failed."""

@@ -48,6 +48,8 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from traits_agent.errors import WireError
+
 MAX_DECOMPRESSED = 16 * 1024 * 1024
 """The most bytes one CompressedPackedForward value may inflate to."""
 
@@ -72,17 +74,6 @@ class DecodeResult(NamedTuple):
     entries: list[Entry]
     errors: list[str]
     lost: list[int] = []  # never mutated: each result builds its own
-
-
-class WireError(ValueError):
-    """A msgpack value that is not a usable Forward-protocol entry; `reason` is a counter label,
-    `events` how many events the value held as far as can be told (0: unknown)."""
-
-    def __init__(self, reason: str, detail: str = "", events: int = 0) -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-        self.events = events
 
 
 # --------------------------------------------------------------------------- decoding
@@ -276,7 +267,7 @@ def _pair(tag: str, event: Any) -> Entry:
 
 
 def _packed(tag: str, payload: bytes | str, option: dict[Any, Any] | None) -> list[Entry]:
-    if type(payload) is str:  # old Fluentd: raw str; surrogateescape gives the bytes back
+    if isinstance(payload, str):  # old Fluentd: raw str; surrogateescape gives the bytes back
         payload = payload.encode("utf-8", "surrogateescape")
     compressed = option.get("compressed") if option else None
     if compressed == "gzip":

@@ -1,8 +1,21 @@
 """The control socket: `traits-agent status` asks the running agent over a Unix stream socket.
 
-Protocol: the client sends one line (`status`), the agent answers one JSON document and closes.
+Protocol: the client sends one line, the agent answers one JSON document and closes.
+
+    status                          → the status snapshot
+    upload KIND NAME  (+ an fd)     → the CSV is copied into the spool
+    send {"resource", "records": [...], "time", "sync"}
+                                    → the events are validated, appended and fsynced, then
+                                      {"resource", "stored", "first_seq", "last_seq",
+                                      "rejected": [{"index", "reason", "error"}]}
+    outcome {"resource", "first_seq", "last_seq"}
+                                    → {"done": bool, "dead_lettered": [...], "upstream", ...}
+
+`send` + `outcome` are what `traits-agent send --wait` is made of: the CLI learns that its
+events are on disk, then polls until the queue's delivered position passes them.
+
 The socket lives in the runtime directory with mode 0660, so only the agent's user and group
-can read the agent's state.
+can read the agent's state (and send events, as they may on the event socket).
 """
 
 from __future__ import annotations
@@ -12,23 +25,21 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 import trio
 
+from traits_agent.errors import AgentNotRunning
 from traits_agent.intake.unixsock import bind_unix
 
 log = structlog.get_logger(__name__)
 
-MAX_REQUEST = 1024
+#: a request line: `status`, `upload ...` are short; `send` carries up to a chunk of events
+MAX_REQUEST = 1024 * 1024
 MAX_FDS = 4
-
-
-class AgentNotRunning(Exception):
-    """No agent answers on the control socket."""
 
 
 async def serve_control(
@@ -36,6 +47,8 @@ async def serve_control(
     snapshot: Callable[[], dict[str, Any]],
     *,
     upload: Callable[[str, int, str], dict[str, Any]] | None = None,
+    send: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
+    outcome: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     mode: int = 0o660,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -75,6 +88,17 @@ async def serve_control(
         command, _, rest = request.strip().decode("utf-8", "replace").partition(" ")
         if command == "status":
             return snapshot()
+        if command in ("send", "outcome"):
+            handler = send if command == "send" else outcome
+            try:
+                body = json.loads(rest)
+            except ValueError:
+                body = None
+            if handler is None or not isinstance(body, dict):
+                return {"error": f"{command}: expected a JSON object"}
+            if command == "send":
+                return await send(body)  # type: ignore[misc]
+            return outcome(body)  # type: ignore[misc]
         if command == "upload" and upload is not None and len(fds) == 1:
             kind, _, name = rest.partition(" ")
             fd = fds.pop()
@@ -96,9 +120,7 @@ async def _receive_request(sock: Any) -> tuple[bytes, list[int]]:
     request = b""
     fds: list[int] = []
     while b"\n" not in request and len(request) < MAX_REQUEST:
-        data, ancillary, _flags, _addr = await sock.recvmsg(
-            MAX_REQUEST, socket.CMSG_SPACE(4 * MAX_FDS)
-        )
+        data, ancillary, _flags, _addr = await sock.recvmsg(65536, socket.CMSG_SPACE(4 * MAX_FDS))
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % 4
@@ -140,9 +162,18 @@ def _read_all(sock: socket.socket) -> bytes:
 
 def request_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
     """Blocking client for the CLI. Raises AgentNotRunning when nobody answers."""
+    return request(path, "status", timeout=timeout)
+
+
+def request(
+    path: Path, command: str, body: dict[str, Any] | None = None, timeout: float = 5.0
+) -> dict[str, Any]:
+    """Blocking client: one request (a command, and a JSON body for `send`/`outcome`), one
+    answer. Raises AgentNotRunning when nobody answers, OSError/ValueError on a broken one."""
     sock = _connect(path, timeout)
     try:
-        sock.sendall(b"status\n")
+        line = command if body is None else f"{command} {json.dumps(body, ensure_ascii=False)}"
+        sock.sendall(line.encode() + b"\n")
         return json.loads(_read_all(sock))
     finally:
         sock.close()

@@ -51,6 +51,11 @@ class JsonStream:
         self._depth = 0
         self._in_string = False
 
+    @property
+    def held(self) -> int:
+        """Bytes held of the value in progress (and whitespace before it)."""
+        return len(self._buf)
+
     def values(self, data: bytes) -> Iterator[Any]:
         self._buf += data
         buf = self._buf

@@ -106,15 +106,27 @@ async def serve_datagrams(
                     await trio.lowlevel.cancel_shielded_checkpoint()
     finally:
         # Stopping: take what the kernel already holds (the senders think it was delivered),
-        # then close. Bounded, synchronous, so it also runs under cancellation.
+        # then close. Synchronous, so it also runs under cancellation, and bounded by what the
+        # kernel could hold when the stop began (its receive buffer): a sender that keeps
+        # sending cannot hold the stop open.
         with contextlib.suppress(OSError):
-            for _ in range(64):
-                burst = _drain(sock, name, on_error)
-                if not burst:
-                    break
-                while burst:
-                    burst = _deliver(burst, sink, name, on_error)
+            _drain_held(sock, sink, name, on_error)
             sock.close()
+
+
+def _drain_held(sock: socket.socket, sink: Sink, name: str, on_error: Callable[[str], None]) -> int:
+    """At stop: read and store at most the socket's receive buffer's worth of bytes (what the
+    kernel can have held when the stop began); returns the bytes read."""
+    budget = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    read = 0
+    while read < budget:
+        burst = _drain(sock, name, on_error)
+        if not burst:
+            break
+        read += sum(len(d) for d in burst)
+        while burst:
+            burst = _deliver(burst, sink, name, on_error)
+    return read
 
 
 def _deliver(

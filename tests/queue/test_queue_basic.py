@@ -268,3 +268,27 @@ def test_drained_active_segment_gives_its_space_back(tmp_path):
         assert len(segment_files(tmp_path)) == 1
     with DiskQueue.open(tmp_path, segment_bytes=64 << 20, max_bytes=1 << 30) as q:
         assert drain(q) == more
+
+
+def test_a_sync_with_nothing_new_does_not_flush_the_disk_again(tmp_path, monkeypatch):
+    """Each fdatasync is a disk cache flush even for a clean file, and the group commit syncs
+    every queue per round: a queue with nothing new since its last sync must cost nothing
+    (or per-event Forward acks slow down with every resource that ever received an event)."""
+    calls: list[int] = []
+    real_fdatasync = os.fdatasync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting)
+    with DiskQueue.open(tmp_path, fsync="interval") as q:
+        fill(q, 3)
+        q.sync()
+        assert len(calls) == 1 and q.durable_seq == 3
+        q.sync()
+        q.sync()
+        assert len(calls) == 1  # clean: not synced again
+        fill(q, 2)
+        q.sync()
+        assert len(calls) == 2 and q.durable_seq == 5

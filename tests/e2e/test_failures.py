@@ -101,12 +101,10 @@ async def test_quota_drops_are_counted_and_logged(workdir, api, on_full):
     # either queued or counted as dropped, so `kept` below is final
     status = await wait_status(
         agent,
-        lambda s: (
-            s["received"]["events"] == n + 100
-            and s["resources"]["level_ups"]["queued_items"]
-            + sum(s["resources"]["level_ups"]["dropped"].values())
-            == n
-        ),
+        lambda s: s["received"]["events"] == n + 100
+        and s["resources"]["level_ups"]["queued_items"]
+        + sum(s["resources"]["level_ups"]["dropped"].values())
+        == n,
     )
     res = status["resources"]["level_ups"]
     dropped = res["dropped"].get(on_full, 0)

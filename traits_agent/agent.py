@@ -335,6 +335,7 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
                     Path(config.control.socket),
                     agent.snapshot,
                     upload=agent.receive_upload,
+                    counters=agent.counters,
                 )
             )
             agent.listening["control"] = config.control.socket

@@ -158,9 +158,13 @@ class Agent:
             "csv": csv,
         }
 
-    def receive_upload(self, kind: str, fd: int, name: str) -> dict[str, Any]:
+    def receive_upload(
+        self, kind: str, fd: int, name: str, *, cancelled: Any = None
+    ) -> dict[str, Any]:
         """A CSV handed over the control socket (runs in a worker thread)."""
-        answer = receive_upload(spool_dir_for(self.config), kind, fd, name)
+        answer = receive_upload(
+            spool_dir_for(self.config), kind, fd, name, cancelled=cancelled, counters=self.counters
+        )
         if "spooled" in answer and self.csv_spool is not None:
             trio.from_thread.run_sync(self.csv_spool.wake, kind)
         return answer

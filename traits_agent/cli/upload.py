@@ -12,6 +12,7 @@ from traits_agent.cli.common import PROG, config_from
 from traits_agent.delivery.spool import (
     CSV_PATHS,
     KINDS,
+    CopyCancelled,
     SpoolError,
     spool_dir_for,
     spool_fd,
@@ -66,6 +67,9 @@ def upload_command(config: Any, kind: str, path: str | Path) -> int:
         except SpoolError as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 2
+        except CopyCancelled as e:
+            print(f"{PROG}: {e}; nothing was spooled", file=sys.stderr)
+            return 1
         except PermissionError as e:
             where = e.filename or spool_dir
             print(

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import json
 import os
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ async def serve_control(
     path: Path,
     snapshot: Callable[[], dict[str, Any]],
     *,
-    upload: Callable[[str, int, str], dict[str, Any]] | None = None,
+    upload: Callable[..., dict[str, Any]] | None = None,
     mode: int = 0o660,
     counters: Counters | None = None,
     request_timeout_s: float = REQUEST_TIMEOUT_S,
@@ -54,9 +56,11 @@ async def serve_control(
     """Answer requests on a Unix stream socket until cancelled.
 
     `status` → the snapshot. `upload KIND NAME` with an open file descriptor attached
-    (SCM_RIGHTS) → `upload(kind, fd, name)` in a worker thread (it copies the file into the
-    spool): the CLI opens the file with the user's rights, the sandboxed agent reads it
-    through the descriptor and never needs to see the user's paths.
+    (SCM_RIGHTS) → `upload(kind, fd, name, cancelled=...)` in a worker thread (it copies the
+    file into the spool): the CLI opens the file with the user's rights, the sandboxed agent
+    reads it through the descriptor and never needs to see the user's paths. `cancelled()`
+    turns true when this request is cancelled (the agent stops), and the copy ends within a
+    chunk instead of holding up the shutdown.
 
     Every descriptor a client sends is closed when its request ends, however it ends (answered,
     timed out, hung up, failed, cancelled): a group member must not be able to pile up the
@@ -106,7 +110,7 @@ async def serve_control(
             kind, _, name = rest.partition(" ")
             fd = fds.pop()
             try:
-                return await trio.to_thread.run_sync(upload, kind, fd, name)
+                return await _in_thread_until_cancelled(upload, kind, fd, name)
             finally:
                 os.close(fd)
         counters.inc("control_requests", outcome="unknown")
@@ -139,6 +143,26 @@ async def serve_control(
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+async def _in_thread_until_cancelled(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args, cancelled=flag.is_set)` in a worker thread. A worker thread cannot be
+    interrupted, so cancelling this sets the flag and waits for `fn` to notice it."""
+    flag = threading.Event()
+
+    async def raise_flag_when_cancelled() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            flag.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(raise_flag_when_cancelled)
+        try:
+            call = functools.partial(fn, *args, cancelled=flag.is_set)
+            return await trio.to_thread.run_sync(call)
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 def _close_all(fds: list[int]) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 import trio
 
-from traits_agent import __version__
+from traits_agent import __version__, paths
 from traits_agent.config import Config, parse_host_port
 from traits_agent.delivery.backoff import Backoff
 from traits_agent.delivery.deadletter import DeadLetters, dead_letters_for
@@ -199,9 +199,31 @@ def _agent_id(directory: Path) -> str:
     except FileNotFoundError:
         value = uuid.uuid4().hex
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(value + "\n")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # a crash's leftover
+        paths.write_private_file(tmp, (value + "\n").encode())
         os.replace(tmp, path)
         return value
+
+
+def prepare_directories(config: Config) -> None:
+    """Create (0700, whatever the umask) and check every directory the agent will keep state
+    or sockets in, before it opens anything: one that another user owns or can write is
+    refused with one line naming the config key (issue 7 item 4)."""
+    wanted = [("queue.dir", Path(config.queue.dir))]
+    for key, value in (
+        ("listen.unix", config.listen.unix),
+        ("listen.forward_unix", config.listen.forward_unix),
+        ("control.socket", config.control.socket),
+    ):
+        if value:
+            wanted.append((key, Path(value).parent))
+    for key, directory in wanted:
+        try:
+            paths.ensure_private_dir(directory, key)
+        except paths.UnsafePathError as e:
+            log.error("directory_refused", key=key, path=str(directory), error=str(e))
+            raise
 
 
 def open_queues(config: Config) -> dict[str, DiskQueue]:
@@ -240,6 +262,7 @@ async def run(
 ) -> None:
     """Run the agent until SIGTERM/SIGINT (or cancellation)."""
     agent = Agent(config=config, api_key=api_key)
+    prepare_directories(config)
     agent.queues = open_queues(config)
     try:
         async with trio.open_nursery() as root:

@@ -74,12 +74,20 @@ class AgentProcess:
     """One `traits-agent run` subprocess with its own config, sockets and log file."""
 
     def __init__(
-        self, directory: Path, config: Path, *, api_key: str = "test-key", args: tuple = ()
+        self,
+        directory: Path,
+        config: Path,
+        *,
+        api_key: str = "test-key",
+        args: tuple = (),
+        prefix: tuple = (),
     ) -> None:
         self.directory = directory
         self.config = config
         self.api_key = api_key
         self.args = args
+        #: a command the agent runs under (e.g. `unshare ...`), with its arguments
+        self.prefix = prefix
         self.log_path = directory / f"agent-{os.urandom(3).hex()}.log"
         self.proc: trio.Process | None = None
         self._notify: socket.socket | None = None
@@ -104,7 +112,16 @@ class AgentProcess:
             env.pop(var, None)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "traits_agent", "run", "--config", str(self.config), *self.args],
+            [
+                *self.prefix,
+                sys.executable,
+                "-m",
+                "traits_agent",
+                "run",
+                "--config",
+                str(self.config),
+                *self.args,
+            ],
             env=env,
             stdout=self._log_file,
             stderr=self._log_file,

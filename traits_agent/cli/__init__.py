@@ -1,7 +1,8 @@
 """`traits-agent` command line: argv → the command module that runs it (one module per command).
 
 Exit status: 0 success; 1 the thing asked for did not happen (no agent running, event not sent,
-invalid event); 2 bad usage or configuration (one line naming the flag or key).
+invalid event); 2 bad usage or configuration (one line naming the flag or key), including a
+directory another user owns or can write.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from traits_agent import __version__
 from traits_agent.cli.common import PROG, UsageError
 from traits_agent.config import ConfigError
+from traits_agent.paths import UnsafePathError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _command(args.command)(args)
-    except (ConfigError, UsageError) as e:
+    except (ConfigError, UsageError, UnsafePathError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ import sys
 
 from traits_agent.cli.common import PROG, UsageError, config_from
 from traits_agent.config import Config, parse_host_port
+from traits_agent.paths import check_socket_dir
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -40,6 +41,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 def _send_datagram(config: Config, datagram: bytes) -> str:
     errors = []
     if config.listen.unix:
+        check_socket_dir(config.listen.unix, "listen.unix")
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
                 s.sendto(datagram, config.listen.unix)

@@ -17,6 +17,7 @@ from traits_agent.delivery.spool import (
     spool_dir_for,
     spool_fd,
 )
+from traits_agent.paths import check_socket_dir
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
@@ -49,6 +50,8 @@ def upload_command(config: Any, kind: str, path: str | Path) -> int:
         return 2
     try:
         if control:
+            # the open file goes to whoever listens there: make sure that is the agent
+            check_socket_dir(control, "control.socket")
             try:
                 answer = send_upload(Path(control), kind, src, path.name)
             except AgentNotRunning:

@@ -138,3 +138,15 @@ def test_clients_trust_a_service_directory_owned_by_the_agents_user(tmp_path, mo
 
 def test_a_missing_socket_directory_is_left_to_connect(tmp_path):
     check_socket_dir(tmp_path / "nope" / "control.sock", "control.socket")
+
+
+def test_an_existing_state_dir_others_can_read_is_made_private(tmp_path):
+    """A queue directory made by hand under umask 022 (0755): another user read queued
+    events from it. The state directory is tightened to 0700; socket directories are not."""
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    queue.chmod(0o755)
+    ensure_private_dir(queue, "listen.unix")
+    assert mode(queue) == 0o755
+    ensure_private_dir(queue, "queue.dir", tighten=True)
+    assert mode(queue) == 0o700

@@ -220,7 +220,7 @@ def prepare_directories(config: Config) -> None:
             wanted.append((key, Path(value).parent))
     for key, directory in wanted:
         try:
-            paths.ensure_private_dir(directory, key)
+            paths.ensure_private_dir(directory, key, tighten=key == "queue.dir")
         except paths.UnsafePathError as e:
             log.error("directory_refused", key=key, path=str(directory), error=str(e))
             raise

@@ -140,10 +140,15 @@ def _parents_problem(
     return None
 
 
-def ensure_private_dir(path: Path | str, what: str) -> Path:
+def ensure_private_dir(path: Path | str, what: str, *, tighten: bool = False) -> Path:
     """`path` ready for the agent: missing directories are created 0700 (chmod after mkdir:
     the umask cannot widen or narrow it), and the whole chain is checked by
-    `directory_problem`. Raises UnsafePathError naming `what` (the config key)."""
+    `directory_problem`. Raises UnsafePathError naming `what` (the config key).
+
+    `tighten`: an existing directory of ours that others may read or enter (a queue made by
+    hand under umask 022) is made 0700 too; for the state directory, where nobody else has
+    anything to read. Socket directories keep their mode (a service's may be 0750 on
+    purpose, for the group)."""
     path = Path(path)
     missing = []
     d = path
@@ -165,7 +170,19 @@ def ensure_private_dir(path: Path | str, what: str) -> Path:
     problem = directory_problem(path)
     if problem:
         raise UnsafePathError(f"{what}: refusing to use {problem}")
+    if tighten:
+        st = os.stat(path)
+        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != PRIVATE_DIR_MODE:
+            os.chmod(path, PRIVATE_DIR_MODE)
+            was = f"{stat.S_IMODE(st.st_mode):04o}"
+            _log().warning("directory_mode_tightened", key=what, path=str(path), was=was)
     return path
+
+
+def _log():
+    import structlog
+
+    return structlog.get_logger(__name__)
 
 
 def shared_directory_problem(directory: Path | str) -> str | None:

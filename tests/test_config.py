@@ -175,3 +175,84 @@ def test_replay_datagrams_stay_under_the_datagram_limit():
     assert sum(d.items for d in datagrams) == 60
     with pytest.raises(ValueError, match="larger than a datagram"):
         list(_replay_datagrams("level_ups", [{"item": {"blob": "x" * 70_000}}]))
+
+
+README = __import__("pathlib").Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_example_config() -> str:
+    """The TOML block of the README's Configuration section, exactly as a newcomer copies it."""
+    text = README.read_text()
+    section = text[text.index("## Configuration") :]
+    return section.split("```toml\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("line", ['dir = "<state dir>/queue"', 'unix = "<runtime dir>/e.sock"'])
+def test_a_placeholder_path_is_an_error(tmp_path, line):
+    """`<state dir>` copied from the docs is refused, naming the key (issue 10 item 2)."""
+    section = "queue" if line.startswith("dir") else "listen"
+    path = tmp_path / "agent.toml"
+    path.write_text(f"[{section}]\n{line}\n")
+    with pytest.raises(ConfigError, match="placeholder") as e:
+        load_config(path)
+    assert e.value.key in ("queue.dir", "listen.unix")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    for command in (["doctor", "--no-network"], ["run", "--fake-api"], ["config", "--check"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "traits_agent", *command, "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=work,
+        )
+        # doctor no longer calls such a path ok: nothing runs on it at all
+        assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
+        assert "placeholder" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert list(work.iterdir()) == []
+
+
+def test_the_readme_example_copied_as_is_works_and_creates_nothing_here(tmp_path):
+    """The README's example config, copied as-is, is valid, every path in it is absolute,
+    and the commands create nothing in the working directory (it used to create
+    `./<state dir>/queue`; issue 10 item 2)."""
+    path = tmp_path / "agent.toml"
+    path.write_text(readme_example_config())
+    config = load_config(path)
+    for value in (config.queue.dir, config.listen.unix, config.control.socket):
+        assert value.startswith("/") and "<" not in value
+    work = tmp_path / "cwd"
+    work.mkdir()
+    for command in (["config", "--check"], ["doctor", "--no-network"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "traits_agent", *command, "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=work,
+        )
+        assert proc.returncode in (0, 1), proc.stdout + proc.stderr  # doctor may find things
+        assert "Traceback" not in proc.stderr
+    assert list(work.iterdir()) == []
+
+
+def test_relative_paths_resolve_against_the_config_files_directory(tmp_path, monkeypatch):
+    """`dir = "queue"` means next to the config file, wherever the command runs from."""
+    (tmp_path / "etc").mkdir()
+    path = tmp_path / "etc" / "agent.toml"
+    path.write_text(
+        '[queue]\ndir = "state/queue"\n[listen]\nunix = "../run/e.sock"\n'
+        '[control]\nsocket = "c.sock"\n[api]\nkey_file = "key"\n'
+    )
+    monkeypatch.chdir("/")
+    config = load_config(path)
+    assert config.queue.dir == str(tmp_path / "etc" / "state" / "queue")
+    assert config.listen.unix == str(tmp_path / "run" / "e.sock")
+    assert config.control.socket == str(tmp_path / "etc" / "c.sock")
+    assert config.api.key_file == str(tmp_path / "etc" / "key")
+
+
+def test_a_relative_path_without_a_file_is_an_error():
+    """Built from a mapping (no file to be relative to), a relative path names its key."""
+    with pytest.raises(ConfigError, match=r"queue\.dir: must be an absolute path"):
+        from_mapping({"queue": {"dir": "queue"}})

@@ -6,3 +6,22 @@ in batches over HTTPS with retry. See README.md for the tour and interface.md fo
 """
 
 __version__ = "0.1.0"
+
+from typing import TYPE_CHECKING
+
+from traits_agent.errors import TraitsAgentError
+
+if TYPE_CHECKING:
+    from traits_agent.client import Client
+
+__all__ = ["Client", "TraitsAgentError", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    """`traits_agent.Client` is imported on first use: the CLI's `send` and every other command
+    start without loading the client module (and msgpack) they do not need."""
+    if name == "Client":
+        from traits_agent.client import Client
+
+        return Client
+    raise AttributeError(f"module 'traits_agent' has no attribute {name!r}")

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,9 +35,10 @@ from traits_agent import __version__, paths
 from traits_agent.config import Config, parse_host_port
 from traits_agent.delivery.backoff import Backoff
 from traits_agent.delivery.deadletter import DeadLetters, dead_letters_for
-from traits_agent.delivery.lane import Lane, oldest_pending_age
+from traits_agent.delivery.lane import Lane
+from traits_agent.delivery.policy import UpstreamHealth, make_client
 from traits_agent.delivery.spool import CsvSpool, receive_upload, spool_dir_for
-from traits_agent.delivery.uploader import Uploader, make_client, worst_state
+from traits_agent.delivery.uploader import Uploader
 from traits_agent.intake import activation
 from traits_agent.intake.activation import InheritedSockets, Kind
 from traits_agent.intake.datagram import (
@@ -45,13 +47,17 @@ from traits_agent.intake.datagram import (
     serve_datagrams,
     set_receive_buffer,
 )
-from traits_agent.intake.durability import Durability, Syncer
+from traits_agent.intake.direct import DirectIntake
+from traits_agent.intake.durability import AckGate, Syncer
 from traits_agent.intake.forward import ForwardServer, bind_forward_tcp, bind_forward_unix
 from traits_agent.intake.ingest import Ingest
+from traits_agent.observe import status as observe_status
 from traits_agent.observe import systemd
 from traits_agent.observe.control import serve_control
 from traits_agent.observe.metrics import Counters
 from traits_agent.observe.prometheus import serve_metrics
+from traits_agent.observe.status import AgentStatus
+from traits_agent.observe.summary import run_summary
 from traits_agent.queue import DiskQueue
 from traits_agent.queue.quota import SharedQuota
 from traits_agent.schema import RESOURCES
@@ -87,76 +93,15 @@ class Agent:
     #: socket files we bound ourselves (inherited ones belong to systemd's socket unit)
     owned_paths: list[str] = field(default_factory=list)
 
-    # -- status ---------------------------------------------------------------------------
+    # -- status (the model and its renderers live in observe/status.py) -------------------
+
+    def status(self) -> AgentStatus:
+        """What the agent is doing now, as the one typed status model."""
+        return observe_status.build(self)
 
     def snapshot(self) -> dict[str, Any]:
-        """What `traits-agent status` shows (and what /metrics exports)."""
-        c = self.counters
-        resources = {}
-        states = []
-        for name, queue in self.queues.items():
-            st = self.uploader.state(name) if self.uploader else None
-            dropped = {
-                "drop_oldest": queue.dropped_oldest,
-                "drop_newest": queue.dropped_newest,
-                "write_error": queue.dropped_write_error,
-                **c.by_label("dropped_items", "reason", resource=name),
-            }
-            resources[name] = {
-                "queued_items": queue.pending_items,
-                "queued_bytes": queue.pending_bytes,
-                "in_flight": self.lanes[name].in_flight if name in self.lanes else 0,
-                "accepted": c.get("accepted_events", resource=name),
-                "delivered": c.total("delivered_items", resource=name),
-                "dead_lettered": c.total("dead_lettered_items", resource=name),
-                "dropped": {k: v for k, v in dropped.items() if v},
-                "oldest_age_s": round(
-                    oldest_pending_age(
-                        queue, self.lanes.get(name), trio.current_time(), self.started_at
-                    ),
-                    1,
-                ),
-                "unsynced_items": max(0, queue.next_seq - 1 - queue.durable_seq),
-                "corrupt_skipped": queue.corrupt_skipped,
-                "upstream": st.state if st else "ok",
-                "last_error": st.last_error if st else None,
-                "next_retry_in_s": (
-                    round(max(0.0, st.next_retry_at - trio.current_time()), 1)
-                    if st and st.next_retry_at is not None
-                    else None
-                ),
-            }
-            states.append(resources[name]["upstream"])
-        last_error = None
-        if self.uploader:
-            errors = [
-                (s.last_error_at, s.last_error)
-                for s in self.uploader.states.values()
-                if s.last_error
-            ]
-            last_error = max(errors, key=lambda e: str(e[0]))[1] if errors else None
-        csv = self.csv_spool.status() if self.csv_spool else None
-        if csv is not None:
-            states.append(csv["state"])
-            last_error = last_error or csv["last_error"]
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "endpoint": self.base_url,
-            "listening": self.listening,
-            "upstream": worst_state(states),
-            "last_error": last_error,
-            "received": {
-                "datagrams": c.total("received_datagrams"),
-                "events": c.total("received_events"),
-                "accepted": c.total("accepted_events"),
-            },
-            "rejected": c.by_label("rejected_events", "reason"),
-            "stripped_fields": c.total("stripped_fields"),
-            "resources": resources,
-            "csv": csv,
-        }
+        """What `traits-agent status --json` shows (over the control socket)."""
+        return self.status().as_json()
 
     def receive_upload(
         self, kind: str, fd: int, name: str, *, cancelled: Any = None
@@ -171,10 +116,7 @@ class Agent:
 
     def describe(self) -> str:
         """One line for systemd's STATUS=."""
-        queued = sum(q.pending_items for q in self.queues.values())
-        delivered = self.counters.total("delivered_items")
-        states = [self.uploader.state(n).state for n in self.queues] if self.uploader else []
-        return f"upstream {worst_state(states)}, {queued} queued, {delivered} delivered"
+        return self.status().summary()
 
     def is_progressing(self) -> bool:
         """False when some lane has a backlog, a healthy upstream, and has not moved for long:
@@ -182,7 +124,7 @@ class Agent:
         now = trio.current_time()
         for name, lane in self.lanes.items():
             st = self.uploader.state(name) if self.uploader else None
-            if st is not None and st.state != "ok":
+            if st is not None and st.state != UpstreamHealth.OK:
                 continue  # waiting on upstream is known and visible, not a hang
             if lane.queue.pending_items and lane.in_flight == 0:
                 waiting = lane.waiting_since
@@ -264,20 +206,23 @@ async def run(
     agent = Agent(config=config, api_key=api_key)
     prepare_directories(config)
     agent.queues = open_queues(config)
+    failed = True
     try:
         async with trio.open_nursery() as root:
             root.start_soon(_watch_signals, agent.stop_requested)
-            base_url = config.api.base_url
+            base_url: str = config.api.base_url
             if fake_api:
                 from traits_agent.fakeapi import FakeAPI
 
                 api = FakeAPI(api_key=api_key)
                 await root.start(api.serve)
+                assert api.url is not None  # set once serving
                 base_url = api.url
                 log.info("fake_api_started", url=base_url)
             agent.base_url = base_url
             await _run_pipeline(agent, base_url, task_status)
             root.cancel_scope.cancel()
+        failed = False
     finally:
         close_errors: list[OSError] = []
         for q in agent.queues.values():
@@ -286,7 +231,9 @@ async def run(
             except OSError as e:
                 close_errors.append(e)
                 log.error("queue_close_failed", path=str(getattr(q, "directory", "")), error=str(e))
-        log.info("agent_stopped", queued=sum(q.pending_items for q in agent.queues.values()))
+        if not failed:
+            # a failed start is reported once, as `agent_failed`, by the caller
+            log.info("agent_stopped", queued=sum(q.pending_items for q in agent.queues.values()))
     if close_errors:
         # what was received may not be on disk: say so with the exit status (1), not only
         # in the log
@@ -323,6 +270,7 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
         counters=agent.counters,
         backoff=agent.uploader.backoff,
         agent_id=agent_id,
+        request_deadline_s=agent.uploader.request_deadline_s,
     )
     for name, queue in agent.queues.items():
         agent.lanes[name] = Lane(
@@ -342,26 +290,61 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
     )
     quota = SharedQuota(agent.queues, config.queue.max_bytes, floor=2 * config.queue.segment_bytes)
     quota.rebalance()
-    durability = Durability(agent.queues, fsync=config.queue.fsync, request_sync=syncer.dirty)
-    syncer.on_synced = durability.synced
+    ack_gate = AckGate(agent.queues, fsync=config.queue.fsync, request_sync=syncer.dirty)
+    syncer.on_synced = ack_gate.synced
     ingest = Ingest(
         agent.lanes,
         agent.counters,
         on_write_error=syncer.write_failed,
         after_flush=quota.rebalance,
     )
+    # the first line of every run, before a recovered backlog's first `batch_delivered`
+    log.info(
+        "agent_started",
+        version=__version__,
+        pid=os.getpid(),
+        endpoint=base_url,
+        queue_dir=config.queue.dir,
+        fsync=config.queue.fsync,
+        queued=sum(q.pending_items for q in agent.queues.values()),
+    )
+    try:
+        await _serve(agent, base_url, client, syncer, ingest, ack_gate, task_status)
+    finally:
+        # also after a failed start (a port in use): no socket file of ours is left behind
+        for path in agent.owned_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+async def _serve(
+    agent: Agent,
+    base_url: str,
+    client: Any,
+    syncer: Syncer,
+    ingest: Ingest,
+    ack_gate: AckGate,
+    task_status: Any,
+) -> None:
+    """The running pipeline: lanes, intake, control socket; then the shutdown sequence."""
+    config = agent.config
+    uploader, csv_spool = agent.uploader, agent.csv_spool
+    assert uploader is not None and csv_spool is not None  # built by _run_pipeline
     async with client, trio.open_nursery() as delivery:
         delivery.start_soon(syncer.run)
         lanes = await _start_lanes(agent, delivery)
-        await delivery.start(agent.csv_spool.run)
+        await delivery.start(csv_spool.run)
         async with trio.open_nursery() as intake:
-            await _start_sources(agent, ingest, syncer, durability, intake)
+            await _start_sources(agent, ingest, syncer, ack_gate, intake)
+            direct = DirectIntake(agent.queues, ingest, ack_gate, lambda: agent.uploader)
             await intake.start(
                 functools.partial(
                     serve_control,
                     Path(config.control.socket),
                     agent.snapshot,
                     upload=agent.receive_upload,
+                    send=direct.store,
+                    outcome=direct.outcome,
                     counters=agent.counters,
                 )
             )
@@ -373,28 +356,23 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
             intake.start_soon(_cancel_when_set, agent.stop_requested, intake.cancel_scope)
             await delivery.start(systemd.watchdog_task, agent.is_progressing)
             delivery.start_soon(systemd.status_task, agent.describe)
-            log.info(
-                "agent_started",
-                version=__version__,
-                endpoint=base_url,
-                queue_dir=config.queue.dir,
-                fsync=config.queue.fsync,
-                **agent.listening,
-            )
+            delivery.start_soon(run_summary, agent.snapshot)
+            log.info("agent_ready", **agent.listening)
             systemd.ready(agent.describe())
             task_status.started(agent)
         # intake is done: no more reading. Make everything received durable.
         for path in agent.owned_paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        agent.owned_paths.clear()
         agent.stopping = True
         systemd.stopping("flushing the queue to disk")
         systemd.extend_timeout(SHUTDOWN_GRACE_S + 10)
         await syncer.sync_all()
         in_flight = sum(1 for lane in agent.lanes.values() if lane.in_flight)
         log.info("agent_stopping", in_flight_batches=in_flight, grace_s=SHUTDOWN_GRACE_S)
-        agent.uploader.stop()
-        agent.csv_spool.stop()
+        uploader.stop()
+        csv_spool.stop()
         for lane in agent.lanes.values():
             lane.stop()
         # requests on the wire get the grace period; then everything else stops
@@ -424,7 +402,7 @@ async def _start_lanes(agent: Agent, nursery: trio.Nursery) -> trio.CancelScope:
 
 
 async def _start_sources(
-    agent: Agent, ingest: Ingest, syncer: Syncer, durability: Durability, nursery
+    agent: Agent, ingest: Ingest, syncer: Syncer, ack_gate: AckGate, nursery: trio.Nursery
 ) -> None:
     config = agent.config.listen
 
@@ -433,7 +411,7 @@ async def _start_sources(
         syncer.dirty()
 
     inherited = InheritedSockets.from_environment()
-    sockets = []
+    sockets: list[tuple[str, socket.socket, str | None]] = []
     if config.unix:
         sock = inherited.take(activation.EVENTS, Kind.UNIX_DATAGRAM, config.unix)
         if sock is None:
@@ -448,7 +426,7 @@ async def _start_sources(
             sock = bind_udp(host, port)
             set_receive_buffer(sock, config.receive_buffer, "udp")
         sockets.append(("udp", sock, None))
-    streams = []
+    streams: list[tuple[str, socket.socket, str | None]] = []
     if config.forward_unix:
         sock = inherited.take(activation.FORWARD_UNIX, Kind.UNIX_STREAM, config.forward_unix)
         if sock is None:
@@ -469,7 +447,7 @@ async def _start_sources(
             )
         )
         agent.listening[name] = label or (f"{address[0]}:{address[1]}")
-    forward = ForwardServer(ingest, durability)
+    forward = ForwardServer(ingest, ack_gate)
     for name, sock, label in streams:
         address = await nursery.start(functools.partial(forward.serve, sock, name=name))
         agent.listening[name] = label or f"{address[0]}:{address[1]}"

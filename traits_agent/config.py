@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from traits_agent import paths
+from traits_agent.errors import ConfigError
 from traits_agent.schema import RESOURCES
 
 ENDPOINTS = {
@@ -30,14 +31,6 @@ ON_FULL_POLICIES = ("drop_oldest", "drop_newest")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 API_ITEM_LIMIT = 1000
-
-
-class ConfigError(ValueError):
-    """A config key, flag or value is wrong; `key` names it for the one-line message."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 class Secret(str):
@@ -151,8 +144,21 @@ def find_config_file(flag: str | None, env: Mapping[str, str] = os.environ) -> P
     return None
 
 
+#: the keys that hold file-system paths: absolute, or relative to the config file's directory
+PATH_KEYS = (
+    ("api", "key_file"),
+    ("listen", "unix"),
+    ("listen", "forward_unix"),
+    ("queue", "dir"),
+    ("control", "socket"),
+)
+
+
 def load_config(path: Path | None) -> Config:
-    """Read and validate the TOML file at `path` (None: defaults only)."""
+    """Read and validate the TOML file at `path` (None: defaults only).
+
+    A relative path in the file is resolved against the file's own directory (never the
+    working directory, which differs between a shell, cron and systemd)."""
     if path is None:
         return validate(Config())
     try:
@@ -178,7 +184,7 @@ def load_config(path: Path | None) -> Config:
         raise ConfigError(str(path), f"not valid TOML: {_one_line(str(e))}") from None
     except RecursionError:
         raise ConfigError(str(path), "not valid TOML: nested too deeply") from None
-    return from_mapping(data, source=str(path))
+    return from_mapping(data, source=str(path), base=Path(os.path.abspath(path)).parent)
 
 
 def _one_line(text: str) -> str:
@@ -189,8 +195,13 @@ def _one_line(text: str) -> str:
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
-def from_mapping(data: Mapping[str, Any], *, source: str | None = None) -> Config:
-    """Build a Config from parsed TOML, naming the first wrong key precisely."""
+def from_mapping(
+    data: Mapping[str, Any], *, source: str | None = None, base: Path | None = None
+) -> Config:
+    """Build a Config from parsed TOML, naming the first wrong key precisely.
+
+    `base`: the directory relative paths are resolved against (the config file's); without
+    one, a relative path is an error."""
     sections = {f.name: f for f in fields(Config) if f.name != "source"}
     built: dict[str, Any] = {}
     for name, value in data.items():
@@ -198,9 +209,34 @@ def from_mapping(data: Mapping[str, Any], *, source: str | None = None) -> Confi
             raise ConfigError(name, f"unknown section (known: {', '.join(sections)})")
         if not isinstance(value, Mapping):
             raise ConfigError(name, "must be a table, e.g. [" + name + "]")
-        section_type = sections[name].default_factory  # type: ignore[misc]
-        built[name] = _build_section(name, section_type, value)
+        section_type: Any = sections[name].default_factory
+        built[name] = _build_section(name, section_type, _resolve_paths(name, value, base))
     return validate(Config(**built, source=source))
+
+
+def _resolve_paths(section: str, values: Mapping[str, Any], base: Path | None) -> Mapping[str, Any]:
+    """`values` with every path key made absolute: `~` expanded, a relative path joined to
+    `base`. A placeholder copied from the docs (`<state dir>/queue`) is an error: it would
+    otherwise create a directory literally named `<state dir>`."""
+    out = dict(values)
+    for sec, key in PATH_KEYS:
+        value = out.get(key) if sec == section else None
+        if not isinstance(value, str) or not value:
+            continue
+        dotted = f"{section}.{key}"
+        if "<" in value and ">" in value:
+            raise ConfigError(
+                dotted,
+                f"{value!r} contains a placeholder: write a real path, or delete the line to "
+                "use the default",
+            )
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            if base is None:
+                raise ConfigError(dotted, f"must be an absolute path (got {value!r})")
+            path = base / path
+        out[key] = os.path.normpath(path)
+    return out
 
 
 def _build_section(section: str, factory: Callable[[], Any], values: Mapping[str, Any]) -> Any:

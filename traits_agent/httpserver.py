@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import http
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -67,11 +67,16 @@ class Request:
 
 @dataclass(frozen=True)
 class Response:
-    """What a handler answers. ``Content-Length`` is added by the server."""
+    """What a handler answers. ``Content-Length`` is added by the server.
+
+    ``stream``, when set, produces the body instead of ``body`` (the fake API's huge and
+    trickling answers); the handler then sets ``content-length`` itself.
+    """
 
     status: int
     body: bytes = b""
     headers: Mapping[str, str] = field(default_factory=dict)
+    stream: Callable[[], AsyncIterator[bytes]] | None = None
 
 
 def json_response(status: int, obj: Any, headers: Mapping[str, str] | None = None) -> Response:
@@ -218,7 +223,12 @@ async def _send_response(
     except ValueError:
         reason = b""
     data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
-    if response.body and not head:
+    if response.stream is not None and not head:
+        await stream.send_all(data)
+        async for chunk in response.stream():
+            await stream.send_all(conn.send(h11.Data(data=chunk)))
+        data = b""
+    elif response.body and not head:
         data += conn.send(h11.Data(data=response.body))
     data += conn.send(h11.EndOfMessage())
     await stream.send_all(data)

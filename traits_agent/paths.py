@@ -21,6 +21,10 @@ from pathlib import Path
 
 import platformdirs
 
+from traits_agent.errors import UnsafePathError
+
+__all__ = ["UnsafePathError"]
+
 APP_NAME = "traits-agent"
 CONFIG_FILE_NAME = "agent.toml"
 SOCKET_NAME = "events.sock"
@@ -48,8 +52,8 @@ def user_runtime_base() -> Path:
     all (a `/tmp/runtime-<uid>` planted by another user used to make every command fail with
     a PermissionError traceback, even with every path set; issue 7 item 11).
     """
-    xdg = os.environ.get("XDG_RUNTIME_DIR", "").strip()
-    if xdg and os.path.isabs(xdg):
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg and os.path.isabs(xdg) and os.path.isdir(xdg):
         return Path(xdg)
     run_user = Path(RUN_USER) / str(os.geteuid())
     if os.path.isdir(run_user):
@@ -83,11 +87,6 @@ def default_socket_path() -> Path:
 PRIVATE_DIR_MODE = 0o700
 #: files the agent creates (agent-id, dead letters, spooled CSVs)
 PRIVATE_FILE_MODE = 0o600
-
-
-class UnsafePathError(ValueError):
-    """A directory the agent would use is owned or writable by another user: the one-line
-    message says which and why (the CLI exits 2)."""
 
 
 def _user(uid: int) -> str:

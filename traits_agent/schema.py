@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, NamedTuple
 
+from traits_agent.errors import Rejected
+
 MAX_STRING_BYTES = 8192
 """The longest string (UTF-8 bytes) a field may hold."""
 
@@ -63,25 +65,6 @@ FLOAT = "float"
 TIMESTAMP = "timestamp"
 DATE = "date"
 PARAMS = "list<ActionParam>"
-
-
-class Rejected(Exception):
-    """An event the API would not take; it is counted by `reason` and never stored.
-
-    `reason` is a short snake_case label for a counter (`missing_field`, `wrong_type`,
-    `bad_format`, `bad_value`, `too_long`, `not_a_map`); `field` names the offending field
-    ("" for the record as a whole; `action_params.key` for a part of a param). `str(exc)` is a
-    human message in the API's style.
-    """
-
-    def __init__(self, reason: str, field: str, message: str) -> None:
-        super().__init__(reason, field, message)
-        self.reason = reason
-        self.field = field
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class Normalized(NamedTuple):
@@ -306,7 +289,7 @@ def _make_validator(f: Field) -> Validator:
         alpha2_message = f"{name} must be a two-letter ISO country code"
 
         def alpha2(v: Any, strict: bool, stripped: list[str]) -> str:
-            s = base(name, v, strict)
+            s = str(base(name, v, strict))
             if len(s) != 2 or not s.isascii() or not s.isalpha():
                 raise Rejected("bad_format", name, alpha2_message)
             return s.upper()

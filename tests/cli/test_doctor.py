@@ -385,13 +385,14 @@ async def test_run_doctor_on_a_healthy_setup(nursery, short_dir):
         "listen.forward_unix",
         "api key",
         "endpoint",
+        "agent",
     ]
     assert all(c.ok is True for c in checks), format_checks(checks)
     assert exit_code(checks) == 0
     text = format_checks(checks)
-    assert text.endswith("0 failed, 0 warnings, 10 ok")
+    assert text.endswith("0 failed, 0 warnings, 11 ok")
     parsed = json.loads(checks_json(checks))
-    assert parsed["ok"] is True and len(parsed["checks"]) == 10
+    assert parsed["ok"] is True and len(parsed["checks"]) == 11
     assert SECRET not in text + checks_json(checks)
 
 
@@ -429,7 +430,7 @@ def test_a_crashing_check_is_a_failure_not_a_crash(short_dir, monkeypatch):
     checks = run_doctor(make_config(short_dir), env={}, network=False)
     failed = [c for c in checks if c.name == "queue.dir"]
     assert failed[0].ok is False and "kaput" in failed[0].detail
-    assert len(checks) == 10
+    assert len(checks) == 11  # the ten host checks and the running agent
 
 
 def test_main_prints_json(short_dir):

@@ -22,6 +22,7 @@ from traits_agent.cli.upload import upload_command
 from traits_agent.config import Config, ControlConfig, QueueConfig
 from traits_agent.delivery import spool
 from traits_agent.delivery.backoff import Backoff
+from traits_agent.delivery.policy import USER_AGENT
 from traits_agent.delivery.spool import (
     CsvSpool,
     SpoolError,
@@ -32,7 +33,6 @@ from traits_agent.delivery.spool import (
     spool_dir_for,
     spool_file,
 )
-from traits_agent.delivery.uploader import USER_AGENT
 from traits_agent.fakeapi import FakeAPI, Fault
 from traits_agent.httpserver import serve_http
 from traits_agent.observe.control import serve_control
@@ -616,3 +616,44 @@ async def test_413_moves_the_file_to_rejected(nursery, tmp_path):
     assert sidecar["status"] == 413 and sidecar["reason"] == "too_large"
     assert (rejected / spooled.name).read_bytes() == CSV * 2000
     assert csv.counters.get("csv_rejected_files", kind="kpis", reason="too_large") == 1
+
+
+# -- the answer is bounded in time and memory (issue 7 item 8; the policy in policy.py) ---------
+
+
+async def test_a_huge_answer_body_is_not_read_whole(autojump_clock, nursery, api, client, tmp_path):
+    """A 64 MiB answer to a CSV upload: the spool reads at most 64 KiB of it, hangs up, and
+    counts the 201 as uploaded (before, `response.content` read it all: a 1 GiB body took
+    7.3 GB of RSS)."""
+    huge = api.inject(Fault(path="/v1/kpis/csv", status=201, body_size=64 * 1024 * 1024))
+    spooled = spool_file(tmp_path / "spool", "kpis", write(tmp_path / "k.csv"))
+    csv = make_spool(tmp_path, client)
+    await nursery.start(csv.run)
+    await api.wait_until(lambda: len(api.requests) == 1)
+    await drained(csv)
+    assert not spooled.exists()
+    assert csv.counters.get("csv_uploaded_files", kind="kpis") == 1
+    # what the fake got onto the wire before the agent hung up: the 64 KiB read plus what
+    # the loopback socket buffers took, far from the whole body
+    assert huge.body_sent < 16 * 1024 * 1024
+
+
+async def test_a_trickling_answer_is_abandoned_at_the_deadline(
+    autojump_clock, nursery, api, client, tmp_path
+):
+    """An answer sent one byte a second (httpx's per-read timeout never fires): the CSV
+    request is abandoned at its deadline (60 s + time for the file's size), retried after
+    the backoff, and the file uploads (before, the upload hung until the server finished)."""
+    api.inject(Fault(path="/v1/kpis/csv", status=201, trickle=1.0, body_size=600))
+    spooled = spool_file(tmp_path / "spool", "kpis", write(tmp_path / "k.csv"))
+    csv = make_spool(tmp_path, client, seed=5)
+    t0 = trio.current_time()
+    await nursery.start(csv.run)
+    with trio.fail_after(3600):  # virtual: a hang fails the test instead of blocking it
+        await api.wait_until(lambda: len(api.csv_uploads) == 1)
+        await drained(csv)
+    deadline = 60.0 + len(CSV) / spool.MIN_UPLOAD_RATE
+    assert [r.time for r in api.requests] == pytest.approx([t0, t0 + deadline + delays(5, 1)[0]])
+    assert csv.counters.get("upload_retries", resource="csv_kpis", reason="transport") == 1
+    assert csv.states["kpis"].last_error == f"no answer within {deadline:g} s"
+    assert not spooled.exists()

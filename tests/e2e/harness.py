@@ -82,11 +82,11 @@ class AgentProcess:
         args: tuple = (),
         prefix: tuple = (),
     ) -> None:
+        """`prefix`: a command that execs the agent, e.g. `unshare --net ...`."""
         self.directory = directory
         self.config = config
         self.api_key = api_key
         self.args = args
-        #: a command the agent runs under (e.g. `unshare ...`), with its arguments
         self.prefix = prefix
         self.log_path = directory / f"agent-{os.urandom(3).hex()}.log"
         self.proc: trio.Process | None = None

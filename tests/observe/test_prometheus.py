@@ -8,14 +8,15 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import msgpack
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from traits_agent import __version__
+from traits_agent.delivery.lane import Lane
 from traits_agent.observe.metrics import LATENCY_BUCKETS, Counters
 from traits_agent.observe.prometheus import (
     CONTENT_TYPE,
@@ -24,6 +25,9 @@ from traits_agent.observe.prometheus import (
     render,
     serve_metrics,
 )
+from traits_agent.observe.status import AgentStatus, Received, ResourceStatus
+from traits_agent.queue import DiskQueue
+from traits_agent.schema import RESOURCES
 
 # -- a small, strict parser of the text format 0.0.4 -------------------------------------------
 
@@ -37,6 +41,8 @@ class Exposition:
         self.samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self.order: list[str] = []
         assert text.endswith("\n"), "the exposition ends with a newline"
+        # prometheus_client's own parser must take it too
+        assert list(text_string_to_metric_families(text))
         current: str | None = None
         for line in text.splitlines():
             assert line, "no blank lines"
@@ -130,32 +136,77 @@ def check_histogram(expo: Exposition, name: str) -> None:
 # -- render() on hand-built state ---------------------------------------------------------------
 
 
-def stand_in(**overrides):
-    """The parts of an Agent that render() reads, with two resources."""
-    counters = Counters()
-    queues = {
-        "actions": SimpleNamespace(
-            pending_items=3, pending_bytes=300, dropped_oldest=2, dropped_newest=0
-        ),
-        "logins": SimpleNamespace(
-            pending_items=0, pending_bytes=0, dropped_oldest=0, dropped_newest=0
-        ),
-    }
-    lanes = {
-        name: SimpleNamespace(in_flight=0, waiting_since=None, queue=q)
-        for name, q in queues.items()
-    }
-    agent = SimpleNamespace(
-        counters=counters,
-        queues=queues,
-        lanes=lanes,
-        uploader=SimpleNamespace(states={"actions": SimpleNamespace(state="retrying")}),
-        started_at=time.time() - 5,
-        stopping=False,
-        is_progressing=lambda: True,
+def resource_status(queued: int, size: int, dropped_oldest: int, upstream: str) -> ResourceStatus:
+    return ResourceStatus(
+        queued_items=queued,
+        queued_bytes=size,
+        in_flight=0,
+        accepted=0,
+        delivered=0,
+        dead_lettered=0,
+        dropped={"drop_oldest": dropped_oldest} if dropped_oldest else {},
+        oldest_age_s=0.0,
+        unsynced_items=0,
+        corrupt_skipped=0,
+        upstream=upstream,
+        last_error=None,
+        next_retry_in_s=None,
+        queue_drops={"drop_oldest": dropped_oldest, "drop_newest": 0, "write_error": 0},
     )
-    for key, value in overrides.items():
-        setattr(agent, key, value)
+
+
+def stand_in() -> AgentStatus:
+    """A status with two resources, built by hand (the model is plain typed values)."""
+    return AgentStatus(
+        version=__version__,
+        pid=1,
+        uptime_s=5.0,
+        endpoint="http://127.0.0.1:9",
+        listening={},
+        upstream="retrying",
+        last_error=None,
+        received=Received(0, 0, 0),
+        rejected={},
+        stripped_fields=0,
+        resources={
+            "actions": resource_status(3, 300, 2, "retrying"),
+            "logins": resource_status(0, 0, 0, "ok"),
+        },
+        csv=None,
+        counters=Counters(),
+        started_at=time.time() - 5,
+    )
+
+
+class Source:
+    """What serve_metrics reads: anything with status()."""
+
+    def __init__(self, status: AgentStatus) -> None:
+        self.current = status
+
+    def status(self) -> AgentStatus:
+        return self.current
+
+
+def real_agent(directory: Path, *, items: int = 0):
+    """A real Agent (not running) with real queues and lanes for two resources, no uploader."""
+    from traits_agent.agent import Agent
+
+    agent = Agent(config=agent_config(directory), api_key="test-key")
+    agent.started_at = time.time() - 5
+    for name in ("actions", "logins"):
+        queue = DiskQueue.open(directory / "queue" / name, fsync="never")
+        agent.queues[name] = queue
+
+        async def deliver(*_args) -> None:
+            raise AssertionError("not running")
+
+        agent.lanes[name] = Lane(
+            RESOURCES[name], queue, deliver, max_items=10, max_bytes=1 << 20, linger_s=1.0
+        )
+    for i in range(items):
+        agent.queues["actions"].append(b'{"user_id":"%d"}' % i)
+    agent.queues["actions"].flush()
     return agent
 
 
@@ -235,23 +286,25 @@ async def test_queue_gauges_and_upstream_state_set():
     assert expo.value("traits_agent_pipeline_progressing") == 1
 
 
-async def test_before_the_uploader_exists_every_upstream_is_ok():
+async def test_before_the_uploader_exists_every_upstream_is_ok(short_dir):
     """With no uploader yet (start-up), upstream_state says ok for every resource."""
-    expo = Exposition(render(stand_in(uploader=None)))
+    agent = real_agent(short_dir)
+    assert agent.uploader is None
+    expo = Exposition(render(agent.status()))
     assert expo.value("traits_agent_upstream_state", resource="actions", state="ok") == 1
 
 
-async def test_oldest_age_comes_from_the_lane():
+async def test_oldest_age_comes_from_the_lane(short_dir):
     """The oldest queued item's age is trio-now minus the lane's waiting_since; a recovered
     backlog (waiting since before start) is at least as old as the agent."""
-    agent = stand_in()
-    agent.lanes["actions"].waiting_since = trio.current_time() - 12.5
-    expo = Exposition(render(agent))
+    agent = real_agent(short_dir, items=3)
+    agent.lanes["actions"]._waiting_since = trio.current_time() - 12.5
+    expo = Exposition(render(agent.status()))
     assert 12.5 <= expo.value("traits_agent_oldest_queued_age_seconds", resource="actions") < 14
     assert expo.value("traits_agent_oldest_queued_age_seconds", resource="logins") == 0
 
-    agent.lanes["actions"].waiting_since = -math.inf
-    expo = Exposition(render(agent))
+    agent.lanes["actions"]._waiting_since = -math.inf
+    expo = Exposition(render(agent.status()))
     assert 5 <= expo.value("traits_agent_oldest_queued_age_seconds", resource="actions") < 7
 
 
@@ -328,13 +381,13 @@ async def test_healthz_and_unknown_paths_on_a_stand_in(nursery):
     """/healthz is 200 `ok` while progressing, 503 JSON naming the backlog when stalled,
     503 while stopping; other paths 404, other methods 405."""
     agent = stand_in()
-    agent.lanes["actions"].waiting_since = trio.current_time() - 300
-    host, port = await nursery.start(serve_metrics, agent, "127.0.0.1", 0)
+    agent.resources["actions"].waiting_s = 300.0
+    host, port = await nursery.start(serve_metrics, Source(agent), "127.0.0.1", 0)
     async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as http:
         r = await http.get("/healthz")
         assert (r.status_code, r.text) == (200, "ok\n")
 
-        agent.is_progressing = lambda: False
+        agent.progressing = False
         r = await http.get("/healthz")
         assert r.status_code == 503
         body = r.json()

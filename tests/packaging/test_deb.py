@@ -21,6 +21,7 @@ from deb_helpers import PACKAGE, REPO, is_known_to_dpkg, run
 
 pytestmark = [
     pytest.mark.deb,
+    pytest.mark.system,
     pytest.mark.skipif(
         not hasattr(os, "geteuid") or os.geteuid() != 0, reason="installs a package: needs root"
     ),

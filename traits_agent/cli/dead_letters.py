@@ -6,10 +6,18 @@ import argparse
 import json
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from traits_agent.cli.common import PROG, UsageError, config_from
+from traits_agent.cli.common import (
+    DATAGRAM_BYTES,
+    PROG,
+    Datagram,
+    UsageError,
+    config_from,
+    forward_datagrams,
+)
 from traits_agent.config import Config
 
 
@@ -19,14 +27,21 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     config = config_from(args)
     letters = dead_letters_for(config)
     if args.action == "list":
-        for name in letters.resources():
-            print(f"{name}\t{letters.count(name)}")
+        names = letters.resources()
+        counts = {name: letters.count(name) for name in names}
+        if not any(counts.values()):
+            print(f"no dead letters (in {letters.directory})")
+            return 0
+        for name in names:
+            print(f"{name}\t{counts[name]}")
         return 0
-    if not args.resource:
-        raise UsageError(f"dead-letters {args.action}: RESOURCE is required")
     if args.action == "show":
+        shown = 0
         for record in letters.read(args.resource):
             print(json.dumps(record, ensure_ascii=False))
+            shown += 1
+        if not shown:
+            print(f"no dead letters of {args.resource}", file=sys.stderr)
         return 0
     if args.action == "replay":
         return _replay_dead_letters(config, letters, args.resource)
@@ -38,61 +53,56 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 def _replay_dead_letters(config: Config, letters: Any, resource: str) -> int:
     """Send dead letters back through the running agent (after fixing what the API disliked,
     e.g. a schema or an endpoint). They are validated again like any event; a file is removed
-    only after all its items were handed to the agent's socket."""
+    only after all its items were handed to the agent's socket (so the dead-letter file is
+    empty afterwards; items the API rejects again come back to it)."""
     if not config.listen.unix:
         raise UsageError("dead-letters replay: needs [listen] unix (a datagram socket that waits)")
-    files = letters.take(resource)
+    if not letters.count(resource):
+        print(f"no dead letters of {resource} to replay")
+        return 0
     sent = 0
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(config.listen.unix)  # blocking: waits instead of dropping
-            for path in files:
-                for datagram in _replay_datagrams(resource, _read_ndjson(path)):
-                    s.send(datagram.data)
-                    sent += datagram.items
-                path.unlink()
-    except (OSError, ValueError) as e:
-        for path in files:  # put back what was not sent, so nothing is lost
-            if path.exists():
-                letters.restore(resource, path)
-        print(f"{PROG}: replay stopped after {sent} items: {e}", file=sys.stderr)
+            try:
+                s.connect(config.listen.unix)  # blocking: waits instead of dropping
+            except (FileNotFoundError, ConnectionRefusedError):
+                print(
+                    f"{PROG}: no agent is running: nothing receives on {config.listen.unix}; "
+                    f"start one (`{PROG} run`), then replay. Nothing was changed.",
+                    file=sys.stderr,
+                )
+                return 1
+            files = letters.take(resource)
+            try:
+                for path in files:
+                    for datagram in _replay_datagrams(resource, _read_ndjson(path)):
+                        s.send(datagram.data)
+                        sent += datagram.items
+                    path.unlink()
+            except (OSError, ValueError) as e:
+                for path in files:  # put back what was not sent, so nothing is lost
+                    if path.exists():
+                        letters.restore(resource, path)
+                print(f"{PROG}: replay stopped after {sent} items: {e}", file=sys.stderr)
+                return 1
+    except PermissionError:
+        print(f"{PROG}: permission denied on {config.listen.unix}", file=sys.stderr)
         return 1
     print(f"replayed {sent} dead letters of {resource} through {config.listen.unix}")
     return 0
 
 
-class _Datagram(NamedTuple):
-    data: bytes
-    items: int
-
-
 #: replay datagrams stay well under the agent's 64 KiB datagram limit
-REPLAY_DATAGRAM_BYTES = 60_000
+REPLAY_DATAGRAM_BYTES = DATAGRAM_BYTES
 
 
-def _replay_datagrams(resource: str, records: Any) -> Any:
-    """Forward-form datagrams of dead-letter items, each under REPLAY_DATAGRAM_BYTES (sizes
-    are added up per item; the array headers add at most a few bytes). An item too large for
-    any datagram raises ValueError (its file is kept)."""
-    import msgpack
-
-    from traits_agent.intake.wire import encode_forward
-
-    overhead = len(encode_forward(resource, [])) + 8
-    batch: list[tuple[None, Any]] = []
-    size = overhead
-    for record in records:
-        entry = (None, record["item"])
-        entry_size = len(msgpack.packb(entry, use_bin_type=True))
-        if overhead + entry_size > REPLAY_DATAGRAM_BYTES:
-            raise ValueError("a dead letter is larger than a datagram may be; it was kept")
-        if size + entry_size > REPLAY_DATAGRAM_BYTES:
-            yield _Datagram(encode_forward(resource, batch), len(batch))
-            batch, size = [], overhead
-        batch.append(entry)
-        size += entry_size
-    if batch:
-        yield _Datagram(encode_forward(resource, batch), len(batch))
+def _replay_datagrams(resource: str, records: Any) -> Iterator[Datagram]:
+    """Forward-form datagrams of dead-letter items (`{"item": ...}` records); an item too
+    large for any datagram raises ValueError (its file is kept)."""
+    try:
+        yield from forward_datagrams(resource, ((None, r["item"]) for r in records))
+    except ValueError:
+        raise ValueError("a dead letter is larger than a datagram may be; it was kept") from None
 
 
 def _read_ndjson(path: Path) -> Any:

@@ -6,7 +6,9 @@ works, but worse than it should) or False (a failure: events will be lost or not
 the command fits a provisioning script or a package test.
 
 The checks only look: they create, change and send nothing (the endpoint check opens one HTTPS
-connection and sends a `HEAD /` without the key). The key is never printed.
+connection and sends a `HEAD /v1/actions` without the key; the agent check asks a running
+agent for its status). The key is never printed. With `run --fake-api` running, the key and
+endpoint checks look at what that agent really uses: its embedded fake API, no key.
 """
 
 from __future__ import annotations
@@ -74,6 +76,15 @@ def run_doctor(
     point the checks elsewhere (tests, or a host whose paths differ).
     """
     listen = config.listen
+    agent = running_agent(config)
+    # `run --fake-api`: the running agent delivers to its embedded stand-in, with no key
+    fake_url = (
+        agent.get("endpoint")
+        if agent
+        and agent.get("endpoint") not in (None, config.api.base_url)
+        and is_loopback_url(str(agent.get("endpoint")))
+        else None
+    )
     checks: list[tuple[str, Callable[[], Check]]] = [
         ("config", lambda: check_config(config)),
         (
@@ -104,15 +115,25 @@ def run_doctor(
                 "traits-agent-forward.socket",
             ),
         ),
-        ("api key", lambda: check_api_key(config, env, credential_source)),
+        (
+            "api key",
+            lambda: (
+                Check(
+                    "api key", True, f"not needed: the running agent uses the fake API {fake_url}"
+                )
+                if fake_url
+                else check_api_key(config, env, credential_source)
+            ),
+        ),
         (
             "endpoint",
             lambda: (
-                check_endpoint(config, timeout=timeout)
+                check_endpoint(config, timeout=timeout, base_url=fake_url)
                 if network
                 else Check("endpoint", None, f"{config.api.base_url}: not checked (--no-network)")
             ),
         ),
+        ("agent", lambda: check_agent(config, agent)),
     ]
     results = []
     for name, check in checks:
@@ -513,10 +534,59 @@ def _key_file_check(name: str, path: Path, origin: str) -> Check:
     return Check(name, True, where)
 
 
-def check_endpoint(config: Config, *, timeout: float = ENDPOINT_TIMEOUT_S) -> Check:
-    """One HTTPS `HEAD /` to the API's base URL: any HTTP answer means reachable."""
+def is_loopback_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    from traits_agent.config import is_loopback_host
+
+    return is_loopback_host(urlsplit(url).hostname or "")
+
+
+def running_agent(config: Config) -> dict | None:
+    """The running agent's status snapshot, or None when none answers on the control socket."""
+    from traits_agent.observe.control import AgentNotRunning, request_status
+
+    try:
+        return request_status(Path(config.control.socket), timeout=2.0)
+    except (AgentNotRunning, OSError, ValueError):
+        return None
+
+
+def check_agent(config: Config, agent: dict | None) -> Check:
+    """Is an agent running on this config's control socket, and can it deliver?"""
+    name = "agent"
+    if agent is None:
+        # not a finding: doctor also runs before the agent is first started
+        return Check(name, True, f"not running (nothing answers on {config.control.socket})")
+    upstream = agent.get("upstream", "?")
+    where = f"pid {agent.get('pid', '?')}, delivering to {agent.get('endpoint', '?')}"
+    if upstream in ("auth_failed", "endpoint_error"):
+        return Check(
+            name,
+            False,
+            f"running ({where}) but delivery is held: {upstream}: {agent.get('last_error')}",
+            "auth_failed: check the API key; endpoint_error: check api.endpoint (base URL)",
+        )
+    if upstream != "ok":
+        return Check(
+            name, None, f"running ({where}); upstream {upstream}: {agent.get('last_error')}"
+        )
+    return Check(name, True, f"running ({where}), upstream ok")
+
+
+#: an API path every 12traits endpoint serves (POST); HEAD without a key answers 401/405 there,
+#: and 404 where the base URL is wrong
+PROBE_PATH = "/v1/actions"
+
+
+def check_endpoint(
+    config: Config, *, timeout: float = ENDPOINT_TIMEOUT_S, base_url: str | None = None
+) -> Check:
+    """One `HEAD {base}/v1/actions` without the key: reachable, and an API lives there (a
+    404/410 or a redirect means the base URL is wrong: the agent would hold in
+    `endpoint_error`). `base_url`: check this one instead (the running fake API)."""
     name = "endpoint"
-    url = config.api.base_url
+    url = (base_url or config.api.base_url).rstrip("/")
     started = time.monotonic()
     try:
         with httpx.Client(
@@ -525,7 +595,7 @@ def check_endpoint(config: Config, *, timeout: float = ENDPOINT_TIMEOUT_S) -> Ch
             trust_env=not url.startswith("http://"),  # as the agent's client does
             headers={"User-Agent": f"traits-agent/{__version__} (doctor)"},
         ) as client:
-            response = client.head(url + "/")
+            response = client.head(url + PROBE_PATH)
     except httpx.TimeoutException as e:
         stage = "connecting" if isinstance(e, httpx.ConnectTimeout) else "waiting for an answer"
         return Check(
@@ -537,6 +607,15 @@ def check_endpoint(config: Config, *, timeout: float = ENDPOINT_TIMEOUT_S) -> Ch
     except httpx.HTTPError as e:
         return Check(name, False, f"{url}: {_explain(e)}", _NETWORK_HINT)
     ms = (time.monotonic() - started) * 1000
+    status = response.status_code
+    if status in (404, 410) or 300 <= status < 400:
+        return Check(
+            name,
+            False,
+            f"{url} answered HTTP {status} for {PROBE_PATH}: no 12traits API at that base URL",
+            "check api.endpoint: production, sandbox, or the base URL without /v1 "
+            "(the agent holds delivery in endpoint_error until it is right)",
+        )
     return Check(
         name,
         True,

@@ -40,39 +40,52 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def format_status(s: dict[str, Any]) -> str:
-    """The human view of a status snapshot."""
+    """The human view of a status snapshot (keys read defensively: the model may grow).
+
+    The last error is shown while the upstream is not ok, with its time when the snapshot
+    has one; after recovery it is gone from here (`status --json` keeps it)."""
+    from traits_agent.cli.top import _age, _duration, _size
+
+    upstream = s.get("upstream", "?")
     lines = [
-        f"traits-agent {s['version']} (pid {s['pid']}, up {s['uptime_s']:.0f}s)",
-        f"endpoint: {s['endpoint']}   upstream: {s['upstream']}",
+        f"traits-agent {s.get('version', '?')} (pid {s.get('pid', '?')}, "
+        f"up {_duration(s.get('uptime_s'))})",
+        f"endpoint: {s.get('endpoint', '?')}   upstream: {upstream}",
     ]
-    if s.get("last_error"):
-        lines.append(f"last error: {s['last_error']}")
-    r = s["received"]
+    if s.get("last_error") and upstream != "ok":
+        when = s.get("last_error_at")
+        lines.append(f"last error: {s['last_error']}" + (f" (at {when})" if when else ""))
+    r = s.get("received") or {}
     lines.append(
-        f"received: {r['events']} events in {r['datagrams']} datagrams, {r['accepted']} accepted"
+        f"received: {r.get('events', 0)} events in {r.get('datagrams', 0)} datagrams, "
+        f"{r.get('accepted', 0)} accepted"
     )
-    if s["rejected"]:
+    if s.get("rejected"):
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["rejected"].items()))
         lines.append(f"rejected: {reasons}")
     lines.append("")
-    header = f"{'resource':<18}{'queued':>9}{'delivered':>11}{'dead':>7}{'dropped':>9}  upstream"
-    lines.append(header)
-    for name, res in s["resources"].items():
-        dropped = sum(res["dropped"].values())
-        state = res["upstream"]
+    lines.append(
+        f"{'resource':<18}{'queued':>8}{'bytes':>10}{'oldest':>8}{'delivered':>11}"
+        f"{'dead':>6}{'dropped':>9}  upstream"
+    )
+    for name, res in (s.get("resources") or {}).items():
+        dropped = sum((res.get("dropped") or {}).values())
+        state = res.get("upstream", "ok")
         if res.get("next_retry_in_s") is not None and state != "ok":
             state += f" (retry in {res['next_retry_in_s']}s)"
         lines.append(
-            f"{name:<18}{res['queued_items']:>9}{res['delivered']:>11}"
-            f"{res['dead_lettered']:>7}{dropped:>9}  {state}"
+            f"{name:<18}{res.get('queued_items', 0):>8}{_size(res.get('queued_bytes', 0)):>10}"
+            f"{_age(res.get('oldest_age_s')):>8}{res.get('delivered', 0):>11}"
+            f"{res.get('dead_lettered', 0):>6}{dropped:>9}  {state}"
         )
     csv = s.get("csv")
     if csv:
         kinds = ", ".join(
-            f"{kind} {k['pending_files']} ({k['pending_bytes']} bytes)"
-            for kind, k in csv["kinds"].items()
+            f"{kind} {k.get('pending_files', 0)} ({k.get('pending_bytes', 0)} bytes)"
+            for kind, k in (csv.get("kinds") or {}).items()
         )
         lines.append(
-            f"csv uploads pending: {kinds}; rejected {csv['rejected_files']}  {csv['state']}"
+            f"csv uploads pending: {kinds}; rejected {csv.get('rejected_files', 0)}  "
+            f"{csv.get('state', '?')}"
         )
     return "\n".join(lines)

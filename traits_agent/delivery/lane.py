@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 import trio
 
-from traits_agent.delivery.uploader import Stopping
+from traits_agent.errors import Stopping
 from traits_agent.schema import Resource
 
 log = structlog.get_logger(__name__)
@@ -36,15 +36,19 @@ class BatchLike(Protocol):
     first_seq: int
 
 
-class QueueLike(Protocol):
-    """What a lane needs from the disk queue."""
+B = TypeVar("B", bound=BatchLike)
+
+
+class QueueLike(Protocol[B]):
+    """What a lane needs from the disk queue (`queue.DiskQueue` is one, with its `Batch`): a
+    lane commits exactly the batches the same queue handed it."""
 
     @property
     def pending_items(self) -> int: ...
     @property
     def pending_bytes(self) -> int: ...
-    def read_batch(self, max_items: int, max_bytes: int) -> BatchLike | None: ...
-    def commit(self, batch: BatchLike) -> None: ...
+    def read_batch(self, max_items: int, max_bytes: int) -> B | None: ...
+    def commit(self, batch: B, /) -> None: ...
 
 
 Deliver = Callable[[Resource, list[bytes], int], Awaitable[None]]
@@ -56,7 +60,7 @@ class Lane:
     def __init__(
         self,
         resource: Resource,
-        queue: QueueLike,
+        queue: QueueLike[Any],
         deliver: Deliver,
         *,
         max_items: int,

@@ -20,7 +20,9 @@ microseconds; inotify would be a Linux-only dependency for a latency nobody need
 ingests a CSV asynchronously, in minutes); and polling also finds a file an operator moved in
 by hand. `wake()` exists for in-process callers.
 
-Answers, as in `uploader.classify` (the same table the JSON uploader uses):
+Answers, as the one upstream policy (`policy.py`, shared with the events uploader) reads them;
+every request has its deadline (the policy's, plus one second per `MIN_UPLOAD_RATE` bytes of the
+file, so a large file on a slow uplink is not cut off) and reads at most 64 KiB of the answer:
 
 ==========================  ===============================================================
 2xx                         uploaded: the file is deleted
@@ -50,7 +52,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -62,24 +64,23 @@ import structlog
 import trio
 
 from traits_agent.delivery.backoff import Backoff
-from traits_agent.delivery.uploader import (
+from traits_agent.delivery.policy import (
+    DEFAULT_REQUEST_DEADLINE_S,
     USER_AGENT,
+    Answer,
     Outcome,
-    RetryTimer,
     Stopping,
+    UpstreamPolicy,
     UpstreamState,
-    classify,
-    read_answer,
-    wait_to_retry,
-    worst_state,
+    Voice,
 )
+from traits_agent.errors import CopyCancelled, SpoolError
 from traits_agent.observe.fdlimit import (
     RETRY_MAX_S,
     is_fd_shortage,
     note_shortage,
     retry_on_shortage,
 )
-from traits_agent.observe.log import RateLimited
 from traits_agent.observe.metrics import Counters
 
 log = structlog.get_logger(__name__)
@@ -118,15 +119,17 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 #: `<20-digit ns timestamp>-<name>`, as `spool_file` names them
 _SPOOLED = re.compile(r"^(\d{20})-(.+)$")
 MAX_NAME = 120
+#: the slowest uplink a CSV upload is given time for (bytes/s, ~2 Mbit/s): its deadline is the
+#: policy's plus size / this, e.g. 60 s + 17 min for the largest file (256 MiB)
+MIN_UPLOAD_RATE = 256 * 1024
 
-
-class SpoolError(Exception):
-    """The file cannot be spooled because of the file or the arguments (exit status 2)."""
-
-
-class CopyCancelled(Exception):
-    """The copy was stopped (agent shutdown) or took longer than COPY_TIMEOUT_S; nothing
-    was spooled and the temporary file is gone."""
+VOICE = Voice(
+    retrying="csv_upload_retrying",
+    auth_failed="csv_upload_auth_failed",
+    endpoint_error="csv_upload_endpoint_error",
+    auth_hint="check the API key; CSV uploads are held, nothing is deleted",
+    endpoint_hint="check api.endpoint; CSV uploads are held, nothing is deleted",
+)
 
 
 # -- the CLI side ------------------------------------------------------------------------------
@@ -460,6 +463,7 @@ class CsvSpool:
         agent_id: str = "",
         poll_interval_s: float = POLL_INTERVAL_S,
         wall_clock: Callable[[], float] = time.time,
+        request_deadline_s: float = DEFAULT_REQUEST_DEADLINE_S,
     ) -> None:
         self.directory = Path(directory)
         self.client = client
@@ -476,8 +480,9 @@ class CsvSpool:
         #: files that could be neither uploaded nor moved aside nor deleted (permissions):
         #: left alone until restart, so they cannot spin the worker
         self._stuck: set[Path] = set()
-        self._stopping = trio.Event()
-        self._ratelimit = RateLimited(interval=60.0, clock=trio.current_time)
+        self.policy = UpstreamPolicy(
+            client, counters=counters, backoff=backoff, request_deadline_s=request_deadline_s
+        )
 
     # -- control --------------------------------------------------------------------------
 
@@ -495,47 +500,16 @@ class CsvSpool:
     def stop(self) -> None:
         """Start no new upload and abandon retry waits; `run` then returns. A request on the
         wire is left to finish (or to the caller's cancellation: the file stays spooled)."""
-        self._stopping.set()
+        self.policy.stop()
         self.wake()
 
     def status(self) -> dict[str, Any]:
-        """For `traits-agent status`: what waits, what was rejected, the upstream state."""
-        kinds: dict[str, Any] = {}
-        for kind in KINDS:
-            try:
-                files = scan(self.kind_dir(kind), kind)
-                rejected = len(scan(self.rejected_dir(kind), kind))
-            except OSError as e:
-                if not is_fd_shortage(e):
-                    raise
-                # status must still answer while descriptors run out: show what we know
-                note_shortage("csv_spool_status", e, self.counters)
-                files, rejected = [], 0
-            st = self.states[kind]
-            kinds[kind] = {
-                "pending_files": len(files),
-                "pending_bytes": sum(f.size for f in files),
-                "rejected_files": rejected,
-                "uploaded_files": self.counters.get("csv_uploaded_files", kind=kind),
-                "uploading": self.uploading[kind],
-                "state": st.state,
-                "last_error": st.last_error,
-                "next_retry_in_s": (
-                    round(max(0.0, st.next_retry_at - trio.current_time()), 1)
-                    if st.next_retry_at is not None
-                    else None
-                ),
-            }
-        errors = [(s.last_error_at, s.last_error) for s in self.states.values() if s.last_error]
-        return {
-            "dir": str(self.directory),
-            "state": worst_state([k["state"] for k in kinds.values()]),
-            "last_error": max(errors)[1] if errors else None,
-            "pending_files": sum(k["pending_files"] for k in kinds.values()),
-            "pending_bytes": sum(k["pending_bytes"] for k in kinds.values()),
-            "rejected_files": sum(k["rejected_files"] for k in kinds.values()),
-            "kinds": kinds,
-        }
+        """For `traits-agent status`: what waits, what was rejected, the upstream state
+        (`observe.status.CsvStatus` as JSON)."""
+        from traits_agent.observe.status import as_json, csv_status
+
+        result: dict[str, Any] = as_json(csv_status(self))
+        return result
 
     # -- running --------------------------------------------------------------------------
 
@@ -557,10 +531,10 @@ class CsvSpool:
             task_status.started()
 
     async def _worker(self, kind: str) -> None:
-        while not self._stopping.is_set():
+        while not self.policy.stopping:
             files = [f for f in await self._scan(kind) if f.path not in self._stuck]
             for spooled in files:
-                if self._stopping.is_set():
+                if self.policy.stopping:
                     return
                 try:
                     await self._deliver(spooled)
@@ -586,57 +560,45 @@ class CsvSpool:
         kind = spooled.kind
         st = self.states[kind]
         key = idempotency_key(self.agent_id, kind, spooled.name)
-        timer = RetryTimer(self.backoff)
         self.uploading[kind] = spooled.name
         try:
             while True:
                 try:
-                    status, detail, retry_after, size = await self._post(spooled, key)
+                    answer = await self.policy.until_decided(
+                        st,
+                        f"csv_{kind}",
+                        lambda: self._post(spooled, key),
+                        voice=VOICE,
+                        context={"kind": kind, "file": spooled.name},
+                        hold_context={"kind": kind, "path": CSV_PATHS[kind]},
+                    )
                 except FileNotFoundError:
                     log.info("csv_vanished", kind=kind, file=spooled.name)
                     return
                 except OSError as e:  # our side: the file cannot be read
                     if is_fd_shortage(e):  # not the file's fault: wait, never set it aside
                         note_shortage("csv_spool_open", e, self.counters, file=spooled.name)
+                        if self.policy.stopping:
+                            return
                         await trio.sleep(RETRY_MAX_S)
                         continue
                     error = f"cannot read the spooled file: {e.strerror or e}"
                     self._reject(spooled, None, {"message": error}, reason="unreadable")
                     return
-                st.requests += 1
-                outcome = classify(status) if status else Outcome.RETRY
-                if outcome is Outcome.DELIVERED:
-                    self._delivered(spooled, st, status, detail, size)
-                    return
-                if outcome in (Outcome.REJECTED, Outcome.TOO_LARGE):
-                    reason = "too_large" if outcome is Outcome.TOO_LARGE else "rejected"
-                    st.state, st.next_retry_at = "ok", None  # the API answered about the file
-                    self._reject(spooled, status, detail, reason=reason)
-                    return
-                error, delay = timer.failed(st, outcome, status, detail, retry_after)
-                if outcome in (Outcome.AUTH, Outcome.ENDPOINT):
-                    self._log_hold(kind, outcome, status, error, delay)
-                else:
-                    log.warning(
-                        "csv_upload_retrying",
-                        kind=kind,
-                        file=spooled.name,
-                        status=status or None,
-                        error=error,
-                        attempt=timer.attempt,
-                        retry_in_s=round(delay, 3),
-                    )
-                self.counters.inc(
-                    "upload_retries", resource=f"csv_{kind}", reason=str(status or "transport")
-                )
-                await wait_to_retry(st, delay, self._stopping)
+                break
+            if answer.outcome is Outcome.DELIVERED:
+                self._delivered(spooled, st, answer)
+            else:
+                reason = "too_large" if answer.outcome is Outcome.TOO_LARGE else "rejected"
+                self._reject(spooled, answer.status, answer.detail, reason=reason)
         finally:
             self.uploading[kind] = None
 
-    async def _post(self, spooled: Spooled, key: str) -> tuple[int, dict, float | None, int]:
+    async def _post(self, spooled: Spooled, key: str) -> Answer:
         """One request, the file streamed from disk in 64 KiB reads (httpx's multipart encoder
-        reads a file object chunk by chunk and sends Content-Length from fstat).
-        Returns (status or 0 for transport errors, detail, retry_after, bytes)."""
+        reads a file object chunk by chunk and sends Content-Length from fstat), under the
+        policy's deadline (plus time for the file's size) and read cap. Raises OSError when
+        the file cannot be opened."""
         headers = {
             "Authorization": f"Bearer {self.api_key}",
             "User-Agent": USER_AGENT,
@@ -645,29 +607,18 @@ class CsvSpool:
         kind = spooled.kind
         with open(spooled.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            start = trio.current_time()
-            try:
-                response = await self.client.post(
-                    CSV_PATHS[kind],
-                    files={"file": (spooled.original, f, "text/csv")},
-                    headers=headers,
-                )
-            except httpx.HTTPError as e:
-                return 0, {"error": f"{type(e).__name__}: {e}"}, None, size
-            finally:
-                self.counters.inc("upload_requests", resource=f"csv_{kind}")
-            elapsed = trio.current_time() - start
-        self.counters.observe("upload_seconds", elapsed, resource=f"csv_{kind}")
-        detail, retry_after = read_answer(response.status_code, response.headers, response.content)
-        return response.status_code, detail, retry_after, size
+            request = self.client.build_request(
+                "POST",
+                CSV_PATHS[kind],
+                files={"file": (spooled.original, f, "text/csv")},
+                headers=headers,
+            )
+            deadline_s = self.policy.request_deadline_s + size / MIN_UPLOAD_RATE
+            return await self.policy.exchange(request, label=f"csv_{kind}", deadline_s=deadline_s)
 
-    def _delivered(
-        self, spooled: Spooled, st: UpstreamState, status: int, detail: dict, size: int
-    ) -> None:
+    def _delivered(self, spooled: Spooled, st: UpstreamState, answer: Answer) -> None:
         kind = spooled.kind
-        if st.state != "ok":
-            log.info("upstream_recovered", resource=f"csv_{kind}", previous=st.state)
-        st.state, st.next_retry_at = "ok", None
+        status, detail, size = answer.status, answer.detail, spooled.size
         st.delivered += 1
         try:
             os.unlink(spooled.path)
@@ -692,7 +643,9 @@ class CsvSpool:
             ),
         )
 
-    def _reject(self, spooled: Spooled, status: int | None, detail: dict, *, reason: str) -> None:
+    def _reject(
+        self, spooled: Spooled, status: int | None, detail: Mapping[str, Any], *, reason: str
+    ) -> None:
         """Sidecar first, then the move: a crash in between uploads the file again and writes
         the same sidecar again."""
         kind = spooled.kind
@@ -741,26 +694,6 @@ class CsvSpool:
             message=record["message"],
             errors=record["errors"],
             moved_to=str(target),
-        )
-
-    def _log_hold(self, kind: str, outcome: Outcome, status: int, error: str, delay: float) -> None:
-        suppressed = self._ratelimit(f"{outcome.value}/{kind}")
-        if suppressed is None:
-            return
-        hint = (
-            "check the API key; CSV uploads are held, nothing is deleted"
-            if outcome is Outcome.AUTH
-            else "check api.endpoint; CSV uploads are held, nothing is deleted"
-        )
-        log.error(
-            "csv_upload_auth_failed" if outcome is Outcome.AUTH else "csv_upload_endpoint_error",
-            kind=kind,
-            status=status,
-            error=error,
-            path=CSV_PATHS[kind],
-            hint=hint,
-            probe_in_s=round(delay, 1),
-            suppressed=suppressed,
         )
 
     def _remove_stale_temps(self, kind: str) -> None:

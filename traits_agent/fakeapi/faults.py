@@ -12,6 +12,12 @@ fires ``times`` times (``None``: until cleared) and then goes away. Its action i
   count as a firing) — this is how a test makes the API reject one item and watches the
   agent bisect.
 
+``body_size`` and ``trickle`` (with ``status`` only) play a broken proxy or a sick server that
+answers with a huge body or sends it a byte at a time: the answer's body is ``body_size`` bytes
+of filler (default 1 MiB when only ``trickle`` is given), generated as it is sent (a 1 GiB answer
+costs the fake nothing), in 64 KiB chunks — or, with ``trickle``, one byte every ``trickle``
+seconds. ``body_sent`` counts the bytes the server got onto the wire (the client may hang up).
+
 ``min_items`` restricts a fault to batches of at least that many items, e.g.
 ``Fault(status=413, min_items=501, times=None)`` plays a server whose limit is 500.
 
@@ -21,8 +27,11 @@ The first matching fault in injection order fires; at most one fault fires per r
 from __future__ import annotations
 
 import http
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+import trio
 
 
 @dataclass
@@ -42,8 +51,12 @@ class Fault:
     reject_field: str | None = None
     reject_value: Any = None
     min_items: int | None = None
+    body_size: int | None = None
+    trickle: float = 0.0
 
     def __post_init__(self) -> None:
+        #: bytes of a ``body_size``/``trickle`` answer sent so far (not a field: not in the spec)
+        self.body_sent = 0
         actions = [self.status is not None, self.drop, self.reject_field is not None]
         if sum(actions) > 1:
             raise ValueError("a fault does one of: status, drop, reject_field")
@@ -57,6 +70,10 @@ class Fault:
             raise ValueError("times must be at least 1 (or None for forever)")
         if self.delay < 0:
             raise ValueError("delay must not be negative")
+        if (self.body_size is not None or self.trickle) and self.status is None:
+            raise ValueError("body_size and trickle need a status")
+        if self.trickle < 0 or (self.body_size is not None and self.body_size < 0):
+            raise ValueError("body_size and trickle must not be negative")
         if self.retry_after is not None and not isinstance(self.retry_after, str):
             self.retry_after = str(self.retry_after)
 
@@ -104,6 +121,21 @@ class Fault:
             message = "injected fault"
         return {"code": self.status, "message": message, "data": None}
 
+    @property
+    def streams_body(self) -> bool:
+        return self.body_size is not None or self.trickle > 0
+
+    async def stream_body(self) -> AsyncIterator[bytes]:
+        """The filler body of a ``body_size``/``trickle`` answer, counted into ``body_sent``."""
+        left = self.body_size if self.body_size is not None else 1024 * 1024
+        while left > 0:
+            if self.trickle:
+                await trio.sleep(self.trickle)
+            chunk = b"x" * min(left, 1 if self.trickle else 64 * 1024)
+            yield chunk
+            self.body_sent += len(chunk)
+            left -= len(chunk)
+
     def describe(self) -> str:
         """A short label for logs and the request record."""
         if self.status is not None:
@@ -114,6 +146,10 @@ class Fault:
             what = f"reject {self.reject_field}={self.reject_value!r}"
         else:
             what = "delay"
+        if self.body_size is not None:
+            what += f" body {self.body_size} bytes"
+        if self.trickle:
+            what += f" trickled 1 byte/{self.trickle:g}s"
         if self.delay > 0:
             what += f" after {self.delay:g}s"
         return what

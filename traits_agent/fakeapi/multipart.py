@@ -72,12 +72,12 @@ def _part(head: bytes, data: bytes) -> Part:
     # Message parses the parameters (quoting, RFC 2231) for any header it is handed.
     params = Message()
     params["content-disposition"] = disposition
-    name = params.get_param("name", header="content-disposition")
+    param: object = params.get_param("name", header="content-disposition")
     filename = params.get_param("filename", header="content-disposition")
-    if not isinstance(name, str):
+    if not isinstance(param, str):
         raise ValueError("multipart part without a name")
     return Part(
-        name=name,
+        name=param,
         filename=filename if isinstance(filename, str) else None,
         content_type=headers.get("content-type"),
         data=data,

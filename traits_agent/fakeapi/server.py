@@ -221,6 +221,7 @@ class FakeAPI:
         error: dict[str, str] | None = None
         if resource is not None:
             ctx.resource = resource.name
+            assert resource.payload_key is not None  # only playfab has none, and it is not here
             items, error = _parse_batch(request.body, resource.payload_key)
         elif is_playfab:
             resource = self._playfab_resource
@@ -236,6 +237,11 @@ class FakeAPI:
             if fault.drop:
                 self._record(ctx, None)
                 raise DropConnection
+            if fault.status is not None and fault.streams_body:
+                self._record(ctx, fault.status)
+                size = fault.body_size if fault.body_size is not None else 1024 * 1024
+                stream_headers = {"content-type": "text/plain", "content-length": str(size)}
+                return Response(fault.status, headers=stream_headers, stream=fault.stream_body)
             if fault.status is not None:
                 headers = {"retry-after": fault.retry_after} if fault.retry_after else None
                 return self._answer(ctx, fault.status, fault.error_body(), headers)

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from traits_agent.errors import ActivationError
+
 log = structlog.get_logger(__name__)
 
 #: the first passed file descriptor (SD_LISTEN_FDS_START)
@@ -68,10 +70,6 @@ class Kind(enum.Enum):
         if family is None:
             return sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == type_
         return sock.family == family and sock.type == type_
-
-
-class ActivationError(Exception):
-    """An inherited socket does not fit the listener that claims it (a unit/config mismatch)."""
 
 
 Address = str | tuple[str, int]

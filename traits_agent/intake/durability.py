@@ -1,7 +1,7 @@
-"""When is what was received on disk: the group-commit `Syncer` and the ack gate `Durability`.
+"""When is what was received on disk: the group-commit `Syncer` and the Forward `AckGate`.
 
 Intake appends to the queues without fsyncing; the Syncer fsyncs the queues that took writes,
-as a group, on the `queue.fsync` policy, and after every round tells `Durability`, which wakes
+as a group, on the `queue.fsync` policy, and after every round tells the `AckGate`, which wakes
 the Forward connections whose acks wait for their records to be durable. An ack therefore never
 covers a record that only exists in memory or in the page cache.
 """
@@ -14,7 +14,6 @@ from typing import Protocol
 import structlog
 import trio
 
-from traits_agent.observe.log import RateLimited
 from traits_agent.observe.metrics import Counters
 
 log = structlog.get_logger(__name__)
@@ -41,7 +40,7 @@ def _nothing() -> None:
     pass
 
 
-class Durability:
+class AckGate:
     """Tells stream sources when the records they appended are durable (fsynced).
 
     The source calls `mark(names)` right after appending to the queues `names` and later
@@ -92,6 +91,10 @@ class Durability:
         event.set()
 
 
+#: the gate's old name; forward.py and its tests still use it (another branch is changing them)
+Durability = AckGate
+
+
 class Syncer:
     """Group commit: fsync the queues that took writes, every `fsync_interval_ms` ("interval"),
     as soon as possible after each burst ("always"), or only at shutdown ("never")."""
@@ -109,7 +112,6 @@ class Syncer:
         self.policy = policy
         self.interval = interval_s
         self._dirty = trio.Event()
-        self._ratelimit = RateLimited(interval=10.0)
         #: called after every round of fsyncs (the Forward source's acks wait for it)
         self.on_synced: Callable[[], None] = lambda: None
 
@@ -118,15 +120,13 @@ class Syncer:
 
     def write_failed(self, resource: str, error: OSError) -> None:
         self.counters.inc("queue_write_errors", resource=resource, errno=str(error.errno))
-        suppressed = self._ratelimit(f"write/{resource}/{error.errno}")
-        if suppressed is not None:
-            log.error(
-                "queue_write_failed",
-                resource=resource,
-                error=str(error),
-                hint="events stay buffered in memory (bounded) until the disk takes them",
-                suppressed=suppressed,
-            )
+        log.error(
+            "queue_write_failed",
+            resource=resource,
+            errno=error.errno,
+            error=str(error),
+            hint="events stay buffered in memory (bounded) until the disk takes them",
+        )
 
     async def sync_all(self) -> bool:
         """fsync every queue (in a worker thread); False if any failed."""

@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterable
 import structlog
 
 from traits_agent.intake.wire import Entry, decode_datagram
-from traits_agent.observe.log import RateLimited
-from traits_agent.observe.metrics import Counters
+from traits_agent.observe.metrics import QUEUE_DROPS, Counters
 from traits_agent.schema import Rejected, Resource, normalize, resolve_tag
 
 log = structlog.get_logger(__name__)
@@ -46,23 +45,14 @@ class Ingest:
         self.on_write_error = on_write_error
         #: runs after every burst (the shared disk quota rebalances the queues' caps)
         self.after_flush = after_flush
-        self._ratelimit = RateLimited(interval=10.0)
         self._drops_seen: dict[tuple[str, str], int] = {}
-        self._drops_unlogged: dict[tuple[str, str], int] = {}
 
     def reject(self, reason: str, sample: object = None, **context: object) -> None:
-        """Count one rejected event (or datagram) and log it, rate-limited per reason."""
+        """Count one rejected event (or datagram) and log it (rate-limited per reason)."""
         self.counters.inc("rejected_events", reason=reason)
-        suppressed = self._ratelimit(f"rejected/{reason}")
-        if suppressed is not None:
-            text = repr(sample)
-            log.warning(
-                "event_rejected",
-                reason=reason,
-                sample=text[:300],
-                suppressed=suppressed,
-                **context,
-            )
+        # `sample` is bounded by the log chain (observe.log.bound_sample), after the rate limit:
+        # a line held back costs no encoding
+        log.warning("event_rejected", reason=reason, sample=sample, **context)
 
     def handle(self, datagrams: list[bytes]) -> None:
         """The sink for a datagram source: everything in `datagrams`, then flush."""
@@ -136,25 +126,20 @@ class Ingest:
             self.after_flush()
 
     def _report_drops(self, name: str, queue: object) -> None:
-        """Log what the queue's quota (or a write error) dropped since last time: one line per
-        resource and reason per interval, with the count, so a full disk is loud but short."""
-        for reason in ("dropped_oldest", "dropped_newest", "dropped_write_error"):
+        """Log what the queue's quota (or a write error) dropped since last time (rate-limited
+        per resource and reason, the held-back counts added up: a full disk is loud but short)."""
+        for reason, _label in QUEUE_DROPS:
             total = getattr(queue, reason, 0)
             key = (name, reason)
             seen = self._drops_seen.get(key, 0)
             if total <= seen:
                 continue
-            pending = self._drops_unlogged.get(key, 0) + total - seen
             self._drops_seen[key] = total
-            if self._ratelimit(f"drop/{name}/{reason}") is None:
-                self._drops_unlogged[key] = pending
-                continue
-            self._drops_unlogged.pop(key, None)
             log.warning(
                 "events_dropped",
                 resource=name,
                 reason=reason.removeprefix("dropped_"),
-                dropped=pending,
+                dropped=total - seen,
                 dropped_total=total,
                 hint=(
                     "the disk refused writes (full or read-only) for too long"

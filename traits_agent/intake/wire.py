@@ -38,6 +38,8 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from traits_agent.errors import WireError
+
 MAX_DECOMPRESSED = 16 * 1024 * 1024
 """The most bytes one CompressedPackedForward value may inflate to."""
 
@@ -60,14 +62,6 @@ class DecodeResult(NamedTuple):
 
     entries: list[Entry]
     errors: list[str]
-
-
-class WireError(ValueError):
-    """A msgpack value that is not a usable Forward-protocol entry; `reason` is a counter label."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 # --------------------------------------------------------------------------- decoding
@@ -224,7 +218,7 @@ def _pair(tag: str, event: Any) -> Entry:
 
 
 def _packed(tag: str, payload: bytes | str, option: dict[Any, Any] | None) -> list[Entry]:
-    if type(payload) is str:  # old Fluentd: raw str; surrogateescape gives the bytes back
+    if isinstance(payload, str):  # old Fluentd: raw str; surrogateescape gives the bytes back
         payload = payload.encode("utf-8", "surrogateescape")
     compressed = option.get("compressed") if option else None
     if compressed == "gzip":

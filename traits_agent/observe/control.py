@@ -1,8 +1,21 @@
 """The control socket: `traits-agent status` asks the running agent over a Unix stream socket.
 
-Protocol: the client sends one line (`status`), the agent answers one JSON document and closes.
+Protocol: the client sends one line, the agent answers one JSON document and closes.
+
+    status                          → the status snapshot
+    upload KIND NAME  (+ an fd)     → the CSV is copied into the spool
+    send {"resource", "records": [...], "time", "sync"}
+                                    → the events are validated, appended and fsynced, then
+                                      {"resource", "stored", "first_seq", "last_seq",
+                                      "rejected": [{"index", "reason", "error"}]}
+    outcome {"resource", "first_seq", "last_seq"}
+                                    → {"done": bool, "dead_lettered": [...], "upstream", ...}
+
+`send` + `outcome` are what `traits-agent send --wait` is made of: the CLI learns that its
+events are on disk, then polls until the queue's delivered position passes them.
+
 The socket lives in the runtime directory with mode 0660, so only the agent's user and group
-can read the agent's state.
+can read the agent's state (and send events, as they may on the event socket).
 """
 
 from __future__ import annotations
@@ -14,32 +27,30 @@ import json
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 import trio
 
+from traits_agent.errors import AgentNotRunning
 from traits_agent.intake.unixsock import bind_unix
 from traits_agent.observe.fdlimit import RETRY_INITIAL_S, is_fd_shortage, note_shortage
-from traits_agent.observe.log import RateLimited
 from traits_agent.observe.metrics import Counters
 
 log = structlog.get_logger(__name__)
 
-MAX_REQUEST = 1024
+#: a request line: `status`, `upload ...` are short; `send` carries up to a chunk of events
+MAX_REQUEST = 1024 * 1024
 #: descriptors one request may carry (`upload` sends one); more are closed as they arrive
 MAX_FDS = 4
 #: a client that has not sent its line by then is cut off (and its descriptors closed)
 REQUEST_TIMEOUT_S = 5.0
 #: concurrent control connections; more are closed at once. Each may hold MAX_FDS received
-#: descriptors, so this bounds what a group member can pin: 16 * (1 + 4) = 80 descriptors.
-MAX_CONNECTIONS = 16
-
-
-class AgentNotRunning(Exception):
-    """No agent answers on the control socket."""
+#: descriptors and a MAX_REQUEST line, so this bounds what a group member can pin:
+#: 32 * (1 + 4) = 160 descriptors and 32 MiB.
+MAX_CONNECTIONS = 32
 
 
 async def serve_control(
@@ -47,6 +58,8 @@ async def serve_control(
     snapshot: Callable[[], dict[str, Any]],
     *,
     upload: Callable[..., dict[str, Any]] | None = None,
+    send: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
+    outcome: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     mode: int = 0o660,
     counters: Counters | None = None,
     request_timeout_s: float = REQUEST_TIMEOUT_S,
@@ -72,7 +85,6 @@ async def serve_control(
     sock = trio.socket.from_stdlib_socket(std)
     listener = trio.SocketListener(sock)
     active = 0
-    ratelimit = RateLimited(interval=10.0, clock=trio.current_time)
     task_status.started(path)
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -105,6 +117,18 @@ async def serve_control(
         if command == "status":
             counters.inc("control_requests", outcome="status")
             return snapshot()
+        if command in ("send", "outcome"):
+            handler = send if command == "send" else outcome
+            try:
+                body = json.loads(rest)
+            except ValueError:
+                body = None
+            counters.inc("control_requests", outcome=command)
+            if handler is None or not isinstance(body, dict):
+                return {"error": f"{command}: expected a JSON object"}
+            if command == "send":
+                return await send(body)  # type: ignore[misc]
+            return outcome(body)  # type: ignore[misc]
         if command == "upload" and upload is not None and len(fds) == 1:
             counters.inc("control_requests", outcome="upload")
             kind, _, name = rest.partition(" ")
@@ -129,13 +153,8 @@ async def serve_control(
                     continue
                 if active >= max_connections:
                     counters.inc("control_requests", outcome="too_many_connections")
-                    suppressed = ratelimit("refused")
-                    if suppressed is not None:
-                        log.warning(
-                            "control_connection_refused",
-                            limit=max_connections,
-                            suppressed=suppressed,
-                        )
+                    # rate-limited with suppressed=N (observe.log.RATE_LIMITS)
+                    log.warning("control_connection_refused", limit=max_connections)
                     await trio.aclose_forcefully(stream)
                     continue
                 active += 1
@@ -177,9 +196,7 @@ async def _receive_request(sock: Any, fds: list[int], counters: Counters) -> byt
     they are closed at once."""
     request = b""
     while b"\n" not in request and len(request) < MAX_REQUEST:
-        data, ancillary, _flags, _addr = await sock.recvmsg(
-            MAX_REQUEST, socket.CMSG_SPACE(4 * MAX_FDS)
-        )
+        data, ancillary, _flags, _addr = await sock.recvmsg(65536, socket.CMSG_SPACE(4 * MAX_FDS))
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % 4
@@ -226,9 +243,18 @@ def _read_all(sock: socket.socket) -> bytes:
 
 def request_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
     """Blocking client for the CLI. Raises AgentNotRunning when nobody answers."""
+    return request(path, "status", timeout=timeout)
+
+
+def request(
+    path: Path, command: str, body: dict[str, Any] | None = None, timeout: float = 5.0
+) -> dict[str, Any]:
+    """Blocking client: one request (a command, and a JSON body for `send`/`outcome`), one
+    answer. Raises AgentNotRunning when nobody answers, OSError/ValueError on a broken one."""
     sock = _connect(path, timeout)
     try:
-        sock.sendall(b"status\n")
+        line = command if body is None else f"{command} {json.dumps(body, ensure_ascii=False)}"
+        sock.sendall(line.encode() + b"\n")
         return json.loads(_read_all(sock))
     finally:
         sock.close()

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 import structlog
 import trio
 
-from traits_agent.observe.log import RateLimited
 from traits_agent.observe.metrics import Counters
 
 log = structlog.get_logger(__name__)
@@ -30,8 +29,6 @@ CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENO
 RETRY_INITIAL_S = 0.1
 RETRY_MAX_S = 2.0
 
-_ratelimit = RateLimited(interval=60.0)
-
 
 def is_fd_shortage(error: BaseException) -> bool:
     """True for EMFILE/ENFILE (and the kernel-memory errors accept reports alike)."""
@@ -42,17 +39,15 @@ def note_shortage(where: str, error: OSError, counters: Counters | None, **conte
     """Log (rate-limited) and count one fd shortage at `where`."""
     if counters is not None:
         counters.inc("fd_exhausted", where=where)
-    suppressed = _ratelimit(where)
-    if suppressed is not None:
-        log.error(
-            "fd_exhausted",
-            where=where,
-            error=str(error),
-            errno=errno.errorcode.get(error.errno or 0, str(error.errno)),
-            suppressed=suppressed,
-            hint="the agent waits and retries; raise LimitNOFILE= or find what holds descriptors",
-            **context,
-        )
+    # one line a minute per `where` (observe.log.RATE_LIMITS), with suppressed=N
+    log.error(
+        "fd_exhausted",
+        where=where,
+        error=str(error),
+        errno=errno.errorcode.get(error.errno or 0, str(error.errno)),
+        hint="the agent waits and retries; raise LimitNOFILE= or find what holds descriptors",
+        **context,
+    )
 
 
 async def retry_on_shortage(

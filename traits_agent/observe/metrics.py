@@ -11,6 +11,14 @@ from collections.abc import Iterator
 
 LabelKey = tuple[tuple[str, str], ...]
 
+#: the disk queue's own drop counters (DiskQueue attribute → `reason` label of `dropped_items`
+#: in status and /metrics), written once for the status model and the drop log
+QUEUE_DROPS = (
+    ("dropped_oldest", "drop_oldest"),
+    ("dropped_newest", "drop_newest"),
+    ("dropped_write_error", "write_error"),
+)
+
 #: upload latency buckets, seconds (loopback fake API to a slow transatlantic API)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

@@ -1,13 +1,16 @@
 """Prometheus exposition: `/metrics` (text format 0.0.4) and a `/healthz` that means "delivering".
 
-`render(agent)` turns what the agent already counts into Prometheus families, at scrape time,
-in the trio thread (so one scrape is one consistent snapshot; nothing here awaits):
+The numbers come from the one status model (`observe.status.AgentStatus`, built once per scrape
+in the trio thread, so one scrape is one consistent snapshot). `StatusCollector` is a
+`prometheus_client` custom collector over it, and `generate_latest` writes the text (its escaping
+and number formatting, not ours); process metrics (`traits_agent_process_*`: CPU, RSS, open
+fds) come with `ProcessCollector`. What is exported:
 
-- every series of `agent.counters` as a counter `traits_agent_<name>_total` (known names get a
+- every series of the counters as a counter `traits_agent_<name>_total` (known names get a
   real HELP; a counter added later still shows up, with a generic one);
-- every histogram of `agent.counters.histograms` (`upload_seconds`) as a histogram;
-- per-resource gauges read from the queues, lanes and uploader (queued items and bytes, age of
-  the oldest queued item, items in flight, upstream state as a state set);
+- every histogram of the counters (`upload_seconds`) as a histogram;
+- per-resource gauges (queued items and bytes, age of the oldest queued item, items in flight,
+  queue disk bytes and limit, upstream state as a state set);
 - the queues' own drop counters merged into `traits_agent_dropped_items_total` exactly as
   `status` merges them (a counter series with the same labels wins), never as a second series;
 - the host's UDP receive errors from `/proc/net/snmp` (and `snmp6`): kernel counters for the
@@ -21,31 +24,32 @@ forwards nothing (Fluent Bit #11847) must fail its health check, not pass it.
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from traits_agent import __version__
-from traits_agent.delivery.lane import oldest_pending_age
+from traits_agent.delivery.policy import UpstreamHealth
 from traits_agent.httpserver import Request, Response, json_response, serve_http
+from traits_agent.observe.metrics import QUEUE_DROPS
+from traits_agent.observe.status import AgentStatus
 
 PREFIX = "traits_agent_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SNMP_PATH = Path("/proc/net/snmp")
 SNMP6_PATH = Path("/proc/net/snmp6")
-#: the values `traits_agent_upstream_state{state}` can take (uploader.UpstreamState.state)
+#: the values `traits_agent_upstream_state{state}` can take
 UPSTREAM_STATES = ("ok", "retrying", "auth_failed", "endpoint_error")
-#: queue drop counters (DiskQueue attribute → `reason` label), merged into dropped_items_total
-QUEUE_DROPS = (
-    ("dropped_oldest", "drop_oldest"),
-    ("dropped_newest", "drop_newest"),
-    ("dropped_write_error", "write_error"),
-)
+assert set(UPSTREAM_STATES) == {h.value for h in UpstreamHealth}
+#: the queue drop reasons (status.QUEUE_DROPS), merged into dropped_items_total
+DROP_REASONS = tuple(reason for _, reason in QUEUE_DROPS)
 #: other DiskQueue counters (attribute, metric name without _total, HELP); exported per
 #: resource when the queue has the attribute
 QUEUE_COUNTERS = (
@@ -101,67 +105,87 @@ HISTOGRAM_HELP: dict[str, str] = {
 ZERO_PER_RESOURCE = ("accepted_events", "delivered_items", "delivered_batches", "upload_requests")
 
 
-@dataclass
-class Family:
-    """One metric family: its HELP/TYPE and its samples (suffix, labels, value)."""
+class StatusSource(Protocol):
+    """What `/metrics` and `/healthz` read: the agent (anything with `status()`)."""
 
-    name: str
-    type: str
-    help: str
-    samples: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
-
-    def add(self, value: float, labels: Mapping[str, str] | None = None, suffix: str = "") -> None:
-        self.samples.append((suffix, dict(labels or {}), value))
+    def status(self) -> AgentStatus: ...
 
 
-# -- rendering --------------------------------------------------------------------------------
+# -- the collector ------------------------------------------------------------------------------
 
 
-def render(agent: Any, *, snmp_path: Path = SNMP_PATH, snmp6_path: Path = SNMP6_PATH) -> str:
-    """The agent's metrics in the Prometheus text exposition format 0.0.4.
-
-    `agent` needs `counters` (metrics.Counters), `queues` ({resource: queue with
-    `pending_items`, `pending_bytes`, `dropped_oldest`, `dropped_newest`}), `lanes`, `uploader`
-    (None or with `states`), `started_at` and `is_progressing()`; must run in the trio thread.
-    """
-    return format_families(collect(agent, snmp_path=snmp_path, snmp6_path=snmp6_path))
-
-
-def collect(
-    agent: Any, *, snmp_path: Path = SNMP_PATH, snmp6_path: Path = SNMP6_PATH
-) -> list[Family]:
-    """The families `render` formats, in output order."""
-    families: dict[str, Family] = {}
-
-    def family(name: str, type_: str, help_: str) -> Family:
-        full = PREFIX + _metric_name(name)
-        if full not in families:
-            families[full] = Family(full, type_, help_)
-        return families[full]
-
-    family("build_info", "gauge", "Always 1; the version label names the running agent.").add(
-        1, {"version": __version__}
-    )
-    family("up", "gauge", "Always 1 while the agent answers scrapes.").add(1)
-    family("start_time_seconds", "gauge", "Start time of the agent, seconds since the epoch.").add(
-        agent.started_at
-    )
-    family(
-        "pipeline_progressing",
-        "gauge",
-        "1 unless a resource has a backlog, a healthy upstream and has sent nothing for long "
-        "(what /healthz and the systemd watchdog report).",
-    ).add(1 if agent.is_progressing() else 0)
-
-    _queue_gauges(agent, family)
-    _upstream_states(agent, family)
-    _counters(agent, family)
-    _histograms(agent, family)
-    _udp_errors(family, snmp_path, snmp6_path)
-    return list(families.values())
+def render(
+    status: AgentStatus, *, snmp_path: Path = SNMP_PATH, snmp6_path: Path = SNMP6_PATH
+) -> str:
+    """`status` in the Prometheus text exposition format 0.0.4, process metrics included."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(status, snmp_path=snmp_path, snmp6_path=snmp6_path))
+    ProcessCollector(namespace=PREFIX.rstrip("_"), registry=registry)
+    return generate_latest(registry).decode()
 
 
-def _queue_gauges(agent: Any, family) -> None:
+class StatusCollector(Collector):
+    """A `prometheus_client` collector over one `AgentStatus` (collected once, then dropped)."""
+
+    def __init__(
+        self, status: AgentStatus, *, snmp_path: Path = SNMP_PATH, snmp6_path: Path = SNMP6_PATH
+    ) -> None:
+        self.status = status
+        self.snmp_path = snmp_path
+        self.snmp6_path = snmp6_path
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+
+        def family(name: str, type_: str, help_: str) -> Metric:
+            full = PREFIX + _metric_name(name)
+            if full not in families:
+                families[full] = Metric(full, help_, type_)
+            return families[full]
+
+        status = self.status
+        _add(
+            family("build_info", "gauge", "Always 1; the version label names the running agent."),
+            1,
+            {"version": __version__},
+        )
+        _add(family("up", "gauge", "Always 1 while the agent answers scrapes."), 1)
+        _add(
+            family(
+                "start_time_seconds", "gauge", "Start time of the agent, seconds since the epoch."
+            ),
+            status.started_at,
+        )
+        _add(
+            family(
+                "pipeline_progressing",
+                "gauge",
+                "1 unless a resource has a backlog, a healthy upstream and has sent nothing for "
+                "long (what /healthz and the systemd watchdog report).",
+            ),
+            1 if status.progressing else 0,
+        )
+        _queue_gauges(status, family)
+        _upstream_states(status, family)
+        _counters(status, family)
+        _histograms(status, family)
+        _udp_errors(family, self.snmp_path, self.snmp6_path)
+        for metric in families.values():
+            if metric.samples:
+                yield metric
+
+
+Family = Callable[[str, str, str], Metric]
+
+
+def _add(
+    metric: Metric, value: float, labels: Mapping[str, str] | None = None, suffix: str = ""
+) -> None:
+    name = metric.name + ("_total" if metric.type == "counter" else "") + suffix
+    metric.add_sample(name, dict(labels or {}), value)
+
+
+def _queue_gauges(status: AgentStatus, family: Family) -> None:
     queued = family("queued_items", "gauge", "Items stored in a resource's queue, not delivered.")
     size = family("queued_bytes", "gauge", "Bytes of the items stored in a resource's queue.")
     age = family(
@@ -178,96 +202,97 @@ def _queue_gauges(agent: Any, family) -> None:
         "gauge",
         "A queue's share of queue.max_bytes; at this size on_full drops items.",
     )
-    now = trio.current_time()
-    for name, queue in sorted(agent.queues.items()):
+    for name, res in sorted(status.resources.items()):
         labels = {"resource": name}
-        queued.add(queue.pending_items, labels)
-        size.add(queue.pending_bytes, labels)
-        lane = agent.lanes.get(name)
-        age.add(oldest_pending_age(queue, lane, now, agent.started_at), labels)
-        in_flight.add(lane.in_flight if lane is not None else 0, labels)
-        if hasattr(queue, "disk_bytes"):
-            disk.add(queue.disk_bytes, labels)
-        if hasattr(queue, "max_bytes"):
-            limit.add(queue.max_bytes, labels)
+        _add(queued, res.queued_items, labels)
+        _add(size, res.queued_bytes, labels)
+        _add(age, res.oldest_age_s, labels)
+        _add(in_flight, res.in_flight, labels)
+        if res.disk_bytes is not None:
+            _add(disk, res.disk_bytes, labels)
+        if res.limit_bytes is not None:
+            _add(limit, res.limit_bytes, labels)
     for attribute, metric, help_ in QUEUE_COUNTERS:
-        fam = family(metric + "_total", "counter", help_)
-        for name, queue in sorted(agent.queues.items()):
-            if hasattr(queue, attribute):
-                fam.add(getattr(queue, attribute), {"resource": name})
+        fam = family(metric, "counter", help_)
+        for name, res in sorted(status.resources.items()):
+            if attribute in res.queue_counters:
+                _add(fam, res.queue_counters[attribute], {"resource": name})
 
 
-def _upstream_states(agent: Any, family) -> None:
+def _upstream_states(status: AgentStatus, family: Family) -> None:
     states = family(
         "upstream_state",
         "gauge",
         "1 for the state a resource's upstream is in (ok, retrying, auth_failed, "
         "endpoint_error), 0 for the others.",
     )
-    known = agent.uploader.states if agent.uploader is not None else {}
-    for name in sorted(agent.queues):
-        st = known.get(name)
-        current = st.state if st is not None else "ok"
+    for name, res in sorted(status.resources.items()):
+        current = res.upstream
         choices = UPSTREAM_STATES if current in UPSTREAM_STATES else (*UPSTREAM_STATES, current)
         for state in choices:
-            states.add(1 if state == current else 0, {"resource": name, "state": state})
+            _add(states, 1 if state == current else 0, {"resource": name, "state": state})
 
 
-def _counters(agent: Any, family) -> None:
-    counters = agent.counters
+def _counters(status: AgentStatus, family: Family) -> None:
     values: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for name, labels, value in counters.series():
-        values.setdefault(name, {})[_key(labels)] = value
+    for name, labels, count in status.counters.series():
+        values.setdefault(name, {})[_key(labels)] = count
     for name in ZERO_PER_RESOURCE:
         series = values.setdefault(name, {})
-        for resource in agent.queues:
+        for resource in status.resources:
             series.setdefault(_key({"resource": resource}), 0)
     # The queues count their own drops; status shows them with a counter series of the same
-    # labels taking precedence (agent.snapshot), and so do we.
+    # labels taking precedence, and so do we.
     dropped = values.setdefault("dropped_items", {})
-    for resource, queue in agent.queues.items():
-        for attribute, reason in QUEUE_DROPS:
+    for resource, res in status.resources.items():
+        for reason in DROP_REASONS:
             dropped.setdefault(
-                _key({"resource": resource, "reason": reason}), getattr(queue, attribute, 0)
+                _key({"resource": resource, "reason": reason}), res.queue_drops.get(reason, 0)
             )
     for name in sorted(values):
         help_ = COUNTER_HELP.get(name, f"traits-agent counter {name}.")
-        fam = family(_counter_name(name), "counter", help_)
+        fam = family(name.removesuffix("_total"), "counter", help_)
         for key, value in sorted(values[name].items()):
-            fam.add(value, dict(key))
+            _add(fam, value, {_label_name(k): str(v) for k, v in key})
 
 
-def _histograms(agent: Any, family) -> None:
-    for name, by_labels in sorted(agent.counters.histograms.items()):
+def _histograms(status: AgentStatus, family: Family) -> None:
+    for name, by_labels in sorted(status.counters.histograms.items()):
         help_ = HISTOGRAM_HELP.get(name, f"traits-agent histogram {name}.")
         fam = family(name, "histogram", help_)
         for key, hist in sorted(by_labels.items()):
             labels = dict(key)
             # Histogram.counts are already cumulative (observe() counts every bound >= value)
             for bound, count in zip(hist.buckets, hist.counts, strict=True):
-                fam.add(count, {**labels, "le": _format_value(float(bound))}, "_bucket")
-            fam.add(hist.count, {**labels, "le": "+Inf"}, "_bucket")
-            fam.add(hist.sum, labels, "_sum")
-            fam.add(hist.count, labels, "_count")
+                _add(fam, count, {**labels, "le": floatToGoString(bound)}, "_bucket")
+            _add(fam, hist.count, {**labels, "le": "+Inf"}, "_bucket")
+            _add(fam, hist.sum, labels, "_sum")
+            _add(fam, hist.count, labels, "_count")
 
 
-def _udp_errors(family, snmp_path: Path, snmp6_path: Path) -> None:
+def _udp_errors(family: Family, snmp_path: Path, snmp6_path: Path) -> None:
     errors = read_udp_errors(snmp_path, snmp6_path)
     if errors is None:
         return
     in_errors, rcvbuf_errors = errors
     host_wide = " Host-wide kernel counter (all UDP sockets, IPv4 and IPv6), not only ours."
-    family(
-        "udp_receive_errors_total",
-        "counter",
-        "UDP datagrams the kernel could not deliver to a socket (Udp InErrors)." + host_wide,
-    ).add(in_errors)
-    family(
-        "udp_rcvbuf_errors_total",
-        "counter",
-        "UDP datagrams dropped because a socket's receive buffer was full (Udp RcvbufErrors)."
-        + host_wide,
-    ).add(rcvbuf_errors)
+    _add(
+        family(
+            "udp_receive_errors",
+            "counter",
+            "UDP datagrams the kernel could not deliver to a socket (Udp InErrors)." + host_wide,
+        ),
+        in_errors,
+    )
+    _add(
+        family(
+            "udp_rcvbuf_errors",
+            "counter",
+            "UDP datagrams dropped because a socket's receive buffer was full (Udp RcvbufErrors)."
+            + host_wide,
+        ),
+        rcvbuf_errors,
+    )
 
 
 def read_udp_errors(
@@ -310,47 +335,7 @@ def read_udp_errors(
     return in_errors, rcvbuf
 
 
-# -- text format --------------------------------------------------------------------------------
-
-
-def format_families(families: Iterable[Family]) -> str:
-    """Families → exposition text (one HELP and TYPE per family, samples together)."""
-    out: list[str] = []
-    for fam in families:
-        if not fam.samples:
-            continue
-        out.append(f"# HELP {fam.name} {_escape_help(fam.help)}")
-        out.append(f"# TYPE {fam.name} {fam.type}")
-        for suffix, labels, value in fam.samples:
-            out.append(f"{fam.name}{suffix}{_format_labels(labels)} {_format_value(value)}")
-    return "\n".join(out) + "\n"
-
-
-def _format_labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{_label_name(k)}="{_escape_label(str(v))}"' for k, v in labels.items())
-    return "{" + inner + "}"
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _escape_label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _format_value(value: float) -> str:
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+# -- names ------------------------------------------------------------------------------------
 
 
 def _sanitize(name: str, first_ok: str) -> str:
@@ -367,10 +352,6 @@ def _label_name(name: str) -> str:
     return _sanitize(name, "_")
 
 
-def _counter_name(name: str) -> str:
-    return name if name.endswith("_total") else name + "_total"
-
-
 def _key(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(labels.items()))
 
@@ -379,21 +360,21 @@ def _key(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 async def serve_metrics(
-    agent: Any,
+    source: StatusSource,
     host: str = "127.0.0.1",
     port: int = 9464,
     *,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `/metrics` and `/healthz` for `agent` on `host:port` until cancelled.
+    """Serve `/metrics` and `/healthz` for `source` (the agent) on `host:port` until cancelled.
 
     `nursery.start(serve_metrics, agent, host, port)` returns the bound (host, port) (port 0
     lets the OS pick). Raises OSError if the address cannot be bound.
     """
-    await serve_http(make_handler(agent), host, port, task_status=task_status)
+    await serve_http(make_handler(source), host, port, task_status=task_status)
 
 
-def make_handler(agent: Any):
+def make_handler(source: StatusSource) -> Callable[[Request], Any]:
     """The request handler: GET/HEAD /metrics, GET/HEAD /healthz, 405 or 404 for the rest."""
 
     async def handle(request: Request) -> Response:
@@ -405,35 +386,30 @@ def make_handler(agent: Any):
                 b"method not allowed\n",
                 {"content-type": "text/plain; charset=utf-8", "allow": "GET, HEAD"},
             )
+        status = source.status()
         if request.path == "/metrics":
-            return Response(200, render(agent).encode(), {"content-type": CONTENT_TYPE})
-        return health(agent)
+            return Response(200, render(status).encode(), {"content-type": CONTENT_TYPE})
+        return health(status)
 
     return handle
 
 
-def health(agent: Any) -> Response:
+def health(status: AgentStatus) -> Response:
     """200 `ok` while the pipeline makes progress; 503 and why (JSON) when it is stalled or
     the agent is stopping."""
-    if getattr(agent, "stopping", False):
+    if status.stopping:
         return json_response(503, {"status": "stopping", "reason": "the agent is shutting down"})
-    if agent.is_progressing():
+    if status.progressing:
         return Response(200, b"ok\n", {"content-type": "text/plain; charset=utf-8"})
-    now = trio.current_time()
     backlog: dict[str, dict[str, Any]] = {}
-    states = agent.uploader.states if agent.uploader is not None else {}
-    for name, lane in sorted(agent.lanes.items()):
-        if not lane.queue.pending_items:
+    for name, res in sorted(status.resources.items()):
+        if not res.queued_items:
             continue
-        st = states.get(name)
-        since = lane.waiting_since
         backlog[name] = {
-            "queued_items": lane.queue.pending_items,
-            "in_flight_items": lane.in_flight,
-            "upstream": st.state if st is not None else "ok",
-            "waiting_s": (
-                round(now - since, 1) if since is not None and not math.isinf(since) else None
-            ),
+            "queued_items": res.queued_items,
+            "in_flight_items": res.in_flight,
+            "upstream": res.upstream,
+            "waiting_s": res.waiting_s,
         }
     return json_response(
         503,

@@ -1,6 +1,6 @@
-"""The queue's exceptions::
+"""The queue's exceptions (defined in `traits_agent.errors`, the one tree)::
 
-    Exception
+    TraitsAgentError
     └── QueueError                   anything the queue raises on purpose
         ├── QueueLockedError         another opener holds the directory (our caller's setup)
         ├── QueueClosedError         used after close() (our caller's bug)
@@ -13,29 +13,6 @@ An oversized payload is a plain ValueError, like any bad argument.
 
 from __future__ import annotations
 
+from traits_agent.errors import QueueClosedError, QueueError, QueueLockedError, QueueWriteError
 
-class QueueError(Exception):
-    """Base class of the queue's own errors."""
-
-
-class QueueLockedError(QueueError):
-    """The queue directory is locked by another open queue (two writers would corrupt it)."""
-
-
-class QueueClosedError(QueueError):
-    """The queue was used after `close()`."""
-
-
-class QueueWriteError(QueueError, OSError):
-    """A write or fsync failed (ENOSPC, EIO, EROFS, ...).
-
-    Nothing is lost by the failure itself: bytes not yet written stay buffered (bounded) and
-    go out on a later `flush()`/`sync()` once the disk takes them; after a failed fsync the
-    records it covered are written again (see the package docstring).
-    """
-
-    @classmethod
-    def wrap(cls, what: str, error: OSError) -> QueueWriteError:
-        exc = cls(error.errno, f"{what}: {error.strerror or error}")
-        exc.__cause__ = error
-        return exc
+__all__ = ["QueueClosedError", "QueueError", "QueueLockedError", "QueueWriteError"]

@@ -243,7 +243,8 @@ class SegmentWriter:
                 seg.size = seg.readable
         while len(segs) > 1 and not segs[-1].on_disk:
             delta -= segs.pop().size
-        firsts = [c.first_seq for c in (*keep, *self._pending) if c.first_seq > 0]
+        firsts = [c.first_seq for c in keep if c.first_seq > 0]
+        firsts += [c.first_seq for c in self._pending if c.first_seq > 0]
         first = firsts[0] if firsts else next_seq
         last = segs[-1]
         if last.on_disk:

@@ -222,3 +222,17 @@ def test_spooled_files_and_dirs_are_private_whatever_the_umask(tmp_path):
 def _write(path: Path) -> Path:
     path.write_bytes(b"a,b\n1,2\n")
     return path
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root hands files to the spool's owner")
+def test_root_upload_hands_the_lock_and_file_to_the_spool_owner(tmp_path):
+    """`sudo traits-agent upload` with no agent running: the reservation lock and the file
+    it makes belong to the spool's owner (the agent's user), who must open them later."""
+    root = tmp_path / "spool"
+    (root / "kpis").mkdir(parents=True, mode=0o700)
+    for d in (root, root / "kpis"):
+        os.chown(d, 65534, 65534)
+    spooled = spool_file(root, "kpis", _write(tmp_path / "a.csv"))
+    for path in (spooled, root / spool.RESERVE_LOCK_NAME):
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid) == (65534, 65534), path

@@ -235,8 +235,11 @@ def _reserve(fd: int, directory: Path, size: int, min_free: int) -> None:
     did, and left the 64 MiB promised to the event queue at 60 MiB; issue 7 item 16).
     Raises OSError(ENOSPC) when there is no room."""
     lock_path = directory.parent / RESERVE_LOCK_NAME
-    lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    lock = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     try:
+        # `sudo traits-agent upload` makes it as root: hand it to the spool's owner (the
+        # agent's user), who must open it too
+        _chown_like(lock, directory.parent)
         fcntl.flock(lock, fcntl.LOCK_EX)
         free = shutil.disk_usage(directory).free
         if free < size + min_free:
@@ -358,7 +361,9 @@ def _chown_like(fd: int, directory: Path) -> None:
     and must read and delete it."""
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         st = directory.stat()
-        os.fchown(fd, st.st_uid, st.st_gid)
+        fst = os.fstat(fd)
+        if (fst.st_uid, fst.st_gid) != (st.st_uid, st.st_gid):
+            os.fchown(fd, st.st_uid, st.st_gid)
 
 
 def _size(n: int) -> str:

@@ -546,6 +546,8 @@ def running_agent(config: Config) -> dict | None:
     """The running agent's status snapshot, or None when none answers on the control socket."""
     from traits_agent.observe.control import AgentNotRunning, request_status
 
+    if paths.shared_directory_problem(Path(config.control.socket).parent):
+        return None  # not trusted (the `directories` check says why): do not ask it
     try:
         return request_status(Path(config.control.socket), timeout=2.0)
     except (AgentNotRunning, OSError, ValueError):

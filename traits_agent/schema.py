@@ -36,7 +36,14 @@ Decisions where the interface is silent:
   `str`, map keys must be strings, floats finite, nesting at most 64 deep.
 
 Speed: regexes are precompiled, hot checks use `type(x) is T`, and validated timestamps are kept
-in a small cache, because most events of a burst share their second.
+in a small cache, because most events of a burst share their second. Above all, the common event
+never reaches `normalize`: `encode_record` (and the datagram fast path in `intake.fastpath`)
+first tries the resource's typed `msgspec` struct, built from the same table, which validates and
+JSON-encodes in C. Its types are narrower than the rules above (a string field takes a `str` of
+at most 2048 characters, never an int or bytes; no unknown fields; no NaN), so whatever it takes,
+`normalize` would take with the same item; everything else — every rejection and every lenient
+case — goes to `normalize`, which alone decides and explains. tests/test_schema_fast.py holds the
+two to that on generated records.
 """
 
 from __future__ import annotations
@@ -47,7 +54,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
+
+import msgspec
+from msgspec import Meta
 
 from traits_agent.errors import Rejected
 
@@ -552,3 +562,109 @@ def _json_value(value: Any, depth: int) -> Any:
     if kind is list or kind is tuple:
         return [_json_value(v, depth + 1) for v in value]
     raise Rejected("wrong_type", "playfab", f"a playfab event cannot hold {kind.__name__}")
+
+
+# --------------------------------------------------------------------------- the fast path
+
+_FAST_STR_CHARS = MAX_STRING_BYTES // 4
+"""A str of at most this many characters is at most MAX_STRING_BYTES of UTF-8 (the typed
+decoder counts characters, not bytes; a longer string takes `normalize`, which counts bytes)."""
+_FLOAT_MAX = 1.7976931348623157e308  # a finite float: NaN and infinities fail both bounds
+_FAST_ERRORS = (msgspec.ValidationError, UnicodeEncodeError, Rejected)
+"""What makes an event leave the fast path for `normalize` (lone surrogates fail the encode)."""
+_NO_STRIP: list[str] = []  # no validator in the fast path's post list ever strips
+
+
+def _fast_str(min_length: int = 0) -> Any:
+    return Annotated[str, Meta(min_length=min_length, max_length=_FAST_STR_CHARS)]
+
+
+class FastParam(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """One `action_params` entry as the fast path takes it: exactly `{key, value}`, strings."""
+
+    key: _fast_str()  # type: ignore[valid-type]
+    value: _fast_str()  # type: ignore[valid-type]
+
+
+def _fast_type(f: Field) -> Any:
+    """The narrowest msgspec type whose values `f.validate` takes unchanged (or, for the fields
+    in `FastSchema.post`, after `f.validate` is run on them)."""
+    if f.type == PARAMS:
+        return list[FastParam]
+    if f.type == INT:
+        return Annotated[int, Meta(ge=_INT_MIN, le=_INT_MAX)]
+    if f.type == FLOAT:
+        return Annotated[float, Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]
+    if f.choices:
+        return Literal[f.choices]
+    return _fast_str(1 if f.required else 0)  # required strings may not be empty
+
+
+class FastSchema(NamedTuple):
+    """A resource's typed record struct, and the fields it still checks in Python."""
+
+    type: type[msgspec.Struct]
+    timestamp: Field | None  # filled from the event time when absent, else checked
+    post: tuple[Field, ...]  # other dates and times, country: their rules are not types
+
+
+def _fast_schema(resource: Resource) -> FastSchema:
+    fields: list[Any] = [
+        (f.name, _fast_type(f)) if f.required else (f.name, _fast_type(f) | None, None)
+        for f in resource.fields
+    ]
+    struct = msgspec.defstruct(
+        f"{resource.name}_record",
+        fields,
+        kw_only=True,
+        forbid_unknown_fields=True,  # unknown fields are stripped and reported: normalize
+        omit_defaults=True,  # an optional nil is dropped, as normalize drops it
+        gc=False,  # str, numbers and lists of FastParam only: no cycles; cheaper to allocate
+    )
+    timestamp = resource.by_name.get("timestamp")
+    post = tuple(
+        f
+        for f in resource.fields
+        if f is not timestamp and (f.type in (TIMESTAMP, DATE) or f.alpha2)
+    )
+    return FastSchema(struct, timestamp, post)
+
+
+FAST_SCHEMAS: dict[str, FastSchema] = {n: _fast_schema(r) for n, r in JSON_RESOURCES.items()}
+"""The fast path's struct per JSON resource (`playfab` has none: it has no table)."""
+
+_encode_struct = msgspec.json.Encoder().encode
+
+
+def encode_fast(fast: FastSchema, record: msgspec.Struct, event_time: float) -> bytes:
+    """The payload of a record already decoded into `fast.type`; raises `Rejected` (the caller
+    then hands the original record to `normalize`, for its decision and its reason)."""
+    if fast.timestamp is not None:
+        given = record.timestamp  # type: ignore[attr-defined]
+        if given is None:
+            record.timestamp = format_timestamp(event_time)  # type: ignore[attr-defined]
+        elif given not in _valid_timestamps:
+            fast.timestamp.validate(given, False, _NO_STRIP)
+    for f in fast.post:
+        value = getattr(record, f.name)
+        if value is not None:
+            setattr(record, f.name, f.validate(value, False, _NO_STRIP))
+    return _encode_struct(record)
+
+
+def encode_item(item: Any) -> bytes:
+    """An API item (from `normalize`) as the JSON bytes stored and sent: UTF-8, compact."""
+    return _encode_struct(item)
+
+
+def encode_record(resource: Resource, record: Any, event_time: float) -> Normalized:
+    """`normalize`, with the item already JSON-encoded (`Normalized.item` is bytes): the
+    payload stored in the queue and sent as is. Raises `Rejected` as `normalize` does."""
+    fast = FAST_SCHEMAS.get(resource.name)
+    if fast is not None and type(record) is dict:
+        try:
+            return Normalized(encode_fast(fast, msgspec.convert(record, fast.type), event_time), ())
+        except _FAST_ERRORS:
+            pass
+    normalized = normalize(resource, record, event_time)
+    return Normalized(encode_item(normalized.item), normalized.stripped)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+from bisect import bisect_right
 from enum import StrEnum
+from itertools import accumulate
 from types import TracebackType
 from typing import TypeVar
 
@@ -251,6 +253,49 @@ class DiskQueue:
             self._records += 1
             self.appended_total += 1
             return True
+
+    def append_many(self, payloads: list[bytes]) -> int:
+        """`append` each of `payloads` in order; returns how many were taken.
+
+        The same checks, counters and segment changes as one `append` per record: each run of
+        records that fits the buffer, the quota and the current segment (the common case) is
+        framed in one pass under one lock, and the record that does not fit goes through
+        `append` (which starts the next segment, makes room or drops, as it always does).
+        Raises ValueError, before taking any, if a payload is over MAX_PAYLOAD.
+        """
+        sizes = [HEADER_SIZE + len(p) for p in payloads]
+        if sizes and max(sizes) > HEADER_SIZE + MAX_PAYLOAD:
+            raise ValueError(f"a payload is over the {MAX_PAYLOAD} limit")
+        ends = list(accumulate(sizes))  # ends[j]: bytes of payloads[:j + 1]
+        taken = i = 0
+        while i < len(payloads):
+            with self._lock:
+                if self._closed:
+                    raise QueueClosedError("append on a closed queue")
+                seg = self._segs[-1]
+                room = min(
+                    self._max_buffer - self._writer.buffered,
+                    self.max_bytes - self._total,
+                    self.segment_bytes - SEAL_FRAME_SIZE - seg.size,
+                )
+                before = ends[i - 1] if i else 0
+                j = bisect_right(ends, before + room, i)  # payloads[i:j] fit
+                if j > i:
+                    size, n, seq = ends[j - 1] - before, j - i, self._next_seq
+                    self._next_seq = seq + n
+                    self._writer.add_many(seg, seg.size, seq, payloads[i:j])
+                    seg.size += size
+                    seg.count += n
+                    seg.last_seq = seq + n - 1
+                    self._total += size
+                    self._records += n
+                    self.appended_total += n
+                    taken += n
+                    i = j
+                    continue
+            taken += self.append(payloads[i])
+            i += 1
+        return taken
 
     def _seal(self, seg: SegmentInfo) -> None:
         """End `seg` with its summary, so a restart reads 56 bytes of it instead of all."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable
 from zlib import crc32
 
 MAGIC = b"\xf5tq\x01"
@@ -55,6 +56,24 @@ def encode_header(seq: int, payload: bytes) -> bytes:
     prefix = _PREFIX.pack(MAGIC, len(payload), seq)
     header_crc = crc32(prefix)
     return prefix + _CRCS.pack(header_crc, crc32(payload, header_crc))
+
+
+def encode_frames(first_seq: int, payloads: Iterable[bytes], out: list[bytes]) -> int:
+    """Append header, payload, header, payload, ... to `out` for consecutive seqs from
+    `first_seq` (what `encode_header` gives, one record at a time, without a call per record).
+    Returns the frame bytes added."""
+    pack_prefix, pack_crcs, add = _PREFIX.pack, _CRCS.pack, out.append
+    seq = first_seq
+    total = 0
+    for payload in payloads:
+        size = len(payload)
+        prefix = pack_prefix(MAGIC, size, seq)
+        header_crc = crc32(prefix)
+        add(prefix + pack_crcs(header_crc, crc32(payload, header_crc)))
+        add(payload)
+        seq += 1
+        total += HEADER_SIZE + size
+    return total
 
 
 def encode_seal(count: int, first_seq: int, last_seq: int) -> bytes:

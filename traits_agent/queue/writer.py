@@ -17,7 +17,7 @@ from collections import deque
 from typing import NamedTuple
 
 from traits_agent.queue.errors import QueueWriteError
-from traits_agent.queue.framing import HEADER_SIZE, SEAL_SEQ, encode_header
+from traits_agent.queue.framing import HEADER_SIZE, SEAL_SEQ, encode_frames, encode_header
 from traits_agent.queue.segments import SegmentInfo, segment_name
 
 _LENGTH_SEQ = struct.Struct("<IQ")
@@ -95,6 +95,15 @@ class SegmentWriter:
         parts.append(payload)
         chunk.last_seq = seq
         self.buffered += HEADER_SIZE + len(payload)
+
+    def add_many(self, seg: SegmentInfo, start: int, first_seq: int, payloads: list[bytes]) -> None:
+        """`add` for consecutive seqs from `first_seq`, framed in one pass."""
+        chunk = self._pending[-1] if self._pending else None
+        if chunk is None or chunk.seg is not seg:
+            chunk = _Chunk(seg, start, first_seq)
+            self._pending.append(chunk)
+        self.buffered += encode_frames(first_seq, payloads, chunk.parts)
+        chunk.last_seq = first_seq + len(payloads) - 1
 
     def add_seal(self, seg: SegmentInfo, start: int, payload: bytes) -> None:
         """Buffer the seal record that closes `seg` (it carries no seq of its own)."""

@@ -236,3 +236,27 @@ def test_root_upload_hands_the_lock_and_file_to_the_spool_owner(tmp_path):
     for path in (spooled, root / spool.RESERVE_LOCK_NAME):
         st = os.stat(path)
         assert (st.st_uid, st.st_gid) == (65534, 65534), path
+
+
+async def test_rejected_dir_and_sidecar_are_private_whatever_the_umask(
+    autojump_clock, nursery, api, client, tmp_path
+):
+    """The API's 400 sets the file aside in rejected/ with a .json note: under umask 000 the
+    note was 0666 and the directory 0777."""
+    from tests.delivery.test_spool import drained, make_spool
+    from traits_agent.fakeapi import Fault
+
+    api.inject(Fault(path="/v1/kpis/csv", status=400, body={"message": "bad"}))
+    bad = spool_file(tmp_path / "spool", "kpis", _write(tmp_path / "bad.csv"))
+    csv = make_spool(tmp_path, client)
+    old = os.umask(0)
+    try:
+        await nursery.start(csv.run)
+        await api.wait_until(lambda: len(api.requests) == 1)
+        await drained(csv)
+    finally:
+        os.umask(old)
+    rejected = tmp_path / "spool" / "kpis" / "rejected"
+    assert oct(os.stat(rejected).st_mode & 0o777) == oct(0o700)
+    for path in (rejected / bad.name, rejected / (bad.name + ".json")):
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o600), path

@@ -82,6 +82,7 @@ from traits_agent.observe.fdlimit import (
     retry_on_shortage,
 )
 from traits_agent.observe.metrics import Counters
+from traits_agent.paths import write_private_file
 
 log = structlog.get_logger(__name__)
 
@@ -672,16 +673,21 @@ class CsvSpool:
         }
         self.counters.inc("csv_rejected_files", kind=kind, reason=reason)
         try:
-            target_dir.mkdir(parents=True, exist_ok=True)
+            _makedirs(target_dir)
             tmp = target_dir / f".{spooled.name}.json.{secrets.token_hex(4)}.tmp"
-            tmp.write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
+            text = json.dumps(record, ensure_ascii=False, indent=2) + "\n"
+            write_private_file(tmp, text.encode("utf-8", "backslashreplace"))
             os.replace(tmp, sidecar)
             os.replace(spooled.path, target)
             _fsync_dir(target_dir)
             _fsync_dir(spooled.path.parent)
         except OSError as e:
-            # cannot move it aside: delete it rather than upload it again and again
             log.error("csv_reject_move_failed", kind=kind, file=spooled.name, error=str(e))
+            if is_fd_shortage(e):
+                # out of descriptors, not a broken spool: keep the file where it is; the
+                # next scan sends it again and this is tried again (nothing is lost)
+                return
+            # cannot move it aside: delete it rather than upload it again and again
             try:
                 os.unlink(spooled.path)
             except FileNotFoundError:

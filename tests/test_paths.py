@@ -150,3 +150,19 @@ def test_an_existing_state_dir_others_can_read_is_made_private(tmp_path):
     assert mode(queue) == 0o755
     ensure_private_dir(queue, "queue.dir", tighten=True)
     assert mode(queue) == 0o700
+
+
+@needs_root
+def test_dead_letters_put_back_by_root_stay_the_agents(tmp_path):
+    """`sudo traits-agent dead-letters replay` that fails half-way puts the letters back; the
+    file it makes must stay the agent's, or the agent can never append to it again."""
+    from traits_agent.delivery.deadletter import DeadLetters
+
+    directory = tmp_path / "dead-letters"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, NOBODY, NOBODY)
+    taken = tmp_path / "taken.ndjson"
+    taken.write_text('{"item": {"user_id": "1"}}\n')
+    DeadLetters(directory).restore("level_ups", taken)
+    st = os.stat(directory / "level_ups.ndjson")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o600)

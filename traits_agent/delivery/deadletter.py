@@ -152,8 +152,15 @@ def _make_private_dir(directory: Path) -> None:
 def _append_durably(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
     try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
+        st = os.fstat(fd)
+        if stat.S_IMODE(st.st_mode) != FILE_MODE:
             os.fchmod(fd, FILE_MODE)  # the umask, or a file from an older version
+        if os.geteuid() == 0:
+            # `sudo traits-agent dead-letters replay` putting letters back: the file stays
+            # the agent's (the directory's owner), or the agent could no longer append to it
+            owner = os.stat(path.parent)
+            if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+                os.fchown(fd, owner.st_uid, owner.st_gid)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

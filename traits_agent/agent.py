@@ -351,7 +351,9 @@ async def _serve(
             agent.listening["control"] = config.control.socket
             if config.metrics.listen:
                 host, port = parse_host_port(config.metrics.listen)
-                h, p = await intake.start(serve_metrics, agent, host, port)
+                h, p = await intake.start(
+                    functools.partial(serve_metrics, counters=agent.counters), agent, host, port
+                )
                 agent.listening["metrics"] = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
             intake.start_soon(_cancel_when_set, agent.stop_requested, intake.cancel_scope)
             await delivery.start(systemd.watchdog_task, agent.is_progressing)
@@ -406,9 +408,10 @@ async def _start_sources(
 ) -> None:
     config = agent.config.listen
 
-    def sink(datagrams: list[bytes]) -> None:
-        ingest.handle(datagrams)
+    def sink(datagrams: list[bytes]) -> int:
+        taken = ingest.handle(datagrams)
         syncer.dirty()
+        return taken
 
     inherited = InheritedSockets.from_environment()
     sockets: list[tuple[str, socket.socket, str | None]] = []

@@ -13,6 +13,10 @@ Guarantees:
 - A connection that sends nothing for ``idle_timeout`` seconds (between requests, or while a
   request is still arriving) is closed. The timeout does not run while the handler works.
 - A body over ``max_body_size`` bytes gets ``413`` and the connection is closed.
+- With ``methods`` given, any other method gets ``405`` before its body is read.
+- With ``max_connections`` given, a connection past it is closed at once, unread.
+- ``on_reject(reason)`` hears of each refusal (``too_many_connections``, ``too_large``,
+  ``method_not_allowed``, ``bad_request``, ``timeout``) so a caller can count them.
 - Cancelling the surrounding nursery stops the listener and every connection.
 
 Usage::
@@ -99,6 +103,9 @@ async def serve_http(
     *,
     max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    max_connections: int | None = None,
+    methods: frozenset[str] | None = None,
+    on_reject: Callable[[str], None] | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``handler`` on ``host:port`` until cancelled.
@@ -110,8 +117,21 @@ async def serve_http(
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound_host, bound_port = listeners[0].socket.getsockname()[:2]
 
+    limits = _Limits(max_body_size, idle_timeout, methods, on_reject or (lambda _reason: None))
+    active = 0
+
     async def on_connection(stream: trio.SocketStream) -> None:
-        await _serve_connection(stream, handler, max_body_size, idle_timeout)
+        nonlocal active
+        if max_connections is not None and active >= max_connections:
+            limits.on_reject("too_many_connections")
+            log.debug("http_connection_refused", reason="too_many_connections")
+            await trio.aclose_forcefully(stream)
+            return
+        active += 1
+        try:
+            await _serve_connection(stream, handler, limits)
+        finally:
+            active -= 1
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, on_connection, listeners)
@@ -122,26 +142,47 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _serve_connection(
-    stream: trio.SocketStream, handler: Handler, max_body_size: int, idle_timeout: float
-) -> None:
+class _MethodNotAllowed(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Limits:
+    max_body_size: int
+    idle_timeout: float
+    methods: frozenset[str] | None
+    on_reject: Callable[[str], None]
+
+
+async def _serve_connection(stream: trio.SocketStream, handler: Handler, limits: _Limits) -> None:
     conn = h11.Connection(h11.SERVER)
     try:
         async with stream:
             while True:
                 request = None
                 try:
-                    with trio.move_on_after(idle_timeout) as idle:
-                        request = await _read_request(conn, stream, max_body_size)
+                    with trio.move_on_after(limits.idle_timeout) as idle:
+                        request = await _read_request(conn, stream, limits)
                 except h11.RemoteProtocolError as exc:
                     log.debug("http_bad_request", error=str(exc))
+                    limits.on_reject("bad_request")
                     status = exc.error_status_hint
                     await _send_error(conn, stream, status, str(exc))
                     return
                 except _BodyTooLarge:
+                    limits.on_reject("too_large")
                     await _send_error(conn, stream, 413, "request body too large")
                     return
-                if idle.cancelled_caught or request is None:
+                except _MethodNotAllowed:
+                    limits.on_reject("method_not_allowed")
+                    allow = ", ".join(sorted(limits.methods or ()))
+                    await _send_error(conn, stream, 405, "method not allowed", {"allow": allow})
+                    return
+                if idle.cancelled_caught:
+                    if conn.their_state is not h11.IDLE or conn.trailing_data[0]:
+                        limits.on_reject("timeout")  # a request begun and not finished
+                    return
+                if request is None:
                     return
                 try:
                     response = await handler(request)
@@ -162,13 +203,16 @@ async def _serve_connection(
 
 
 async def _read_request(
-    conn: h11.Connection, stream: trio.SocketStream, max_body_size: int
+    conn: h11.Connection, stream: trio.SocketStream, limits: _Limits
 ) -> Request | None:
     """Read one whole request; ``None`` when the peer closed cleanly between requests."""
+    max_body_size = limits.max_body_size
     event = await _next_event(conn, stream)
     if isinstance(event, h11.ConnectionClosed):
         return None
     assert isinstance(event, h11.Request), event
+    if limits.methods is not None and event.method.decode("ascii") not in limits.methods:
+        raise _MethodNotAllowed
     headers: dict[str, str] = {}
     for name, value in event.headers:
         key = name.decode("latin-1").lower()
@@ -235,13 +279,21 @@ async def _send_response(
 
 
 async def _send_error(
-    conn: h11.Connection, stream: trio.SocketStream, status: int, message: str
+    conn: h11.Connection,
+    stream: trio.SocketStream,
+    status: int,
+    message: str,
+    headers: Mapping[str, str] | None = None,
 ) -> None:
     """Answer an unreadable request (if h11 still lets us) and half-close; the caller closes."""
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return
     response = json_response(status, {"code": status, "message": message})
-    response = Response(response.status, response.body, {**response.headers, "connection": "close"})
+    response = Response(
+        response.status,
+        response.body,
+        {**response.headers, **(headers or {}), "connection": "close"},
+    )
     try:
         await _send_response(conn, stream, response)
     except h11.LocalProtocolError:

@@ -69,6 +69,8 @@ HOLD_PROBE_MIN_S = 5.0
 HOLD_PROBE_MAX_S = 60.0
 #: we read at most this much of an answer (the API's are tiny; a broken proxy's may not be)
 MAX_ANSWER_BYTES = 64 * 1024
+#: an answer nested deeper than this is kept as text only (the API's answers nest 3 deep)
+MAX_ANSWER_DEPTH = 16
 #: how long closing an abandoned response may take (it runs shielded from cancellation)
 CLOSE_TIMEOUT_S = 1.0
 DEFAULT_REQUEST_DEADLINE_S = 60.0
@@ -354,14 +356,37 @@ def read_answer(
     detail: dict[str, Any] = {}
     try:
         parsed = json.loads(body)
-        if isinstance(parsed, dict):
-            detail = parsed
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested past Python's stack
+        parsed = None
         detail = {"message": body[:200].decode("utf-8", "replace")}
+    if isinstance(parsed, dict):
+        if _nesting(parsed) <= MAX_ANSWER_DEPTH:
+            detail = parsed
+        else:  # scrub, the dead-letter file and the log walk it recursively
+            detail = {"message": body[:200].decode("utf-8", "replace")}
     retry_after = None
     if status in (429, 503):
         retry_after = parse_retry_after(headers.get("retry-after"))
     return scrub(detail), retry_after
+
+
+def _nesting(value: object) -> int:
+    """How deep containers nest in a parsed JSON value (iterative: safe on any depth)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_ANSWER_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def make_client(

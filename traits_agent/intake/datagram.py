@@ -28,7 +28,9 @@ DRAIN_MAX = 1024
 #: a burst also ends at this many bytes, so 1024 large datagrams never sit in memory at once
 DRAIN_MAX_BYTES = 4 * 1024 * 1024
 
-Sink = Callable[[list[bytes]], None]
+#: takes a burst; returns how many datagrams of it it took (None: all); called again with the
+#: rest after the other tasks had a turn
+Sink = Callable[[list[bytes]], "int | None"]
 
 
 def set_receive_buffer(sock: socket.socket, wanted: int, name: str) -> int:
@@ -87,30 +89,69 @@ async def serve_datagrams(
 
     `sink` runs synchronously between reads, so a slow sink shows up as kernel drops, which
     UDP reports in /proc/net/snmp (RcvbufErrors); `on_error(reason)` counts datagrams we threw
-    away ourselves (`too_large`).
+    away ourselves (`too_large`, and `internal_error` when the sink raised: the source logs
+    `datagram_burst_failed` and goes on, so no datagram can stop it).
     """
     sock.setblocking(False)
     task_status.started(sock.getsockname())
     try:
         while True:
             await trio.lowlevel.wait_readable(sock)
-            _drain(sock, sink, name, on_error)
+            burst = _drain(sock, name, on_error)
+            while burst:
+                burst = _deliver(burst, sink, name, on_error)
+                if burst:
+                    # a slice of work is done: let the other tasks run (no Cancelled here:
+                    # the rest of this burst is in memory only, it must reach the queue)
+                    await trio.lowlevel.cancel_shielded_checkpoint()
     finally:
         # Stopping: take what the kernel already holds (the senders think it was delivered),
-        # then close. Bounded, synchronous, so it also runs under cancellation.
+        # then close. Synchronous, so it also runs under cancellation, and bounded by what the
+        # kernel could hold when the stop began (its receive buffer): a sender that keeps
+        # sending cannot hold the stop open.
         with contextlib.suppress(OSError):
-            for _ in range(64):
-                if not _drain(sock, sink, name, on_error):
-                    break
+            _drain_held(sock, sink, name, on_error)
             sock.close()
 
 
-def _drain(sock: socket.socket, sink: Sink, name: str, on_error: Callable[[str], None]) -> int:
-    """Read until the socket is empty (or DRAIN_MAX); hand the burst to `sink`. Returns how
-    many datagrams were read."""
+def _drain_held(sock: socket.socket, sink: Sink, name: str, on_error: Callable[[str], None]) -> int:
+    """At stop: read and store at most the socket's receive buffer's worth of bytes (what the
+    kernel can have held when the stop began); returns the bytes read."""
+    budget = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    read = 0
+    while read < budget:
+        burst = _drain(sock, name, on_error)
+        if not burst:
+            break
+        read += sum(len(d) for d in burst)
+        while burst:
+            burst = _deliver(burst, sink, name, on_error)
+    return read
+
+
+def _deliver(
+    burst: list[bytes], sink: Sink, name: str, on_error: Callable[[str], None]
+) -> list[bytes]:
+    """Hand `burst` to the sink; what it did not take yet."""
+    try:
+        taken = sink(burst)
+    except Exception:
+        # A bug of ours that a peer's bytes found (the sink guards each datagram; this is
+        # the last line): count it, log it, keep serving. Only this burst is affected.
+        on_error("internal_error")
+        log.exception("datagram_burst_failed", source=name, datagrams=len(burst))
+        return []
+    if taken is None or taken >= len(burst):
+        return []
+    return burst[max(taken, 1) :]
+
+
+def _drain(sock: socket.socket, name: str, on_error: Callable[[str], None]) -> list[bytes]:
+    """Read until the socket is empty (or DRAIN_MAX datagrams, DRAIN_MAX_BYTES bytes): the
+    burst, to hand to the sink in one call."""
     burst: list[bytes] = []
     recv = sock.recv
-    read = nbytes = 0
+    nbytes = 0
     for _ in range(DRAIN_MAX):
         if nbytes >= DRAIN_MAX_BYTES:
             break
@@ -121,12 +162,9 @@ def _drain(sock: socket.socket, sink: Sink, name: str, on_error: Callable[[str],
         except OSError as e:  # e.g. ECONNREFUSED bounced on UDP: not ours to stop on
             log.warning("datagram_receive_failed", source=name, error=str(e))
             break
-        read += 1
         if len(data) > MAX_DATAGRAM:
             on_error("too_large")
             continue
         burst.append(data)
         nbytes += len(data)
-    if burst:
-        sink(burst)
-    return read
+    return burst

@@ -46,24 +46,46 @@ fails to connect (its own timeout); configure clients without one. The listeners
 design: a Unix socket (file permissions are the access control) and loopback TCP (the config
 refuses other addresses unless `listen.allow_remote`).
 
-Limits (`ForwardLimits`): at most `max_connections` concurrent connections across the
-listeners of one `ForwardServer` (more are accepted and closed at once, counted); a value
-larger than `max_buffer_size` closes its connection (`too_large`); a connection that neither
-sends anything nor gets an ack for `idle_timeout_s` is closed. Bytes that are not msgpack
+Limits (`ForwardLimits`), so that no peer can starve the others (issue 7):
+
+* Connections: at most `max_connections` per listener, so TCP peers (any local user) cannot
+  lock out the group members on the Unix socket nor the other way round. When a listener is
+  full, the connection that completed a value longest ago (one that never did, first) is
+  closed for the newcomer (`evicted`), if it has been quiet for `evict_quiet_s`; otherwise the
+  newcomer is closed at once (`too_many_connections`). A connection accepted while its listener
+  is at least half full must send its first byte within `first_byte_timeout_s`
+  (`first_byte_timeout`); any connection that neither sends nor is acked for `idle_timeout_s`
+  is closed (`idle_timeout`).
+* Memory: each connection holds at most `small_value_bytes` of an unfinished value on its own.
+  A larger value (up to `max_buffer_size`; past it `too_large`) needs one of the server's
+  big-value slots (`max_buffered_bytes` / `max_buffer_size`); without a free slot the
+  connection stops reading (TCP back-pressure on the client, `forward_buffer_waits`) until one
+  is released. A value holding a slot must be complete within `big_value_timeout_s`
+  (`too_slow`). Measured: 64 connections each sending an unfinished 32 MiB value took the
+  agent from 40 MiB to 2,013 MiB RSS before; see bench/forward_memory.py for now.
+* CPU: a chunk's events are stored in slices of `SLICE_ENTRIES` with a checkpoint between them,
+  and `wire.STREAM_BOUNDS` caps a value's events and inflated bytes: a compressed chunk cannot
+  block the agent for seconds.
+
+Bytes that are not msgpack
 (`not_msgpack`), or a msgpack value that is not an array (`not_an_entry`: an HTTP request,
 say), mean the peer does not speak this protocol and the stream cannot be resynchronised:
 that connection is closed, the reason counted and logged; every other connection goes on.
 
 Telemetry: counters `forward_connections{source}`, `forward_acks{source}` and
-`forward_connections_closed{source,reason}` (eof, reset, idle_timeout, shutdown; the peer's
-errors not_msgpack, not_an_entry, too_large, too_many_connections, each also counted in
+`forward_connections_closed{source,reason}` (eof, reset, idle_timeout, first_byte_timeout,
+evicted (logged as `forward_connection_evicted`), shutdown; the peer's errors not_msgpack,
+not_an_entry, too_large, too_slow, too_many_connections, each also counted in
 `rejected_events{reason}` with a rate-limited `event_rejected` log line carrying a sample; and
-internal_error, a bug of ours, logged with its traceback: it closes only that connection).
+internal_error, a bug of ours, logged with its traceback: it closes only that connection),
+and `forward_buffer_waits{source}` (a read paused for the memory budget, logged as
+`forward_read_paused`).
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -78,11 +100,14 @@ import trio
 from traits_agent.intake.durability import Durability, Mark
 from traits_agent.intake.unixsock import bind_unix
 from traits_agent.intake.wire import WireError, decode_value, stream_unpacker
+from traits_agent.observe.log import sample as log_sample
 
 log = structlog.get_logger(__name__)
 
 #: bytes asked of the kernel per receive
 RECEIVE_BYTES = 256 * 1024
+#: events stored between two checkpoints (~20 ms of work): a large chunk never blocks the agent
+SLICE_ENTRIES = 4 * 1024
 #: the listen(2) backlog of the sockets we bind
 BACKLOG = 128
 #: accept(2) errors that mean "out of resources, try again soon" (as trio.serve_listeners)
@@ -93,17 +118,39 @@ _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 @dataclass(frozen=True)
 class ForwardLimits:
-    """What one peer may cost the agent."""
+    """What one peer, and all of them together, may cost the agent."""
 
-    max_connections: int = 256
+    #: concurrent connections per listener (so TCP peers, any local user, cannot lock out the
+    #: group members on the Unix socket, nor the other way round)
+    max_connections: int = 128
     #: close a connection that neither sent anything nor was acked for this long (a quiet
     #: client is not an error: fluent-logger-python notices a closed socket only on its next
     #: emit and sends that event after the one following it, so keep this generous)
     idle_timeout_s: float = 3600.0
+    #: a connection accepted while its listener is at least half full must send its first
+    #: byte within this (a quiet one on a roomy listener keeps `idle_timeout_s`)
+    first_byte_timeout_s: float = 10.0
+    #: when a listener is full, the connection that completed a value longest ago (one that
+    #: never did first) is closed for the newcomer, if it has been quiet at least this long
+    evict_quiet_s: float = 1.0
     #: the largest msgpack value (one message) a connection may send
     max_buffer_size: int = 32 * 1024 * 1024
+    #: bytes of an unfinished value any connection may hold on its own; a larger value needs
+    #: one of the shared big-value slots (`max_buffered_bytes`)
+    small_value_bytes: int = 256 * 1024
+    #: all connections' unfinished values above `small_value_bytes` together: this many
+    #: bytes, in slots of `max_buffer_size` (at least one). A connection that needs a slot
+    #: while none is free stops reading (TCP back-pressure) until one is
+    max_buffered_bytes: int = 64 * 1024 * 1024
+    #: a value that holds a big-value slot must be complete within this, or its connection
+    #: is closed (`too_slow`): a slowloris cannot keep the slot
+    big_value_timeout_s: float = 60.0
     #: acks waiting for an fsync per connection before reading pauses (back-pressure)
     max_pending_acks: int = 64
+
+    @property
+    def big_value_slots(self) -> int:
+        return max(1, self.max_buffered_bytes // self.max_buffer_size)
 
 
 DEFAULT_LIMITS = ForwardLimits()
@@ -155,28 +202,80 @@ class _Ingest(Protocol):
 
 class _Decoder:
     """msgpack values out of a byte stream, holding at most `limit` bytes of an unfinished
-    value: a value that does not fit is `too_large`, the values before it still come out."""
+    value (from its first byte, including what msgpack already parsed of it).
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._unpacker = stream_unpacker(limit)
+    `limit` starts at `small`; bytes that do not fit wait in the decoder (`starved`) until the
+    caller raises the limit to `large` (`grow`: it holds a big-value slot) — past `large` a
+    value is `too_large`, and the values before it still come out. `shrink` goes back to
+    `small` with a fresh Unpacker: msgpack never gives its buffer back, so a connection that
+    once sent a 32 MiB value would otherwise keep 32 MiB for good.
+    """
+
+    def __init__(self, small: int, large: int) -> None:
+        self.small = min(small, large)
+        self.large = large
+        self.limit = self.small
+        self._unpacker = stream_unpacker(large, read_size=self.small)
         self._fed = 0
+        self._value_start = 0  # tell() where the unfinished value began
+        self._pending: bytes | memoryview = b""
+        self._stale = False  # the Unpacker's buffer grew for a big value
+
+    @property
+    def unfinished(self) -> int:
+        """Bytes of the value in progress that the decoder holds (or parsed into objects)."""
+        return self._fed - self._value_start
+
+    @property
+    def waiting(self) -> int:
+        """Bytes received that wait for room (at most one receive)."""
+        return len(self._pending)
+
+    @property
+    def starved(self) -> bool:
+        """Bytes wait that do not fit under the current limit."""
+        return bool(self._pending)
+
+    def grow(self) -> None:
+        self.limit = self.large
+        self._stale = True
+
+    def shrink(self) -> None:
+        """Back to `small` (call when `unfinished <= small`); the Unpacker is renewed as soon
+        as no value is in progress."""
+        self.limit = self.small
+        self._renew()
+
+    def _renew(self) -> None:
+        if self._stale and self._fed == self._value_start:
+            self._unpacker = stream_unpacker(self.large, read_size=self.small)
+            self._fed = self._value_start = 0
+            self._stale = False
 
     def values(self, data: bytes) -> Iterator[Any]:
+        if data:
+            self._pending = bytes(self._pending) + data if self._pending else data
         unpacker = self._unpacker
-        view = memoryview(data)
-        while view:
-            room = self.limit - (self._fed - unpacker.tell())  # tell(): bytes consumed so far
+        while self._pending:
+            room = self.limit - self.unfinished
             if room <= 0:
-                raise _ProtocolError("too_large", f"a value over {self.limit} bytes")
+                if self.limit >= self.large:
+                    raise _ProtocolError("too_large", f"a value over {self.large} bytes")
+                return  # starved: the caller grows the limit (or refuses) and calls again
+            view = memoryview(self._pending)
             piece = view[:room]
+            self._pending = view[len(piece) :] if len(piece) < len(view) else b""
             unpacker.feed(piece)
             self._fed += len(piece)
-            view = view[len(piece) :]
             try:
-                yield from unpacker
+                for value in unpacker:
+                    self._value_start = unpacker.tell()
+                    yield value
             except Exception as e:  # malformed msgpack: the stream cannot be resynchronised
                 raise _ProtocolError("not_msgpack", f"{type(e).__name__}: {e}") from None
+            if self.limit == self.small:
+                self._renew()
+                unpacker = self._unpacker
 
 
 class _ProtocolError(Exception):
@@ -188,7 +287,7 @@ class _ProtocolError(Exception):
         self.sample = sample
 
 
-@dataclass
+@dataclass(eq=False)
 class _Connection:
     stream: trio.SocketStream
     source: str
@@ -196,15 +295,35 @@ class _Connection:
     scope: trio.CancelScope
     idle_timeout_s: float
     reason: str = "eof"
+    #: when it connected, then when it last completed a value (not a heartbeat)
+    last_value: float = 0.0
+    values: int = 0
+    received: bool = False
+    evicted: bool = False
+    #: holds a big-value slot until this time (None: holds none)
+    slot_deadline: float | None = None
+    decoder: _Decoder | None = None
+
+    def buffered(self) -> int:
+        return 0 if self.decoder is None else self.decoder.unfinished + self.decoder.waiting
 
     def progressed(self) -> None:
+        self.received = True
         self.scope.deadline = trio.current_time() + self.idle_timeout_s
+
+    def completed(self) -> None:
+        """A whole value arrived (not just bytes of one)."""
+        self.values += 1
+        self.last_value = trio.current_time()
 
 
 class ForwardServer:
     """Serves the Forward protocol on any number of listening stream sockets.
 
-    One server holds the connection limit for all its listeners. `serve(sock, name=...)` runs
+    Each listener has its own connection limit; the big-value memory budget is the server's,
+    shared by all its listeners. The accept loop is our own rather than `trio.serve_listeners`
+    (which also sleeps on EMFILE): a connection past the limit must be refused or make room
+    before a handler starts. `serve(sock, name=...)` runs
     one listener until cancelled; start it with `await nursery.start(server.serve, sock, ...)`
     so the caller knows the socket is being served (`task_status` gets its address).
     """
@@ -222,16 +341,26 @@ class ForwardServer:
         self.counters = ingest.counters
         #: open connections, all listeners together
         self.connections = 0
+        #: each listener's open connections, by name
+        self.listeners: dict[str, dict[_Connection, None]] = {}
+        self._slots = trio.Semaphore(limits.big_value_slots)
 
     async def serve(
         self, sock: socket.socket, *, name: str, task_status=trio.TASK_STATUS_IGNORED
     ) -> None:
         """Accept and serve connections on the bound `sock` (ours or inherited from systemd)
-        until cancelled; the socket is closed on return, its file (if any) is left alone."""
+        until cancelled; the socket is closed on return, its file (if any) is left alone.
+
+        At most `max_connections` on this listener: when it is full, the connection quiet
+        longest is closed for the newcomer (`evicted`), or, when every one completed a value
+        in the last `evict_quiet_s`, the newcomer is (`too_many_connections`).
+        """
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             sock.listen(BACKLOG)  # one that systemd passed listens already, with its Backlog=
         address = sock.getsockname()
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        conns = self.listeners.setdefault(name, {})
+        limit = self.limits.max_connections
         async with listener, trio.open_nursery() as handlers:
             task_status.started(address)
             while True:
@@ -243,27 +372,55 @@ class ForwardServer:
                     log.error("forward_accept_failed", source=name, error=str(e))
                     await trio.sleep(_ACCEPT_RETRY_S)
                     continue
-                if self.connections >= self.limits.max_connections:
+                if len(conns) >= limit and not self._evict(name, conns):
                     self._closed(name, _peer(stream), "too_many_connections")
-                    self.ingest.reject(
-                        "too_many_connections", None, source=name, limit=self.limits.max_connections
-                    )
+                    self.ingest.reject("too_many_connections", None, source=name, limit=limit)
                     await trio.aclose_forcefully(stream)
                     continue
+                now = trio.current_time()
+                conn = _Connection(
+                    stream,
+                    name,
+                    _peer(stream),
+                    trio.CancelScope(),
+                    self.limits.idle_timeout_s,
+                    last_value=now,
+                )
+                crowded = 2 * len(conns) >= limit
+                conns[conn] = None
                 self.connections += 1
-                handlers.start_soon(self._connection, stream, name)
+                handlers.start_soon(self._connection, conn, conns, crowded)
 
-    async def _connection(self, stream: trio.SocketStream, name: str) -> None:
-        conn = _Connection(
-            stream,
-            name,
-            _peer(stream),
-            trio.CancelScope(),
-            self.limits.idle_timeout_s,
+    def _evict(self, name: str, conns: dict[_Connection, None]) -> bool:
+        """Close the connection of `conns` quiet longest (one that never completed a value
+        first) if it has been quiet `evict_quiet_s`; True if one was."""
+        victim = min(conns, key=lambda c: (c.values > 0, c.last_value))
+        quiet = trio.current_time() - victim.last_value
+        if quiet < self.limits.evict_quiet_s:
+            return False
+        del conns[victim]
+        victim.evicted = True
+        victim.scope.cancel()
+        log.info(  # rate-limited: observe.log.RATE_LIMITS
+            "forward_connection_evicted",
+            source=name,
+            peer=victim.peer,
+            quiet_s=round(quiet, 1),
+            values=victim.values,
+            limit=self.limits.max_connections,
         )
+        return True
+
+    async def _connection(
+        self, conn: _Connection, conns: dict[_Connection, None], crowded: bool
+    ) -> None:
+        name = conn.source
         self.counters.inc("forward_connections", source=name)
         log.debug("forward_connected", source=name, peer=conn.peer)
-        conn.progressed()
+        if crowded:  # a listener at least half full: the first byte must come soon
+            conn.scope.deadline = trio.current_time() + self.limits.first_byte_timeout_s
+        else:
+            conn.scope.deadline = trio.current_time() + self.limits.idle_timeout_s
         try:
             with conn.scope:
                 send, receive = trio.open_memory_channel[tuple[Any, Mark]](
@@ -273,17 +430,49 @@ class ForwardServer:
                     nursery.start_soon(self._send_acks, conn, receive, nursery.cancel_scope)
                     async with send:
                         await self._read(conn, send, nursery.cancel_scope)
-            if conn.scope.cancelled_caught:
-                conn.reason = "idle_timeout"
+            if conn.evicted:
+                conn.reason = "evicted"
+            elif conn.scope.cancelled_caught:
+                conn.reason = "idle_timeout" if conn.received else "first_byte_timeout"
         except Exception:
             # A bug of ours met by this peer's data. Kill only this connection: a client that
             # resends its chunk on reconnect must not be able to crash-loop the whole agent.
             conn.reason = "internal_error"
             log.exception("forward_connection_failed", source=name, peer=conn.peer)
         finally:
+            self._release_slot(conn)
+            conns.pop(conn, None)
             self.connections -= 1
             self._closed(name, conn.peer, conn.reason)
-            await trio.aclose_forcefully(stream)  # raises Cancelled when we are being cancelled
+            await trio.aclose_forcefully(conn.stream)  # raises Cancelled when we are cancelled
+
+    async def _take_slot(self, conn: _Connection, decoder: _Decoder) -> None:
+        """Wait for a big-value slot (not reading meanwhile: back-pressure), then let the
+        decoder hold up to `max_buffer_size`."""
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            self.counters.inc("forward_buffer_waits", source=conn.source)
+            log.info(  # rate-limited: observe.log.RATE_LIMITS
+                "forward_read_paused",
+                source=conn.source,
+                peer=conn.peer,
+                reason="buffer_budget",
+                budget=self.limits.max_buffered_bytes,
+            )
+            await self._slots.acquire()
+        conn.slot_deadline = trio.current_time() + self.limits.big_value_timeout_s
+        decoder.grow()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of unfinished values all connections hold now (decoded or waiting)."""
+        return sum(c.buffered() for conns in self.listeners.values() for c in conns)
+
+    def _release_slot(self, conn: _Connection) -> None:
+        if conn.slot_deadline is not None:
+            conn.slot_deadline = None
+            self._slots.release()
 
     def _closed(self, source: str, peer: str, reason: str) -> None:
         self.counters.inc("forward_connections_closed", source=source, reason=reason)
@@ -295,19 +484,40 @@ class ForwardServer:
         acks: trio.MemorySendChannel[tuple[Any, Mark]],
         nursery_scope: trio.CancelScope,
     ) -> None:
-        """Receive, decode and store until EOF or a protocol error; hand chunks to ack."""
-        decoder = _Decoder(self.limits.max_buffer_size)
+        """Receive, decode and store until EOF or a protocol error; hand chunks to ack.
+
+        A value over `small_value_bytes` waits for a big-value slot before more of it is read,
+        so all connections together hold at most `max_buffered_bytes` of big values (plus
+        `small_value_bytes` each)."""
+        limits = self.limits
+        decoder = conn.decoder = _Decoder(limits.small_value_bytes, limits.max_buffer_size)
         try:
             while True:
                 try:
-                    data = await conn.stream.receive_some(RECEIVE_BYTES)
+                    with trio.move_on_at(
+                        math.inf if conn.slot_deadline is None else conn.slot_deadline
+                    ) as slow:
+                        data = await conn.stream.receive_some(RECEIVE_BYTES)
                 except trio.BrokenResourceError:
                     conn.reason = "reset"
                     return
+                if slow.cancelled_caught:
+                    raise _ProtocolError(
+                        "too_slow",
+                        f"a value over {limits.small_value_bytes} bytes not complete after "
+                        f"{limits.big_value_timeout_s} s ({decoder.unfinished} bytes so far)",
+                    )
                 if not data:
                     return  # EOF: acks still owed are sent before the connection closes
                 conn.progressed()
-                pending = self._take(conn, decoder, data)
+                pending = await self._take_async(conn, decoder, data)
+                while decoder.starved:
+                    if conn.slot_deadline is None:
+                        await self._take_slot(conn, decoder)
+                    pending += await self._take_async(conn, decoder, b"")
+                if conn.slot_deadline is not None and decoder.unfinished <= decoder.small:
+                    self._release_slot(conn)
+                    decoder.shrink()
                 for ack in pending:
                     await acks.send(ack)
         except _ProtocolError as e:
@@ -320,9 +530,15 @@ class ForwardServer:
                 self._drain(conn, decoder)
             raise
 
-    def _take(self, conn: _Connection, decoder: _Decoder, data: bytes) -> list[tuple[Any, Mark]]:
-        """Decode `data`, store every whole value, flush once; the acks the values asked for.
+    def _take(
+        self, conn: _Connection, decoder: _Decoder, data: bytes, acks: list[tuple[Any, Mark]]
+    ) -> Iterator[None]:
+        """Decode `data`, store every whole value, flush once; append to `acks` the acks the
+        values asked for.
 
+        A generator: it yields after every `SLICE_ENTRIES` events stored, so the caller can
+        let the other tasks run (`_take_async`) or not (`_take_now`, at shutdown). A chunk of
+        262,144 events is then a few hundred short slices, not seconds of a blocked agent.
         Raises _ProtocolError when the peer is not speaking the protocol (after storing and
         flushing what came before the bad bytes).
         """
@@ -330,13 +546,14 @@ class ForwardServer:
         durability = self.durability
         now = ingest.wall_clock()
         touched: set[str] = set()
-        acks: list[tuple[Any, Mark]] = []
+        work = 0
         try:
             for value in decoder.values(data):
                 if value is None:  # heartbeat
                     continue
                 if type(value) is not list:
                     raise _ProtocolError("not_an_entry", _sample(value))
+                conn.completed()
                 try:
                     entries, option = decode_value(value)
                 except WireError as e:
@@ -345,7 +562,13 @@ class ForwardServer:
                     names: set[str] = set()
                 else:
                     chunk = option.get("chunk") if option else None
-                    names = ingest.store_entries(entries, now)
+                    names = set()
+                    for start in range(0, len(entries), SLICE_ENTRIES):
+                        names |= ingest.store_entries(entries[start : start + SLICE_ENTRIES], now)
+                        work += min(SLICE_ENTRIES, len(entries) - start)
+                        if work >= SLICE_ENTRIES:
+                            work = 0
+                            yield
                     touched |= names
                 if chunk is not None:
                     acks.append((chunk, durability.mark(names)))
@@ -353,14 +576,28 @@ class ForwardServer:
             if touched:
                 ingest.flush(touched)
                 durability.written()
+
+    async def _take_async(
+        self, conn: _Connection, decoder: _Decoder, data: bytes
+    ) -> list[tuple[Any, Mark]]:
+        """`_take`, letting the other tasks run between its slices. Not cancellable midway:
+        the values are out of the decoder and in memory only, so they are stored whole."""
+        acks: list[tuple[Any, Mark]] = []
+        for _ in self._take(conn, decoder, data, acks):
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return acks
+
+    def _take_now(self, conn: _Connection, decoder: _Decoder, data: bytes) -> None:
+        """`_take` in one go (at shutdown, when nothing may wait)."""
+        for _ in self._take(conn, decoder, data, []):
+            pass
 
     def _drain(self, conn: _Connection, decoder: _Decoder) -> None:
         """At shutdown: store what the kernel already holds for this connection (bounded)."""
         sock = conn.stream.socket
         taken = 0
         try:
-            while taken < self.limits.max_buffer_size:
+            while taken < self.limits.max_buffer_size and not decoder.starved:
                 try:
                     data = _recv_nowait(sock)
                 except BlockingIOError:
@@ -368,7 +605,7 @@ class ForwardServer:
                 if not data:
                     break
                 taken += len(data)
-                self._take(conn, decoder, data)
+                self._take_now(conn, decoder, data)
         except _ProtocolError as e:
             self.ingest.reject(e.reason, e.sample, source=conn.source, peer=conn.peer)
         except OSError:
@@ -385,14 +622,36 @@ class ForwardServer:
         async with acks:
             async for chunk, mark in acks:
                 await durability.wait(mark)
+                answer = self._ack_bytes(conn, chunk)
+                if answer is None:
+                    continue
                 try:
-                    await conn.stream.send_all(msgpack.packb({"ack": chunk}))
+                    await conn.stream.send_all(answer)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     conn.reason = "reset"
                     nursery_scope.cancel()
                     return
                 conn.progressed()
                 self.counters.inc("forward_acks", source=conn.source)
+
+    def _ack_bytes(self, conn: _Connection, chunk: Any) -> bytes | None:
+        """`{"ack": chunk}` as the peer sent `chunk`: a non-UTF-8 str goes back as its bytes
+        (surrogateescape: found by the Forward fuzz target, it used to close the connection as
+        internal_error, and the client resent the chunk forever). None for a chunk msgpack
+        cannot write back: no ack, counted (`forward_acks_unencodable`) and logged; the
+        connection goes on."""
+        try:
+            return msgpack.packb({"ack": chunk}, unicode_errors="surrogateescape")
+        except (ValueError, TypeError, OverflowError) as e:
+            self.counters.inc("forward_acks_unencodable", source=conn.source)
+            log.warning(  # rate-limited: observe.log.RATE_LIMITS
+                "forward_ack_unencodable",
+                source=conn.source,
+                peer=conn.peer,
+                sample=chunk,
+                error=str(e),
+            )
+            return None
 
 
 def _recv_nowait(sock: trio.socket.SocketType) -> bytes:
@@ -417,17 +676,10 @@ def _chunk_of(value: list[Any]) -> object:
     return option.get("chunk") if type(option) is dict else None
 
 
-def _sample(value: object) -> str:
-    """A short description of a value for the log, cheap even for a 32 MiB one."""
-    if isinstance(value, (list, tuple)):
-        head = ", ".join(_sample(v) for v in value[:3])
-        more = ", ..." if len(value) > 3 else ""
-        return f"[{head}{more}] ({len(value)} elements)"
-    if isinstance(value, (str, bytes)):
-        return repr(value[:40]) + (f" ({len(value)} long)" if len(value) > 40 else "")
-    if isinstance(value, dict):
-        return f"<map of {len(value)}>"
-    return repr(value)[:80]
+def _sample(value: object) -> object:
+    """A short sample of a value for the log: bounded in time and size whatever the value's
+    size or nesting (see `observe.log.sample`)."""
+    return log_sample(value)
 
 
 def _peer(stream: trio.SocketStream) -> str:

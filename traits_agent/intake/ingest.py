@@ -13,6 +13,7 @@ interval per reason, with a sample, so a broken client is visible without floodi
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 
@@ -25,6 +26,9 @@ from traits_agent.queue import MAX_PAYLOAD
 from traits_agent.schema import Rejected, Resource, encode_record, resolve_tag
 
 log = structlog.get_logger(__name__)
+
+#: events handled in one synchronous slice of a datagram burst (tens of ms)
+BURST_ENTRIES = 8 * 1024
 
 
 class Ingest:
@@ -56,31 +60,60 @@ class Ingest:
         # a line held back costs no encoding
         log.warning("event_rejected", reason=reason, sample=sample, **context)
 
-    def handle(self, datagrams: list[bytes]) -> None:
-        """The sink for a datagram source: everything in `datagrams`, then flush.
+    def handle(self, datagrams: list[bytes]) -> int:
+        """The sink for a datagram source: the datagrams of `datagrams`, then flush.
 
         A datagram the fast path takes (`fastpath`: decoded, validated and encoded in C) needs
         nothing more; any other goes through `decode_datagram` and `_store_entries`. Either
         way the payloads are held per resource, in arrival order, and each queue takes its run
         once per burst; counters are added once per burst too, not per event.
+
+        Returns how many it took: it stops after the datagram that brings this call past
+        `BURST_ENTRIES` events, so that a burst of compressed datagrams (each up to
+        `wire.DATAGRAM_BOUNDS`) is handled in slices between which the source lets the other
+        tasks run; the source calls again with the rest.
+
+        One datagram cannot stop the others: an exception while handling it (a bug of ours
+        that a peer's bytes found) is counted as `rejected_events{reason=internal_error}` and
+        logged with its traceback as `datagram_failed`; the rest of the burst goes on.
         """
         now = self.wall_clock()
         held: dict[str, tuple[Resource, list[bytes]]] = {}
-        events = 0
+        taken = events = 0
         fast = self._fast.payloads
         for data in datagrams:
-            got = fast(data, now)
-            if got is not None:
-                for resource, payloads in got:
-                    events += len(payloads)
-                    self._hold(held, resource, payloads)
-                continue
-            result = decode_datagram(data)
-            for error in result.errors:
-                self.reject(error, data[:64])
-            events += self._store_entries(result.entries, now, held)
-        self.counters.inc("received_datagrams", len(datagrams))
+            taken += 1
+            try:
+                got = fast(data, now)
+                if got is not None:
+                    for resource, payloads in got:
+                        events += len(payloads)
+                        self._hold(held, resource, payloads)
+                else:
+                    result = decode_datagram(data)
+                    for error in result.errors:
+                        self.reject(error, data[:64])
+                    # a datagram's entries are held only once all of them were validated, so
+                    # one that raises half-way leaves nothing of itself behind
+                    mine: dict[str, tuple[Resource, list[bytes]]] = {}
+                    events += self._store_entries(result.entries, now, mine)
+                    for resource, payloads in mine.values():
+                        self._hold(held, resource, payloads)
+            except Exception:
+                self._failed(data)
+            if events >= BURST_ENTRIES:
+                break
+        self.counters.inc("received_datagrams", taken)
         self.flush(self._append_held(held, events))
+        return taken
+
+    def _failed(self, data: bytes) -> None:
+        """Count and log a datagram whose handling raised (never raises itself)."""
+        self.counters.inc("rejected_events", reason="internal_error")
+        # rate-limited (observe.log.RATE_LIMITS); if the log line itself fails, the count
+        # above is what remains
+        with contextlib.suppress(Exception):
+            log.exception("datagram_failed", size=len(data), sample=data[:64])
 
     def store_entries(self, entries: Iterable[Entry], now: float) -> set[str]:
         """Validate decoded entries and append them to their queues (buffered: `flush` after).

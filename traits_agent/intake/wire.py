@@ -8,7 +8,14 @@ any Fluentd / Fluent Bit client library can feed the agent:
 * PackedForward  `[tag, bin, option?]`: `bin` is concatenated msgpack `[time, record]` arrays
   (old Fluentd sends it as a raw str; that works too)
 * CompressedPackedForward: the same with `option["compressed"] == "gzip"`; `bin` may be several
-  concatenated gzip members. Decompression is capped at `MAX_DECOMPRESSED` bytes (zip bombs).
+  concatenated gzip members.
+
+Amplification is bounded (issue 7: a 16 KB gzip datagram inflated to 5.59M entries and blocked
+the agent for 20 s): one value inflates to at most `Bounds.max_inflated` bytes (`bad_compressed`
+past it, found without inflating further) and holds at most `Bounds.max_entries` events
+(`too_many_entries`, found without unpacking further). A datagram (`DATAGRAM_BOUNDS`: 1 MiB,
+16,384 events, for the whole datagram) is bounded much tighter than a Forward stream value
+(`STREAM_BOUNDS`: 16 MiB, 262,144 events; Fluentd's default 8 MB chunks of 32-byte events fit).
 
 `time` is an int or float (seconds since the epoch), the protocol's EventTime (ext type 0, eight
 bytes: big-endian uint32 seconds and uint32 nanoseconds, as fixext8 or ext8), a msgpack
@@ -24,7 +31,8 @@ This module only checks the envelope. Whether a tag names a resource and whether
 it is `resources`' job.
 
 Error reasons: `not_msgpack`, `truncated` (a value cut short, or an empty datagram),
-`not_an_entry`, `bad_tag`, `bad_time`, `bad_option`, `bad_packed`, `bad_compressed`.
+`not_an_entry`, `bad_tag`, `bad_time`, `bad_option`, `bad_packed`, `bad_compressed`,
+`too_many_entries`.
 A nil value (a heartbeat) and the one-byte UDP heartbeat `b"\\x00"` are ignored silently.
 """
 
@@ -41,7 +49,20 @@ import msgpack
 from traits_agent.errors import WireError
 
 MAX_DECOMPRESSED = 16 * 1024 * 1024
-"""The most bytes one CompressedPackedForward value may inflate to."""
+"""The most bytes one CompressedPackedForward value on a stream may inflate to."""
+
+
+class Bounds(NamedTuple):
+    """What decoding one unit (a datagram, or one stream value) may cost at most."""
+
+    #: bytes all its CompressedPackedForward payloads may inflate to, together
+    max_inflated: int
+    #: events it may hold, all its entries together
+    max_entries: int
+
+
+STREAM_BOUNDS = Bounds(max_inflated=MAX_DECOMPRESSED, max_entries=256 * 1024)
+DATAGRAM_BOUNDS = Bounds(max_inflated=1024 * 1024, max_entries=16 * 1024)
 
 MAX_TAG_LENGTH = 1024
 
@@ -87,12 +108,17 @@ _UNPACK_OPTIONS: dict[str, Any] = {
 }
 
 
-def stream_unpacker(max_buffer_size: int) -> msgpack.Unpacker:
+def stream_unpacker(max_buffer_size: int, read_size: int = 0) -> msgpack.Unpacker:
     """A streaming `Unpacker` (`feed` it bytes, iterate it for whole values) that reads values
     exactly as `decode_datagram` does: EventTime as float seconds, non-UTF-8 strings with
     surrogateescape, any map keys. It holds at most `max_buffer_size` bytes: `feed` raises
-    `msgpack.BufferFull` when a value does not fit."""
-    return msgpack.Unpacker(max_buffer_size=max_buffer_size, **_UNPACK_OPTIONS)
+    `msgpack.BufferFull` when a value does not fit. `read_size` is the buffer it starts with
+    (msgpack's default is min(max_buffer_size, 1 MiB), per connection)."""
+    return msgpack.Unpacker(
+        max_buffer_size=max_buffer_size,
+        read_size=min(read_size or 1024 * 1024, max_buffer_size),
+        **_UNPACK_OPTIONS,
+    )
 
 
 def _failure(exc: Exception) -> str:
@@ -101,12 +127,13 @@ def _failure(exc: Exception) -> str:
     return "not_msgpack"
 
 
-def _split_values(data: bytes) -> tuple[list[Any], str | None]:
+def _split_values(data: bytes, max_values: int = 1 << 62) -> tuple[list[Any], str | None]:
     """Every msgpack value in `data`, and the reason the rest (if any) could not be read.
 
     One `unpackb` serves the common case of a single value (the fastest path); only when there
     is more does an `Unpacker` take the rest, with limits sized to it so that a claimed length
-    cannot make it allocate more than the bytes at hand.
+    cannot make it allocate more than the bytes at hand. Past `max_values` values it stops
+    (`too_many_entries`) without unpacking the rest.
     """
     try:
         return [msgpack.unpackb(data, **_UNPACK_OPTIONS)], None
@@ -120,6 +147,8 @@ def _split_values(data: bytes) -> tuple[list[Any], str | None]:
     end = 0  # where the last whole value ended: tell() also counts a partial one
     try:
         for value in unpacker:  # stops quietly at an incomplete tail
+            if len(values) >= max_values:
+                return values, "too_many_entries"
             values.append(value)
             end = unpacker.tell()
     except Exception as exc:
@@ -129,30 +158,47 @@ def _split_values(data: bytes) -> tuple[list[Any], str | None]:
     return values, None
 
 
-def decode_datagram(data: bytes) -> DecodeResult:
-    """All the entries in one datagram, and a reason for each part that was unusable."""
+def decode_datagram(data: bytes, bounds: Bounds = DATAGRAM_BOUNDS) -> DecodeResult:
+    """All the entries in one datagram, and a reason for each part that was unusable.
+
+    `bounds` hold for the datagram as a whole: the entries that would go past them are
+    refused (the value holding them is `too_many_entries` or `bad_compressed`)."""
     entries: list[Entry] = []
     errors: list[str] = []
     if data == _UDP_HEARTBEAT:
         return DecodeResult(entries, errors)
-    values, failure = _split_values(data)
+    values, failure = _split_values(data, bounds.max_entries)
+    inflated = 0
     for value in values:
         if value is None:  # nil: a heartbeat
             continue
+        left = Bounds(bounds.max_inflated - inflated, bounds.max_entries - len(entries))
         try:
-            entries.extend(decode_value(value)[0])
+            got = decode_value(value, left)[0]
         except WireError as exc:
             errors.append(exc.reason)
+        else:
+            entries.extend(got)
+            inflated += getattr(got, "inflated", 0)
     if failure is not None:
         errors.append(failure)
     return DecodeResult(entries, errors)
 
 
-def decode_value(obj: Any) -> tuple[list[Entry], dict[Any, Any] | None]:
+class _Inflated(list):
+    """The entries of a compressed value, remembering how many bytes it inflated to."""
+
+    inflated = 0
+
+
+def decode_value(
+    obj: Any, bounds: Bounds = STREAM_BOUNDS
+) -> tuple[list[Entry], dict[Any, Any] | None]:
     """The entries in one unpacked Forward-protocol value, and its option map (or None).
 
-    Raises `WireError` when the value is not an entry in one of the four forms, or when any of
-    its events is malformed (the value is taken whole or not at all).
+    Raises `WireError` when the value is not an entry in one of the four forms, when any of
+    its events is malformed (the value is taken whole or not at all), or when it goes past
+    `bounds` (`too_many_entries`, `bad_compressed`).
     """
     if type(obj) is not list or not 2 <= len(obj) <= 4:
         raise WireError("not_an_entry")
@@ -161,10 +207,12 @@ def decode_value(obj: Any) -> tuple[list[Entry], dict[Any, Any] | None]:
     kind = type(second)
     if kind is list:  # Forward
         option = _option(obj, 2)
+        if len(second) > bounds.max_entries:
+            raise WireError("too_many_entries", f"{len(second)} > {bounds.max_entries}")
         return [_pair(tag, event) for event in second], option
     if kind is bytes or kind is str:  # PackedForward, maybe compressed
         option = _option(obj, 2)
-        return _packed(tag, second, option), option
+        return _packed(tag, second, option, bounds), option
     if len(obj) < 3:  # Message
         raise WireError("not_an_entry", "a message needs a record")
     return [Entry(tag, _time(second), obj[2])], _option(obj, 3)
@@ -217,23 +265,31 @@ def _pair(tag: str, event: Any) -> Entry:
     return Entry(tag, _time(event[0]), event[1])
 
 
-def _packed(tag: str, payload: bytes | str, option: dict[Any, Any] | None) -> list[Entry]:
+def _packed(
+    tag: str, payload: bytes | str, option: dict[Any, Any] | None, bounds: Bounds
+) -> list[Entry]:
     if isinstance(payload, str):  # old Fluentd: raw str; surrogateescape gives the bytes back
         payload = payload.encode("utf-8", "surrogateescape")
     compressed = option.get("compressed") if option else None
+    inflated = 0
     if compressed == "gzip":
-        payload = gunzip(payload)
+        payload = gunzip(payload, max(bounds.max_inflated, 0))
+        inflated = len(payload)
     elif compressed not in (None, "text"):
         raise WireError("bad_compressed", f"unknown compression {compressed!r}")
     if not payload:
         return []
-    events, failure = _split_values(payload)
+    events, failure = _split_values(payload, bounds.max_entries)
+    if failure == "too_many_entries":
+        raise WireError(failure, f"more than {bounds.max_entries} events")
     if failure is not None:
         raise WireError("bad_packed", failure)
     try:
-        return [_pair(tag, event) for event in events]
+        entries = _Inflated(_pair(tag, event) for event in events)
     except WireError as exc:
         raise WireError("bad_packed", exc.reason) from None
+    entries.inflated = inflated
+    return entries
 
 
 def gunzip(data: bytes, limit: int = MAX_DECOMPRESSED) -> bytes:

@@ -184,6 +184,13 @@ RATE_LIMITS: dict[str, Limit] = {
     "event_rejected": Limit(10.0, ("reason",)),
     "events_dropped": Limit(10.0, ("resource", "reason"), sums=("dropped",)),
     "queue_write_failed": Limit(10.0, ("resource", "errno")),
+    # hostile peers (issue 7): a flood of bad input must not become a flood of log lines
+    "datagram_failed": Limit(10.0),
+    "datagram_burst_failed": Limit(10.0, ("source",)),
+    "forward_connection_evicted": Limit(10.0, ("source",)),
+    "forward_read_paused": Limit(10.0, ("source",)),
+    "forward_ack_unencodable": Limit(10.0, ("source",)),
+    "metrics_request_rejected": Limit(10.0, ("reason",)),
     # delivery: one line a minute is enough to say the API refuses or holds
     "dead_lettered": Limit(60.0, ("resource",)),
     "upload_auth_failed": Limit(60.0, ("resource",)),

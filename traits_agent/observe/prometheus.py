@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import structlog
 import trio
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -38,8 +39,10 @@ from prometheus_client.utils import floatToGoString
 from traits_agent import __version__
 from traits_agent.delivery.policy import UpstreamHealth
 from traits_agent.httpserver import Request, Response, json_response, serve_http
-from traits_agent.observe.metrics import QUEUE_DROPS
+from traits_agent.observe.metrics import QUEUE_DROPS, Counters
 from traits_agent.observe.status import AgentStatus
+
+log = structlog.get_logger(__name__)
 
 PREFIX = "traits_agent_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -93,6 +96,11 @@ COUNTER_HELP: dict[str, str] = {
     "forward_connections": "Forward-protocol stream connections accepted, by listener.",
     "forward_acks": "Forward-protocol chunk acks sent (each after its events were fsynced).",
     "forward_connections_closed": "Forward-protocol connections closed by the agent, by reason.",
+    "forward_buffer_waits": "Forward-protocol reads paused: a large message waited for the "
+    "shared memory budget (back-pressure on the client).",
+    "forward_acks_unencodable": "Forward-protocol chunk ids that could not be sent back (no ack).",
+    "metrics_requests_rejected": "Requests to /metrics refused, by reason (too_many_connections, "
+    "method_not_allowed, too_large, bad_request, timeout).",
     "csv_uploaded_files": "CSV files the API accepted, by kind.",
     "csv_uploaded_bytes": "Bytes of CSV files the API accepted, by kind.",
     "csv_rejected_files": "CSV files the API rejected (set aside with a note), by kind and reason.",
@@ -359,19 +367,47 @@ def _key(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 # -- the HTTP endpoint ----------------------------------------------------------------------
 
 
+#: a scrape is one short request: Prometheus uses one connection per target
+METRICS_MAX_CONNECTIONS = 16
+METRICS_TIMEOUT_S = 10.0
+
+
 async def serve_metrics(
     source: StatusSource,
     host: str = "127.0.0.1",
     port: int = 9464,
     *,
+    counters: Counters | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `/metrics` and `/healthz` for `source` (the agent) on `host:port` until cancelled.
 
     `nursery.start(serve_metrics, agent, host, port)` returns the bound (host, port) (port 0
     lets the OS pick). Raises OSError if the address cannot be bound.
+
+    Bounded, since any local user can connect (issue 7 item 9: 40 connections with request
+    bodies took 678 MiB): at most `METRICS_MAX_CONNECTIONS` at once (more are closed unread),
+    GET and HEAD only (405 before any body is read), no request body at all (413), and
+    `METRICS_TIMEOUT_S` to send a request. Each refusal counts in
+    `metrics_requests_rejected{reason}` of `counters` (the agent's).
     """
-    await serve_http(make_handler(source), host, port, task_status=task_status)
+
+    def rejected(reason: str) -> None:
+        if counters is not None:
+            counters.inc("metrics_requests_rejected", reason=reason)
+        log.info("metrics_request_rejected", reason=reason)  # rate-limited: observe.log
+
+    await serve_http(
+        make_handler(source),
+        host,
+        port,
+        max_body_size=0,
+        idle_timeout=METRICS_TIMEOUT_S,
+        max_connections=METRICS_MAX_CONNECTIONS,
+        methods=frozenset({"GET", "HEAD"}),
+        on_reject=rejected,
+        task_status=task_status,
+    )
 
 
 def make_handler(source: StatusSource) -> Callable[[Request], Any]:

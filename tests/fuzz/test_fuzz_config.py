@@ -4,29 +4,21 @@ A fuzzer (hypothesis) throws arbitrary bytes, TOML built from the real sections 
 hostile values, and mutations of a valid file at `load_config`: each input must load or raise
 `ConfigError` with a one-line message; anything else is what used to print a traceback
 (`endpoint = "http://[::1"` raised ValueError, a non-UTF-8 file UnicodeDecodeError). The CI
-run is bounded; a longer one: `FUZZ_EXAMPLES=20000 .venv/bin/pytest tests/test_config_fuzz.py`.
+run is bounded; a longer one: `HYPOTHESIS_PROFILE=fuzz .venv/bin/pytest -q tests/fuzz`
+(profiles: tests/fuzz/conftest.py).
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import fields
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from traits_agent.config import Config, ConfigError, load_config
-
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,  # leave no .hypothesis/ behind
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 
 SECTIONS = {
     f.name: [g.name for g in fields(f.default_factory())]  # type: ignore[misc]
@@ -120,19 +112,16 @@ def loads_or_one_line_error(tmp_path, data: bytes) -> None:
         assert message and "\n" not in message and len(message) < 1000, message
 
 
-@FUZZ
 @given(data=st.binary(max_size=300))
 def test_fuzz_arbitrary_bytes(tmp_path, data):
     loads_or_one_line_error(tmp_path, data)
 
 
-@FUZZ
 @given(data=toml_documents())
 def test_fuzz_sections_keys_and_hostile_values(tmp_path, data):
     loads_or_one_line_error(tmp_path, data)
 
 
-@FUZZ
 @given(data=mutated_valid())
 def test_fuzz_mutations_of_a_valid_config(tmp_path, data):
     loads_or_one_line_error(tmp_path, data)

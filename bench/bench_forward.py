@@ -1,24 +1,35 @@
 """Benchmark: events/s into the queues through the Forward-protocol stream source.
 
 The agent side runs in this process: a `ForwardServer` on a Unix stream socket or loopback TCP,
-a real `Ingest`, real `DiskQueue`s in a temporary directory (fsync "interval", 100 ms, synced in
-a worker thread as the agent's Syncer does) and stub lanes (nothing is delivered). The client is
-a second process with a blocking socket, so the two do not share a GIL. Each run sends
-`--events` level_up events and ends when the last ack has arrived (so everything is fsynced).
+a real `Ingest`, real `DiskQueue`s in a temporary directory, the agent's own `Syncer` and
+`Durability` wired as `agent.py` wires them (fsync "interval", 100 ms) and stub lanes (nothing
+is delivered). Every queue holds one record before the run, as in an agent that has received
+every resource (each sync round then visits 8 open segment files). The client is a second
+process with a blocking socket, so the two do not share a GIL. Each run ends when the last ack
+has arrived (so everything is fsynced).
 
     python bench/bench_forward.py [--events 200000] [--per-message 100] [--window 8]
+                                  [--ack-events 5000] [--modes ...] [--transports ...]
 
 Modes: `message` (one Message per event, no ack: what fluent-logger-python sends; one final
 acked chunk marks the end), `forward` (Forward arrays of --per-message events, each with
-option.chunk, up to --window unacked chunks in flight, like Fluentd's out_forward),
-`packed-gzip` (the same as CompressedPackedForward, like Fluent Bit). Prints figures; asserts
-nothing.
+option.chunk, up to --window unacked chunks in flight, like Fluentd's out_forward: the bulk
+acked figure), `packed-gzip` (the same as CompressedPackedForward, like Fluent Bit),
+`message-ack` (--ack-events Messages, each with option.chunk, the next sent only when the
+previous one is acked: npm fluent-logger with requireAckResponse, fluent-logger-golang with
+RequestAck). `message-ack` is also run with fsync "always" as the reference: the ratio says how
+close the default "interval" comes to one fsync per ack. Prints figures; asserts nothing.
+
+The script also runs against the code before the group-commit change (no `Syncer.prompt`), to
+measure "before" in the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -29,8 +40,8 @@ from pathlib import Path
 import msgpack
 import trio
 
+from traits_agent.intake.durability import Durability, Syncer
 from traits_agent.intake.forward import (
-    Durability,
     ForwardServer,
     bind_forward_tcp,
     bind_forward_unix,
@@ -61,6 +72,10 @@ def record(i: int) -> dict:
 def messages(mode: str, events: int, per_message: int) -> list[tuple[bytes, str | None]]:
     """The whole stream, prepared before the clock starts: (bytes, chunk or None)."""
     out: list[tuple[bytes, str | None]] = []
+    if mode == "message-ack":
+        for i in range(events):
+            out.append((msgpack.packb(["level_ups", T0, record(i), {"chunk": f"m{i}"}]), f"m{i}"))
+        return out
     if mode == "message":
         for i in range(events):
             out.append((msgpack.packb(["level_ups", T0, record(i)]), None))
@@ -120,34 +135,35 @@ def client(address: str, mode: str, events: int, per_message: int, window: int) 
 # --------------------------------------------------------------------------- agent side
 
 
-async def serve_and_measure(args: argparse.Namespace, transport: str, mode: str) -> None:
+async def serve_and_measure(
+    args: argparse.Namespace, transport: str, mode: str, fsync: str = "interval"
+) -> float:
+    events = args.ack_events if mode == "message-ack" else args.events
+    window = 1 if mode == "message-ack" else args.window
     work = Path(tempfile.mkdtemp(prefix="ta-bench-fwd-", dir="/tmp"))
-    queues = {n: DiskQueue.open(work / n, fsync="interval") for n in RESOURCES}
+    queues = {n: DiskQueue.open(work / n, fsync=fsync) for n in RESOURCES}
+    for queue in queues.values():  # as in an agent that has received every resource: each
+        queue.append(b"{}")  # queue has a segment file open, which each sync round visits
+        queue.flush()
+        queue.sync()
     counters = Counters()
     ingest = Ingest({n: Lane(q) for n, q in queues.items()}, counters)
-    dirty = trio.Event()
-    syncs = 0
+    syncer = Syncer(queues, counters, policy=fsync, interval_s=0.1)
+    prompt = getattr(syncer, "prompt", None)  # None: the code before group commit's prompt
+    extra = {"request_prompt_sync": prompt} if prompt else {}
+    durability = Durability(queues, fsync=fsync, request_sync=syncer.dirty, **extra)
+    rounds = 0
 
-    def request() -> None:
-        dirty.set()
+    def synced() -> None:
+        nonlocal rounds
+        rounds += 1
+        durability.synced()
 
-    durability = Durability(queues, fsync="interval", request_sync=request)
-
-    async def syncer() -> None:  # the agent's Syncer, "interval" policy
-        nonlocal dirty, syncs
-        while True:
-            await dirty.wait()
-            dirty = trio.Event()
-            for q in queues.values():
-                await trio.to_thread.run_sync(q.sync)
-            syncs += 1
-            durability.synced()
-            await trio.sleep(0.1)
-
+    syncer.on_synced = synced
     server = ForwardServer(ingest, durability)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(syncer)
+            nursery.start_soon(syncer.run)
             if transport == "unix":
                 path = work / "forward.sock"
                 sock = bind_forward_unix(path, 0o600)
@@ -157,35 +173,68 @@ async def serve_and_measure(args: argparse.Namespace, transport: str, mode: str)
                 address = f"127.0.0.1:{sock.getsockname()[1]}"
             await nursery.start(partial(server.serve, sock, name=transport))
             cmd = [sys.executable, __file__, "--client", address, "--mode", mode]
-            cmd += ["--events", str(args.events), "--per-message", str(args.per_message)]
-            cmd += ["--window", str(args.window)]
+            cmd += ["--events", str(events), "--per-message", str(args.per_message)]
+            cmd += ["--window", str(window)]
             result = await trio.run_process(cmd, capture_stdout=True)
             elapsed = float(result.stdout.decode().strip())
             nursery.cancel_scope.cancel()
     finally:
         for q in queues.values():
             q.close()
+        shutil.rmtree(work, ignore_errors=True)  # a run leaves nothing behind in /tmp
     accepted = counters.total("accepted_events")
+    rate = events / elapsed
     print(
-        f"{transport:4} {mode:11} {args.events} events in {elapsed:.2f}s: "
-        f"{args.events / elapsed:,.0f} events/s  (accepted {accepted}, fsync rounds {syncs})"
+        f"{transport:4} {mode:11} fsync={fsync:8} {events} events in {elapsed:.2f}s: "
+        f"{rate:,.0f} acked events/s  (accepted {accepted}, fsync rounds {rounds})",
+        flush=True,
     )
+    return rate
+
+
+def raw_sync_rate(rounds: int = 300) -> float:
+    """The disk's own rate of (append 100 bytes, fdatasync) in the bench's directory: the
+    ceiling of acks that each wait for their own sync."""
+    fd, name = tempfile.mkstemp(prefix="ta-bench-sync-", dir="/tmp")
+    try:
+        started = time.perf_counter()
+        for _ in range(rounds):
+            os.write(fd, b"x" * 100)
+            os.fdatasync(fd)
+        return rounds / (time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        os.unlink(name)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--ack-events", type=int, default=5000)
     parser.add_argument("--per-message", type=int, default=100)
     parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--modes", default="message,forward,packed-gzip,message-ack")
+    parser.add_argument("--transports", default="unix,tcp")
     parser.add_argument("--client")
     parser.add_argument("--mode", default="forward")
     args = parser.parse_args()
     if args.client:
         client(args.client, args.mode, args.events, args.per_message, args.window)
         return
-    for transport in ("unix", "tcp"):
-        for mode in ("message", "forward", "packed-gzip"):
-            trio.run(serve_and_measure, args, transport, mode)
+    for transport in args.transports.split(","):
+        for mode in args.modes.split(","):
+            if mode == "message-ack":
+                disk = raw_sync_rate()
+                ceiling = trio.run(serve_and_measure, args, transport, mode, "never")
+            rate = trio.run(serve_and_measure, args, transport, mode)
+            if mode == "message-ack":
+                reference = trio.run(serve_and_measure, args, transport, mode, "always")
+                print(
+                    f"     disk: {disk:,.0f} raw appends+fdatasync/s; per-event ack with "
+                    f"fsync=interval: {rate / reference:.2f}x fsync=always, "
+                    f"{rate / disk:.2f}x the raw disk rate, {rate / ceiling:.2f}x no fsync",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -81,6 +81,14 @@ listen = "127.0.0.1:9464"
         ({"retry": {"max_backoff_ms": 1, "initial_backoff_ms": 10}}, "retry.max_backoff_ms", ""),
         ({"api": "sandbox"}, "api", "must be a table"),
         ({"listen": {"allow_remote": "yes"}}, "listen.allow_remote", "true or false"),
+        ({"listen": {"forward_users": {"a": "b"}}}, "listen.forward_users", "shared key too"),
+        (
+            {"listen": {"forward_unix_shared_key": "k", "forward_unix_users": {"a": 1}}},
+            "listen.forward_unix_users",
+            "password strings",
+        ),
+        ({"listen": {"forward_users": "alice"}}, "listen.forward_users", "must be dict"),
+        ({"api": {"playfab_arrays": "yes"}}, "api.playfab_arrays", "true or false"),
     ],
 )
 def test_wrong_values_name_the_key(data, key, fragment):
@@ -175,6 +183,14 @@ def test_replay_datagrams_stay_under_the_datagram_limit():
     assert sum(d.items for d in datagrams) == 60
     with pytest.raises(ValueError, match="larger than a datagram"):
         list(_replay_datagrams("level_ups", [{"item": {"blob": "x" * 70_000}}]))
+
+
+def test_forward_secrets_stay_out_of_the_repr():
+    config = from_mapping(
+        {"listen": {"forward_shared_key": "s3cret", "forward_users": {"alice": "pw0rd"}}}
+    )
+    assert config.listen.forward_shared_key == "s3cret"
+    assert "s3cret" not in repr(config) and "pw0rd" not in repr(config)
 
 
 README = __import__("pathlib").Path(__file__).resolve().parents[1] / "README.md"

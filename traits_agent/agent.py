@@ -32,7 +32,7 @@ import structlog
 import trio
 
 from traits_agent import __version__, paths
-from traits_agent.config import Config, parse_host_port
+from traits_agent.config import Config, ListenConfig, is_loopback_host, parse_host_port
 from traits_agent.delivery.backoff import Backoff
 from traits_agent.delivery.deadletter import DeadLetters, dead_letters_for
 from traits_agent.delivery.lane import Lane
@@ -50,6 +50,7 @@ from traits_agent.intake.datagram import (
 from traits_agent.intake.direct import DirectIntake
 from traits_agent.intake.durability import AckGate, Syncer
 from traits_agent.intake.forward import ForwardServer, bind_forward_tcp, bind_forward_unix
+from traits_agent.intake.handshake import Security
 from traits_agent.intake.ingest import Ingest
 from traits_agent.observe import status as observe_status
 from traits_agent.observe import systemd
@@ -261,6 +262,7 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
         ),
         max_in_flight=config.api.max_in_flight,
         agent_id=agent_id,
+        playfab_arrays=config.api.playfab_arrays,
         request_deadline_s=2 * config.api.timeout_s,
     )
     agent.csv_spool = CsvSpool(
@@ -290,7 +292,12 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
     )
     quota = SharedQuota(agent.queues, config.queue.max_bytes, floor=2 * config.queue.segment_bytes)
     quota.rebalance()
-    ack_gate = AckGate(agent.queues, fsync=config.queue.fsync, request_sync=syncer.dirty)
+    ack_gate = AckGate(
+        agent.queues,
+        fsync=config.queue.fsync,
+        request_sync=syncer.dirty,
+        request_prompt_sync=syncer.prompt,
+    )
     syncer.on_synced = ack_gate.synced
     ingest = Ingest(
         agent.lanes,
@@ -452,8 +459,29 @@ async def _start_sources(
         agent.listening[name] = label or (f"{address[0]}:{address[1]}")
     forward = ForwardServer(ingest, ack_gate)
     for name, sock, label in streams:
-        address = await nursery.start(functools.partial(forward.serve, sock, name=name))
+        address = await nursery.start(
+            functools.partial(forward.serve, sock, name=name, security=security_for(config, name))
+        )
         agent.listening[name] = label or f"{address[0]}:{address[1]}"
+
+
+def security_for(listen: ListenConfig, name: str) -> Security | None:
+    """The handshake settings of the Forward listener `name` ("forward", "forward_unix"). A TCP
+    listener beyond loopback without a shared key accepts events from anyone who can reach
+    it: allowed (a firewall may guard it), but said loudly at start."""
+    key = getattr(listen, f"{name}_shared_key")
+    if key:
+        return Security(key, dict(getattr(listen, f"{name}_users")))
+    if name == "forward" and listen.forward:
+        host, _ = parse_host_port(listen.forward)
+        if not is_loopback_host(host):
+            log.warning(
+                "forward_listener_unauthenticated",
+                listen=listen.forward,
+                hint="anyone who reaches this address can send events: set "
+                "listen.forward_shared_key (and the same key on the clients)",
+            )
+    return None
 
 
 async def _watch_signals(stop: trio.Event) -> None:

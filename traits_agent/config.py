@@ -47,8 +47,12 @@ class ApiConfig:
     #: seconds for connecting / for a whole request
     connect_timeout_s: float = 5.0
     timeout_s: float = 30.0
-    #: upper bound on concurrent requests across resources (each resource has at most one)
+    #: upper bound on concurrent requests across resources (each resource has at most one,
+    #: PlayFab up to 8 single-event requests)
     max_in_flight: int = 4
+    #: post PlayFab events as JSON arrays; only for accounts that enabled PlayFab's "Post
+    #: multiple events in JSON array" (the default, like PlayFab's webhook: one per request)
+    playfab_arrays: bool = False
 
     @property
     def base_url(self) -> str:
@@ -63,6 +67,13 @@ class ListenConfig:
         default_factory=lambda: str(paths.runtime_dir() / paths.FORWARD_SOCKET_NAME)
     )
     forward: str = ""
+    #: the Forward shared-key handshake (Fluentd's <security>), per listener: "" = none.
+    #: `*_users` maps usernames to passwords (user authentication on top of the key)
+    #: (secrets: kept out of the config's repr)
+    forward_shared_key: str = field(default="", repr=False)
+    forward_users: dict = field(default_factory=dict, repr=False)
+    forward_unix_shared_key: str = field(default="", repr=False)
+    forward_unix_users: dict = field(default_factory=dict, repr=False)
     #: a non-loopback UDP/TCP bind address is refused unless this is true
     allow_remote: bool = False
     #: permissions of the Unix sockets (game servers in the socket's group may write)
@@ -290,6 +301,8 @@ def validate(config: Config) -> Config:
         _check_host_port("listen.udp", config.listen.udp, config.listen.allow_remote)
     if config.listen.forward:
         _check_host_port("listen.forward", config.listen.forward, config.listen.allow_remote)
+    for listener in ("forward", "forward_unix"):
+        _check_security(config.listen, listener)
     _check_range("listen.unix_mode", config.listen.unix_mode, 0, 0o777)
     _check_range("listen.receive_buffer", config.listen.receive_buffer, 0, 1 << 30)
     _check_choice("queue.fsync", config.queue.fsync, FSYNC_POLICIES)
@@ -318,6 +331,19 @@ def validate(config: Config) -> Config:
     if config.metrics.listen:
         _check_host_port("metrics.listen", config.metrics.listen, config.listen.allow_remote)
     return config
+
+
+def _check_security(listen: ListenConfig, listener: str) -> None:
+    key = getattr(listen, f"{listener}_shared_key")
+    users = getattr(listen, f"{listener}_users")
+    for name, password in users.items():
+        if not isinstance(password, str) or not name:
+            raise ConfigError(f"listen.{listener}_users", "must map user names to password strings")
+    if users and not key:
+        raise ConfigError(
+            f"listen.{listener}_users",
+            f"user authentication needs a shared key too (listen.{listener}_shared_key)",
+        )
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

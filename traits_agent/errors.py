@@ -125,11 +125,14 @@ class Rejected(TraitsAgentError):
 
 
 class WireError(TraitsAgentError, ValueError):
-    """A msgpack value that is not a usable Forward-protocol entry; `reason` is a counter label."""
+    """A msgpack value that is not a usable Forward-protocol entry; `reason` is a counter label,
+    `events` how many events the value held as far as can be told (0: unknown)."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", events: int = 0) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
+        self.events = events
 
 
 class Stopping(TraitsAgentError):

@@ -190,8 +190,10 @@ async def test_playfab_key_in_query_single_event_and_array(api):
         )
         wrong = await plain.post("/v1/playfab", params={"api_key": "nope"}, json=event)
     assert one.status_code == 201
-    assert one.json()["message"] == "1 events have been successfully ingested"
+    assert one.json()["message"] == "1 events have been successfully ingested (one event object)"
     assert many.status_code == 201
+    assert many.json()["message"] == "2 events have been successfully ingested (a JSON array)"
+    assert [r.shape for r in api.requests[:2]] == ["object", "array"]
     assert (header_only.status_code, wrong.status_code) == (401, 401)
     assert api.received["playfab"] == [event] * 3
 

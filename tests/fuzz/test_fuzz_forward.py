@@ -33,6 +33,16 @@ REASONS = {
     "idle_timeout",
     "first_byte_timeout",
     "evicted",
+    # issue 11: a connection whose first byte is [ or { is JSON; an entry that does not parse
+    # is refused unacked and ends its connection; a PING to a keyless listener
+    "not_json",
+    "bad_time",
+    "bad_tag",
+    "bad_option",
+    "bad_packed",
+    "bad_compressed",
+    "too_many_entries",
+    "unexpected_handshake",
 }
 
 streams = st.one_of(

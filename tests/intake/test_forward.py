@@ -17,6 +17,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import trio
+from structlog.testing import capture_logs
 from trio.testing import wait_all_tasks_blocked
 
 from traits_agent.intake.durability import Durability
@@ -71,11 +72,18 @@ class Rig:
         self.counters = Counters()
         self.ingest = Ingest(self.lanes, self.counters)
         self.sync_requests = 0
+        self.prompts = 0
         self.wanted = trio.Event()
-        self.durability = Durability(self.queues, fsync=fsync, request_sync=self._request)
+        self.durability = Durability(
+            self.queues, fsync=fsync, request_sync=self._request, request_prompt_sync=self._prompt
+        )
 
     def _request(self) -> None:
         self.sync_requests += 1
+        self.wanted.set()
+
+    def _prompt(self) -> None:
+        self.prompts += 1
         self.wanted.set()
 
     def sync(self) -> None:
@@ -235,6 +243,7 @@ async def test_ack_is_sent_only_after_the_fsync(nursery, rig, tmp_path) -> None:
         assert got == []
         assert (queue.written_seq, queue.durable_seq) == (1, 0)  # flushed, not fsynced
         assert rig.sync_requests == 1  # and an fsync was asked for
+        assert rig.prompts == 1  # now: an ack waits for it
         rig.durability.synced()  # a sync round that did not cover it changes nothing
         await wait_all_tasks_blocked()
         assert got == []
@@ -286,26 +295,73 @@ async def test_durability_waits_for_every_queue_touched(rig) -> None:
     assert done.is_set()
 
 
-async def test_a_rejected_message_is_acked_at_once(nursery, rig, tmp_path) -> None:
-    """Resending cannot fix a bad message: it is counted, logged and acked without an fsync,
-    and the connection stays usable."""
+async def test_events_failing_the_schema_are_counted_each_and_acked(nursery, rig, tmp_path) -> None:
+    """Resending cannot fix an event that parses but fails the schema: each is counted, the
+    chunk acked (at once when nothing of it was stored), and the connection stays usable."""
     _, connect = await start_server(nursery, rig, "unix", tmp_path)
     bad = [
-        pack(["level_ups", {"when": "now"}, level_up(1), {"chunk": "b1"}]),  # bad_time
-        pack(["level_ups", [[T0, {"level": 1}]], {"chunk": "b2"}]),  # no user_id
-        pack(["", [[T0, level_up(1)]], {"chunk": "b3"}]),  # bad_tag
-        pack(["level_ups", "packed?", level_up(1), {"chunk": "b4"}]),  # not_an_entry
+        pack(["level_ups", [[T0, {"level": 1}], [T0, {"level": 2}]], {"chunk": "b1"}]),
+        pack(["nonsense", T0, level_up(1), {"chunk": "b2"}]),  # no such resource
     ]
     async with await connect() as stream:
         await stream.send_all(b"".join(bad))
-        assert await acks(stream, 4) == [{"ack": f"b{i}"} for i in range(1, 5)]
+        assert await acks(stream, 2) == [{"ack": "b1"}, {"ack": "b2"}]
         await stream.send_all(pack(["level_ups", T0, level_up(1)]))
         await wait_all_tasks_blocked()
     rejected = rig.counters.by_label("rejected_events", "reason")
-    assert rejected.pop("bad_time") == rejected.pop("bad_tag") == 1
-    assert rejected.pop("not_an_entry") == 1
-    assert sum(rejected.values()) == 1  # the record without a user_id
+    assert rejected.pop("unknown_resource") == 1
+    assert sum(rejected.values()) == 2  # the two records without a user_id
+    assert rig.counters.total("received_events") == 4
+    assert rig.counters.total("protocol_errors") == 0
     assert rig.items("level_ups") == [level_up(1)]
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason", "events"),
+    [
+        (["level_ups", {"when": "now"}, level_up(1), {"chunk": "x"}], "bad_time", 1),
+        (
+            ["level_ups", [[T0, level_up(1)], [[T0, "meta"], level_up(2)]], {"chunk": "x"}],
+            "bad_time",
+            2,
+        ),
+        (["", [[T0, level_up(1)]] * 3, {"chunk": "x"}], "bad_tag", 3),
+        (["level_ups", "packed?", level_up(1), {"chunk": "x"}], "not_an_entry", 0),
+        (
+            ["level_ups", gzip.compress(b"\xc1"), {"chunk": "x", "compressed": "gzip"}],
+            "bad_packed",
+            1,
+        ),
+    ],
+)
+async def test_an_entry_that_does_not_parse_is_never_acked(
+    nursery, rig, tmp_path, entry, reason, events
+) -> None:
+    """An entry the agent cannot parse as the protocol (a newer client's shape, say) is not
+    acked: the chunks before it are stored and acked, then the connection closes, so a client
+    with acks keeps the chunk and sends it again. Counted once as a protocol error, per event
+    as rejected and received, and logged as an error naming the likely cause."""
+    nursery.start_soon(rig.autosync)
+    _, connect = await start_server(nursery, rig, "tcp", tmp_path)
+    with capture_logs() as logs:
+        async with await connect() as stream:
+            await stream.send_all(
+                pack(["level_ups", T0, level_up(7), {"chunk": "good"}])
+                + pack(entry)
+                + pack(["level_ups", T0, level_up(8), {"chunk": "after"}])
+            )
+            assert await acks(stream, 1) == [{"ack": "good"}]
+            assert await closed_by_server(stream)
+    assert rig.items("level_ups") == [level_up(7)]
+    assert rig.counters.get("protocol_errors", reason=reason) == 1
+    assert rig.counters.get("rejected_events", reason=reason) == events
+    assert rig.counters.total("received_events") == 1 + events
+    assert rig.counters.total("forward_acks") == 1
+    assert rig.closed(reason) == 1
+    [line] = [e for e in logs if e["event"] == "message_rejected"]
+    assert line["log_level"] == "error"
+    assert line["reason"] == reason and line["events"] == events
+    assert "hint" in line and line["peer"].startswith("127.0.0.1:")
 
 
 async def test_with_fsync_never_the_ack_follows_the_write(nursery, tmp_path) -> None:
@@ -343,6 +399,8 @@ async def test_messages_without_chunk_get_no_answer(nursery, rig, tmp_path) -> N
         (b"\xc1\x00\x00", "not_msgpack"),  # 0xc1 is never valid msgpack
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not_an_entry"),  # valid msgpack ints
         (pack({"ack": "x"}), "not_an_entry"),
+        (b'["level_ups", nope]', "not_json"),  # a JSON connection (first byte [)
+        (b'{"tag": "level_ups"}', "not_an_entry"),  # JSON, but not an entry
     ],
 )
 async def test_garbage_closes_only_that_connection(nursery, rig, tmp_path, garbage, reason) -> None:
@@ -358,7 +416,8 @@ async def test_garbage_closes_only_that_connection(nursery, rig, tmp_path, garba
     async with await connect() as after:
         await after.send_all(pack(["level_ups", T0, level_up(2), {"chunk": "b"}]))
         assert await acks(after, 1) == [{"ack": "b"}]
-    assert rig.counters.get("rejected_events", reason=reason) == 1
+    assert rig.counters.get("protocol_errors", reason=reason) == 1
+    assert rig.counters.total("rejected_events") == 0  # no event could be told apart
     assert rig.closed(reason) == 1
     assert len(rig.items("level_ups")) == 2
 
@@ -381,7 +440,7 @@ async def test_a_value_over_the_buffer_limit_closes_the_connection(nursery, rig,
         with contextlib.suppress(trio.BrokenResourceError):  # a reset mid-write is fine
             await stream.send_all(small + pack(["level_ups", b"x" * 20000]))
         assert await closed_by_server(stream)
-    assert rig.counters.get("rejected_events", reason="too_large") == 1
+    assert rig.counters.get("protocol_errors", reason="too_large") == 1
     assert rig.closed("too_large") == 1
     assert rig.items("level_ups") == [level_up(1)]
 
@@ -508,10 +567,14 @@ def test_tcp_helper_binds_loopback_and_listens() -> None:
 # --------------------------------------------------------------------------- a real client
 
 
+@pytest.mark.parametrize("module", ["fluent.sender", "fluent.asyncsender"])
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
-async def test_fluent_logger_python_feeds_the_agent(nursery, rig, tmp_path, transport) -> None:
-    """fluent-logger's FluentSender (blocking, in a thread) with nanosecond EventTimes."""
-    sender_module = pytest.importorskip("fluent.sender")
+async def test_fluent_logger_python_feeds_the_agent(
+    nursery, rig, tmp_path, transport, module
+) -> None:
+    """fluent-logger's FluentSender (blocking, in a thread) and its asyncsender (a background
+    thread and queue, flushed at close) with nanosecond EventTimes."""
+    sender_module = pytest.importorskip(module)
     server = ForwardServer(rig.ingest, rig.durability)
     if transport == "unix":
         path = tmp_path / "forward.sock"

@@ -132,7 +132,7 @@ async def test_a_slow_big_value_loses_its_slot(autojump_clock, nursery, rig, tmp
                 await stream.send_all(value[100 * KiB + i : 100 * KiB + i + 1])
         assert await closed_by_server(stream)
     assert rig.closed("too_slow") == 1
-    assert rig.counters.get("rejected_events", reason="too_slow") == 1
+    assert rig.counters.get("protocol_errors", reason="too_slow") == 1  # per message (issue 11)
 
 
 # --------------------------------------------------------------------------- lockout (item 6)

@@ -184,6 +184,67 @@ def test_wrong_value_between_good_ones() -> None:
     assert result.errors == ["not_an_entry"]
 
 
+# --------------------------------------------------------------------------- metadata form
+
+
+def eventtime(seconds: int, nanoseconds: int) -> msgpack.ExtType:
+    return msgpack.ExtType(0, struct.pack(">II", seconds, nanoseconds))
+
+
+META_EVENTS = [([eventtime(1795949487, 123_456_789), {}], RECORD), ([7, {"k": 1}], RECORD)]
+META_ENTRIES = [Entry("t", 1795949487.123456789, RECORD), Entry("t", 7.0, RECORD)]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        ["t", [list(e) for e in META_EVENTS]],
+        ["t", [list(e) for e in META_EVENTS], {"chunk": "c", "fluent_signal": 0}],
+        ["t", packed_stream(META_EVENTS), {"size": 2}],
+        ["t", gzip.compress(packed_stream(META_EVENTS)), {"compressed": "gzip"}],
+    ],
+    ids=["forward", "forward-option", "packed", "compressed-packed"],
+)
+def test_metadata_form_in_every_array_form(value: list[Any]) -> None:
+    """`[[time, metadata], record]` (Fluent Bit >= 5.0.5's default) is the same event: the
+    time comes from the first element, the metadata is ignored."""
+    assert decode_datagram(pack(value)) == DecodeResult(META_ENTRIES, [], [])
+
+
+def test_metadata_form_in_a_message_and_a_datagram() -> None:
+    """A Message's time may be `[time, metadata]` too (Fluentd reads it so); datagrams take
+    every form a stream does, and a Forward array of two events is not mistaken for it."""
+    assert decode_value(["t", [5, {}], RECORD, {"chunk": "x"}]) == (
+        [Entry("t", 5.0, RECORD)],
+        {"chunk": "x"},
+    )
+    assert decode_value(["t", [5, None], RECORD])[0] == [Entry("t", 5.0, RECORD)]
+    two = ["t", [[1, RECORD], [[2, {}], RECORD]]]
+    assert decode_value(two)[0] == [Entry("t", 1.0, RECORD), Entry("t", 2.0, RECORD)]
+    result = decode_datagram(pack(["t", [list(e) for e in META_EVENTS]]))
+    assert result == DecodeResult(META_ENTRIES, [], [])
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "events"),
+    [
+        (["t", [[["now", {}], RECORD], [1, RECORD], [1, RECORD]]], "bad_time", 3),
+        (["t", [[[1, "meta"], RECORD]]], "bad_time", 1),
+        (["t", [[[1, {}, 2], RECORD]]], "bad_time", 1),
+        (["t", {"when": 1}, RECORD, {"chunk": "c"}], "bad_time", 1),
+        (["t", packed_stream([(1, RECORD), ("x", RECORD)])], "bad_packed", 2),
+        (["t", b"not gzip", {"compressed": "gzip"}], "bad_compressed", 0),
+        (["", [[1, RECORD]] * 4], "bad_tag", 4),
+        (["t", 1], "not_an_entry", 0),
+    ],
+)
+def test_a_bad_value_says_how_many_events_it_held(value: Any, reason: str, events: int) -> None:
+    """Rejections are counted per event: WireError.events is the count, where it can be told."""
+    with pytest.raises(WireError) as caught:
+        decode_value(value)
+    assert (caught.value.reason, caught.value.events) == (reason, events)
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -229,7 +290,7 @@ def test_bad_values(value: Any, reason: str) -> None:
 
 def test_nan_time_in_a_datagram() -> None:
     """decode_datagram reports what decode_value raises, and does not raise itself."""
-    assert decode_datagram(pack(["a", math.nan, {}])) == DecodeResult([], ["bad_time"])
+    assert decode_datagram(pack(["a", math.nan, {}])) == DecodeResult([], ["bad_time"], [1])
 
 
 def test_bad_eventtime_nanoseconds() -> None:
@@ -267,7 +328,7 @@ def test_bad_eventtime_nanoseconds() -> None:
 )
 def test_datagram_errors(data: bytes, errors: list[str]) -> None:
     """Heartbeats are ignored; everything else unusable is counted."""
-    assert decode_datagram(data) == DecodeResult([], errors)
+    assert decode_datagram(data) == DecodeResult([], errors, [0] * len(errors))
 
 
 def test_integer_map_keys_are_fine() -> None:

@@ -33,6 +33,7 @@ TOP_KEYS = {
     "last_error",
     "received",
     "rejected",
+    "protocol_errors",  # messages that were not usable Forward entries (issue 11)
     "stripped_fields",
     "resources",
     "csv",

@@ -253,3 +253,27 @@ def test_checkpoint_just_before_a_seal_is_not_a_finding(tmp_path):
     with DiskQueue.open(tmp_path, **opts) as q:
         assert not q.recovery.has_findings, q.recovery
         assert q.read_batch(100, 1 << 20).payloads == [b"y" * 100]
+
+
+def test_a_sync_with_nothing_new_does_not_flush_the_disk_again(tmp_path, monkeypatch):
+    """Each fdatasync is a disk cache flush even for a clean file, and the group commit syncs
+    every queue per round: a queue with nothing new since its last sync must cost nothing
+    (or per-event Forward acks slow down with every resource that ever received an event)."""
+    calls: list[int] = []
+    real_fdatasync = os.fdatasync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting)
+    with DiskQueue.open(tmp_path, fsync="interval") as q:
+        fill(q, 3)
+        q.sync()
+        assert len(calls) == 1 and q.durable_seq == 3
+        q.sync()
+        q.sync()
+        assert len(calls) == 1  # clean: not synced again
+        fill(q, 2)
+        q.sync()
+        assert len(calls) == 2 and q.durable_seq == 5

@@ -91,16 +91,16 @@ def test_failed_fsync_rewrites_what_it_covered(tmp_path, monkeypatch):
 
     Fault injection: only the result of fsync on segment files is faked; files are real.
     """
-    real_fsync = os.fsync
+    real_fdatasync = os.fdatasync  # segments are synced with fdatasync (appends only)
     failures = {"left": 0}
 
-    def flaky_fsync(fd: int) -> None:
+    def flaky_fdatasync(fd: int) -> None:
         if failures["left"] and stat.S_ISREG(os.fstat(fd).st_mode):
             failures["left"] -= 1
             raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_fsync(fd)
+        real_fdatasync(fd)
 
-    monkeypatch.setattr(os, "fsync", flaky_fsync)
+    monkeypatch.setattr(os, "fdatasync", flaky_fdatasync)
     opts = {"segment_bytes": 1 << 20, "max_bytes": 1 << 30}
     with DiskQueue.open(tmp_path, **opts) as q:
         fill(q, 100)
@@ -125,16 +125,16 @@ def test_failed_fsync_rewrites_what_it_covered(tmp_path, monkeypatch):
 
 def test_failed_fsync_copies_are_skipped_after_reopen(tmp_path, monkeypatch):
     """The old copies left by a rewrite are not delivered twice after a restart either."""
-    real_fsync = os.fsync
+    real_fdatasync = os.fdatasync  # segments are synced with fdatasync (appends only)
     failures = {"left": 0}
 
-    def flaky_fsync(fd: int) -> None:
+    def flaky_fdatasync(fd: int) -> None:
         if failures["left"] and stat.S_ISREG(os.fstat(fd).st_mode):
             failures["left"] -= 1
             raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_fsync(fd)
+        real_fdatasync(fd)
 
-    monkeypatch.setattr(os, "fsync", flaky_fsync)
+    monkeypatch.setattr(os, "fdatasync", flaky_fdatasync)
     with DiskQueue.open(tmp_path) as q:
         fill(q, 40)
         failures["left"] = 1

@@ -63,6 +63,9 @@ def format_status(s: dict[str, Any]) -> str:
     if s.get("rejected"):
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["rejected"].items()))
         lines.append(f"rejected: {reasons}")
+    if s.get("protocol_errors"):
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["protocol_errors"].items()))
+        lines.append(f"protocol errors (messages): {reasons}")
     lines.append("")
     lines.append(
         f"{'resource':<18}{'queued':>8}{'bytes':>10}{'oldest':>8}{'delivered':>11}"

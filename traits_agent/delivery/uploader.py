@@ -62,8 +62,15 @@ VOICE = Voice(
 )
 
 
-def build_body(resource: Resource, payloads: list[bytes]) -> bytes:
+#: PlayFab events posted one per request: how many requests at once (all resources together
+#: stay within api.max_in_flight)
+PLAYFAB_CONCURRENCY = 8
+
+
+def build_body(resource: Resource, payloads: list[bytes], playfab_arrays: bool = True) -> bytes:
     """The JSON body, assembled from the stored JSON documents without re-encoding them."""
+    if resource.payload_key is None and not playfab_arrays and len(payloads) == 1:
+        return payloads[0]  # playfab, one event per request: the event object itself
     items = b"[" + b",".join(payloads) + b"]"
     if resource.payload_key is None:  # playfab: a JSON array of events
         return items
@@ -90,8 +97,13 @@ class Uploader:
         max_in_flight: int = 4,
         agent_id: str = "",
         request_deadline_s: float = DEFAULT_REQUEST_DEADLINE_S,
+        playfab_arrays: bool = False,
     ) -> None:
         self.client = client
+        #: post PlayFab events as JSON arrays (the account enabled PlayFab's "Post multiple
+        #: events in JSON array"); by default one event per request, as the webhook does
+        self.playfab_arrays = playfab_arrays
+        self._dead_letter_lock = trio.Lock()
         self.api_key = api_key
         self.counters = counters
         self.dead_letters = dead_letters
@@ -124,6 +136,9 @@ class Uploader:
     async def deliver(self, resource: Resource, payloads: list[bytes], first_seq: int) -> None:
         """Return once every payload is delivered or dead-lettered. Cancellation is safe: the
         caller has not committed anything, so the batch is re-read after restart."""
+        if resource.payload_key is None and not self.playfab_arrays and len(payloads) > 1:
+            await self._deliver_each(resource, payloads, first_seq)
+            return
         st = self.state(resource.name)
         # parts still to send, in queue order; (offset in batch, payloads)
         parts: list[tuple[int, list[bytes]]] = [(0, payloads)]
@@ -179,6 +194,25 @@ class Uploader:
                     hint="most items are rejected: check the event schema against the API",
                 )
 
+    async def _deliver_each(
+        self, resource: Resource, payloads: list[bytes], first_seq: int
+    ) -> None:
+        """PlayFab, one event per request (the shape PlayFab's own webhook posts unless the
+        account enabled arrays), PLAYFAB_CONCURRENCY at a time (and within max_in_flight), so
+        a batch of 1000 events does not take 1000 round trips end to end."""
+        slots = trio.Semaphore(PLAYFAB_CONCURRENCY)
+
+        async def one(index: int, payload: bytes) -> None:
+            try:
+                await self.deliver(resource, [payload], first_seq + index)
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as nursery:
+            for index, payload in enumerate(payloads):
+                await slots.acquire()
+                nursery.start_soon(one, index, payload)
+
     async def _dead_letter(
         self,
         resource: Resource,
@@ -202,7 +236,8 @@ class Uploader:
         attempt = 0
         while True:
             try:
-                lost = await trio.to_thread.run_sync(write)
+                async with self._dead_letter_lock:  # PlayFab's concurrent single events
+                    lost = await trio.to_thread.run_sync(write)
                 break
             except (OSError, ValueError) as e:
                 log.error(
@@ -234,7 +269,7 @@ class Uploader:
     ) -> Answer:
         """POST `part` until the answer is about the items (2xx, 400/422/413), not about
         the connection, the server's load or our credentials."""
-        body = build_body(resource, part)
+        body = build_body(resource, part, self.playfab_arrays)
         limit = self.byte_limit.get(resource.name)
         if limit is not None and len(body) > limit and len(part) > 1:
             return Answer(413, {"message": "split to fit the learned size limit"})

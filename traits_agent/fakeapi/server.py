@@ -82,6 +82,9 @@ class RecordedRequest:
     idempotency_key: str | None = None
     fault: str | None = None
     body_size: int = 0
+    #: for /v1/playfab: "object" (one event, as PlayFab's webhook posts by default) or
+    #: "array" (its "Post multiple events in JSON array" option)
+    shape: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class _Ctx:
     resource: str | None = None
     item_count: int = 0
     fault: str | None = None
+    shape: str | None = None
 
 
 def _api_path(resource: Resource) -> str:
@@ -227,6 +231,7 @@ class FakeAPI:
             resource = self._playfab_resource
             ctx.resource = self._playfab_name
             items, error = _parse_playfab(request.body)
+            ctx.shape = "array" if request.body.lstrip().startswith(b"[") else "object"
         ctx.item_count = len(items) if items is not None else 0
 
         fault = self._take_fault(request.path, items, reject=False)
@@ -271,6 +276,8 @@ class FakeAPI:
         self.received.setdefault(name, []).extend(items)
         noun = resource.noun if resource is not None else "events"
         message = f"{len(items)} {noun} have been successfully ingested"
+        if ctx.shape is not None:  # say which PlayFab shape it got (the real API may differ)
+            message += " (one event object)" if ctx.shape == "object" else " (a JSON array)"
         return self._answer(ctx, 201, {"code": 201, "message": message, "data": None})
 
     def _check_items(self, resource: Resource | None, items: list[Any]) -> dict[str, str] | None:
@@ -344,6 +351,7 @@ class FakeAPI:
                 idempotency_key=request.headers.get("idempotency-key"),
                 fault=ctx.fault,
                 body_size=len(request.body),
+                shape=ctx.shape,
             )
         )
         log.debug(

@@ -3,9 +3,14 @@
 Any Fluentd / Fluent Bit client library (fluent-logger-python, -golang, -java, -node, NLog,
 Fluent Bit's `out_forward`, Fluentd's `out_forward`) can feed the agent through these
 listeners. A connection carries a stream of msgpack values; each is one entry in one of the
-forms `wire` decodes (Message, Forward, PackedForward, CompressedPackedForward with gzip); a nil
-value is a heartbeat and is ignored. Entries go through the same validation and queues as
-datagrams (`Ingest.store_entries`).
+forms `wire` decodes (Message, Forward, PackedForward, CompressedPackedForward with gzip, each
+also with Fluent Bit's `[[time, metadata], record]` events); a nil value is a heartbeat and is
+ignored. Entries go through the same validation and queues as datagrams
+(`Ingest.store_entries`).
+
+JSON: a connection whose first byte is `[` or `{` is read as concatenated JSON entries and
+answered in JSON, as Fluentd's in_forward does (fluent-logger-golang's `MarshalAsJSON`). In
+msgpack those bytes are small integers, never an entry, so the rule cannot misread a client.
 
 Acknowledgements mean "stored durably"
 --------------------------------------
@@ -28,10 +33,19 @@ Other cases:
 
 * `queue.fsync = "never"`: the ack is sent once the records are handed to the OS (they survive
   a crash of the agent, not a power cut). There is no durability promise in that mode.
-* A message rejected as a whole (not a valid entry) or whose every event is invalid is still
-  acked, right away (in order with the others on the connection): the rejection is counted and
-  logged, and resending the same bytes cannot fix it; not acking would make the client resend
-  it forever. The same holds for events dropped because a queue is full (counted as drops).
+* Acks by cause. An entry the agent cannot parse as the protocol (`wire.WireError`: not one of
+  the entry forms, a time that is not a time, a bad tag, option, packed stream or gzip) is
+  never acked: the messages before it on the connection are stored and acked, then the
+  connection is closed. It is counted once in `protocol_errors{reason}`, its events (where
+  they can be counted) in `rejected_events{reason}` and `received_events`, and logged as the
+  error `message_rejected` with a `hint` naming the likely cause, typically an entry shape
+  from a client newer than the agent. The client keeps the chunk and retries (its retries show
+  in the counters and the log) while an operator sees it: acking would make the client drop
+  data the agent could not read, which is how Fluent Bit 5.0.5's metadata form was once lost.
+  An event that parses but fails the schema (unknown resource, missing or wrong field) is
+  counted per event and the message acked: resending the same bytes cannot fix it, and not
+  acking would make the client resend it forever. So is a message whose every event is
+  invalid (acked at once) and events dropped because a queue is full (counted as drops).
 * Acks are sent in the order of the messages on the connection. The connection is read on
   while acks wait (a client may pipeline chunks), up to `ForwardLimits.max_pending_acks`
   waiting acks; past that reading pauses, which is TCP back-pressure on the client.
@@ -40,11 +54,17 @@ Other cases:
   acks believes them delivered); acks still pending then are not sent, so a client with acks
   sends those chunks again after the restart (duplicates, not loss).
 
-Not supported: the optional handshake (HELO / PING / PONG) with `shared_key` and user
-authentication. A client configured with a shared key waits for a HELO that never comes and
-fails to connect (its own timeout); configure clients without one. The listeners are local by
-design: a Unix socket (file permissions are the access control) and loopback TCP (the config
-refuses other addresses unless `listen.allow_remote`).
+Shared-key handshake: a listener given a `handshake.Security` (config
+`listen.forward_shared_key` / `forward_users`, `forward_unix_*` for the Unix one) sends a HELO
+on connect and takes only a PING with the right key (and user) as the first message; anything
+else gets a failed PONG, is counted (`auth_failed`, `handshake_expected`) and logged, and the
+connection is closed, nothing acked. It is what guards a TCP listener opened beyond loopback
+(`listen.allow_remote`). On a keyless listener a PING gets a failed PONG saying so
+(`unexpected_handshake`), and a connection that sends nothing for `SILENT_PEER_HINT_S` is
+logged once as `forward_peer_silent` (a client with a key waits for a HELO and would otherwise
+hang silently on both sides). The listeners are local by default: a Unix socket (file
+permissions are the access control) and loopback TCP (the config refuses other addresses
+unless `listen.allow_remote`).
 
 Limits (`ForwardLimits`), so that no peer can starve the others (issue 7):
 
@@ -67,24 +87,27 @@ Limits (`ForwardLimits`), so that no peer can starve the others (issue 7):
   and `wire.STREAM_BOUNDS` caps a value's events and inflated bytes: a compressed chunk cannot
   block the agent for seconds.
 
-Bytes that are not msgpack
-(`not_msgpack`), or a msgpack value that is not an array (`not_an_entry`: an HTTP request,
-say), mean the peer does not speak this protocol and the stream cannot be resynchronised:
-that connection is closed, the reason counted and logged; every other connection goes on.
+Bytes that are not msgpack (`not_msgpack`) or not JSON (`not_json`), or a value that is not an
+array (`not_an_entry`: an HTTP request, say), mean the peer does not speak this protocol and the
+stream cannot be resynchronised: that connection is closed at once (acks still owed are not
+sent), the reason counted and logged; every other connection goes on.
 
-Telemetry: counters `forward_connections{source}`, `forward_acks{source}` and
-`forward_connections_closed{source,reason}` (eof, reset, idle_timeout, first_byte_timeout,
-evicted (logged as `forward_connection_evicted`), shutdown; the peer's errors not_msgpack,
-not_an_entry, too_large, too_slow, too_many_connections, each also counted in
-`rejected_events{reason}` with a rate-limited `event_rejected` log line carrying a sample; and
-internal_error, a bug of ours, logged with its traceback: it closes only that connection),
-and `forward_buffer_waits{source}` (a read paused for the memory budget, logged as
-`forward_read_paused`).
+Telemetry: counters `forward_connections{source}`, `forward_acks{source}`,
+`forward_silent_connections{source}` and `forward_connections_closed{source,reason}` (eof,
+reset, idle_timeout, first_byte_timeout, evicted (logged as `forward_connection_evicted`),
+shutdown; the peer's errors not_msgpack, not_json, not_an_entry, too_large, too_slow, bad_time,
+bad_tag, bad_option, bad_packed, bad_compressed, too_many_entries, auth_failed,
+handshake_expected, unexpected_handshake, each also counted in `protocol_errors{reason}` with a
+rate-limited `message_rejected` error line carrying a sample and a hint; too_many_connections,
+counted in `rejected_events`; and internal_error, a bug of ours, logged with its traceback: it
+closes only that connection), and `forward_buffer_waits{source}` (a read paused for the memory
+budget, logged as `forward_read_paused`).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import math
 import socket
 import struct
@@ -98,8 +121,10 @@ import structlog
 import trio
 
 from traits_agent.intake.durability import Durability, Mark
+from traits_agent.intake.handshake import Security, Session, is_ping
+from traits_agent.intake.jsonstream import JsonStream, JsonStreamError, starts_json
 from traits_agent.intake.unixsock import bind_unix
-from traits_agent.intake.wire import WireError, decode_value, stream_unpacker
+from traits_agent.intake.wire import WireError, decode_value, event_count, stream_unpacker
 from traits_agent.observe.log import sample as log_sample
 
 log = structlog.get_logger(__name__)
@@ -114,6 +139,9 @@ BACKLOG = 128
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_RETRY_S = 0.1
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+#: a connection to a keyless listener that sends nothing this long is logged once (it may be
+#: a client waiting for a HELO: see `_first_receive`)
+SILENT_PEER_HINT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -197,7 +225,12 @@ class _Ingest(Protocol):
 
     def store_entries(self, entries: Iterable[Any], now: float) -> set[str]: ...
     def flush(self, names: set[str]) -> None: ...
-    def reject(self, reason: str, sample: object = None, **context: object) -> None: ...
+    def reject(
+        self, reason: str, sample: object = None, events: int = 1, **context: object
+    ) -> None: ...
+    def protocol_error(
+        self, reason: str, sample: object = None, events: int = 0, **context: object
+    ) -> None: ...
 
 
 class _Decoder:
@@ -278,6 +311,52 @@ class _Decoder:
                 unpacker = self._unpacker
 
 
+class _JsonDecoder:
+    """JSON values out of a byte stream (a connection whose first byte is `[` or `{`), with
+    the same memory contract as `_Decoder`: at most `small` bytes of an unfinished value
+    until the caller grows the limit to `large` (a big-value slot); past `large`, too_large."""
+
+    def __init__(self, small: int, large: int) -> None:
+        self.small = min(small, large)
+        self.large = large
+        self.limit = self.small
+        self._stream = JsonStream(large)
+        self._pending = b""
+
+    @property
+    def unfinished(self) -> int:
+        return self._stream.held
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    @property
+    def starved(self) -> bool:
+        return bool(self._pending)
+
+    def grow(self) -> None:
+        self.limit = self.large
+
+    def shrink(self) -> None:
+        self.limit = self.small
+
+    def values(self, data: bytes) -> Iterator[Any]:
+        if data:
+            self._pending = self._pending + data if self._pending else data
+        while self._pending:
+            room = self.limit - self.unfinished
+            if room <= 0:
+                if self.limit >= self.large:
+                    raise _ProtocolError("too_large", f"a value over {self.large} bytes")
+                return  # starved: the caller grows the limit (or refuses) and calls again
+            piece, self._pending = self._pending[:room], self._pending[room:]
+            try:
+                yield from self._stream.values(piece)
+            except JsonStreamError as e:
+                raise _ProtocolError(e.reason, e.detail) from None
+
+
 class _ProtocolError(Exception):
     """The peer does not speak the protocol; its connection is closed."""
 
@@ -285,6 +364,26 @@ class _ProtocolError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.sample = sample
+
+
+def _pack_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), default=_json_default).encode()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _pack_msgpack(value: Any) -> bytes:
+    # a non-UTF-8 str (a chunk id as the peer sent it) goes back as its bytes
+    return msgpack.packb(value, unicode_errors="surrogateescape")
+
+
+#: an item for the connection's writer: an ack's chunk (is_ack) or the bytes of a handshake
+#: reply, and what must be durable before it is sent
+_Reply = tuple[Any, Mark, bool]
 
 
 @dataclass(eq=False)
@@ -302,7 +401,14 @@ class _Connection:
     evicted: bool = False
     #: holds a big-value slot until this time (None: holds none)
     slot_deadline: float | None = None
-    decoder: _Decoder | None = None
+    #: the stream's decoder, chosen by its first byte (JSON or msgpack)
+    decoder: _Decoder | _JsonDecoder | None = None
+    #: how replies are encoded: as the client writes
+    encode: Callable[[Any], bytes] = _pack_msgpack
+    #: the handshake still to do (None: none configured, or done)
+    session: Session | None = None
+    #: a message stopped the connection: nothing after it is read
+    stopped: bool = False
 
     def buffered(self) -> int:
         return 0 if self.decoder is None else self.decoder.unfinished + self.decoder.waiting
@@ -346,14 +452,20 @@ class ForwardServer:
         self._slots = trio.Semaphore(limits.big_value_slots)
 
     async def serve(
-        self, sock: socket.socket, *, name: str, task_status=trio.TASK_STATUS_IGNORED
+        self,
+        sock: socket.socket,
+        *,
+        name: str,
+        security: Security | None = None,
+        task_status=trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept and serve connections on the bound `sock` (ours or inherited from systemd)
         until cancelled; the socket is closed on return, its file (if any) is left alone.
 
         At most `max_connections` on this listener: when it is full, the connection quiet
         longest is closed for the newcomer (`evicted`), or, when every one completed a value
-        in the last `evict_quiet_s`, the newcomer is (`too_many_connections`).
+        in the last `evict_quiet_s`, the newcomer is (`too_many_connections`). With
+        `security`, every connection must pass the shared-key handshake first.
         """
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             sock.listen(BACKLOG)  # one that systemd passed listens already, with its Backlog=
@@ -385,6 +497,7 @@ class ForwardServer:
                     trio.CancelScope(),
                     self.limits.idle_timeout_s,
                     last_value=now,
+                    session=None if security is None else Session(security),
                 )
                 crowded = 2 * len(conns) >= limit
                 conns[conn] = None
@@ -423,17 +536,19 @@ class ForwardServer:
             conn.scope.deadline = trio.current_time() + self.limits.idle_timeout_s
         try:
             with conn.scope:
-                send, receive = trio.open_memory_channel[tuple[Any, Mark]](
-                    self.limits.max_pending_acks
-                )
+                if conn.session is not None:
+                    await conn.stream.send_all(_pack_msgpack(conn.session.helo()))
+                send, receive = trio.open_memory_channel[_Reply](self.limits.max_pending_acks)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._send_acks, conn, receive, nursery.cancel_scope)
+                    nursery.start_soon(self._send_replies, conn, receive, nursery.cancel_scope)
                     async with send:
                         await self._read(conn, send, nursery.cancel_scope)
             if conn.evicted:
                 conn.reason = "evicted"
             elif conn.scope.cancelled_caught:
                 conn.reason = "idle_timeout" if conn.received else "first_byte_timeout"
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            conn.reason = "reset"  # while sending the HELO
         except Exception:
             # A bug of ours met by this peer's data. Kill only this connection: a client that
             # resends its chunk on reconnect must not be able to crash-loop the whole agent.
@@ -446,7 +561,7 @@ class ForwardServer:
             self._closed(name, conn.peer, conn.reason)
             await trio.aclose_forcefully(conn.stream)  # raises Cancelled when we are cancelled
 
-    async def _take_slot(self, conn: _Connection, decoder: _Decoder) -> None:
+    async def _take_slot(self, conn: _Connection, decoder: _Decoder | _JsonDecoder) -> None:
         """Wait for a big-value slot (not reading meanwhile: back-pressure), then let the
         decoder hold up to `max_buffer_size`."""
         try:
@@ -481,23 +596,28 @@ class ForwardServer:
     async def _read(
         self,
         conn: _Connection,
-        acks: trio.MemorySendChannel[tuple[Any, Mark]],
+        acks: trio.MemorySendChannel[_Reply],
         nursery_scope: trio.CancelScope,
     ) -> None:
         """Receive, decode and store until EOF or a protocol error; hand chunks to ack.
 
         A value over `small_value_bytes` waits for a big-value slot before more of it is read,
         so all connections together hold at most `max_buffered_bytes` of big values (plus
-        `small_value_bytes` each)."""
+        `small_value_bytes` each). A message the agent cannot use (see the module docstring)
+        ends the reading: the replies owed for the messages before it are still sent, then the
+        connection closes."""
         limits = self.limits
-        decoder = conn.decoder = _Decoder(limits.small_value_bytes, limits.max_buffer_size)
+        decoder: _Decoder | _JsonDecoder | None = None
         try:
-            while True:
+            while not conn.stopped:
                 try:
                     with trio.move_on_at(
                         math.inf if conn.slot_deadline is None else conn.slot_deadline
                     ) as slow:
-                        data = await conn.stream.receive_some(RECEIVE_BYTES)
+                        if decoder is None and conn.session is None:
+                            data = await self._first_receive(conn)
+                        else:
+                            data = await conn.stream.receive_some(RECEIVE_BYTES)
                 except trio.BrokenResourceError:
                     conn.reason = "reset"
                     return
@@ -505,11 +625,13 @@ class ForwardServer:
                     raise _ProtocolError(
                         "too_slow",
                         f"a value over {limits.small_value_bytes} bytes not complete after "
-                        f"{limits.big_value_timeout_s} s ({decoder.unfinished} bytes so far)",
+                        f"{limits.big_value_timeout_s} s ({conn.buffered()} bytes so far)",
                     )
                 if not data:
                     return  # EOF: acks still owed are sent before the connection closes
                 conn.progressed()
+                if decoder is None:
+                    decoder = self._decoder_for(conn, data)
                 pending = await self._take_async(conn, decoder, data)
                 while decoder.starved:
                     if conn.slot_deadline is None:
@@ -522,16 +644,50 @@ class ForwardServer:
                     await acks.send(ack)
         except _ProtocolError as e:
             conn.reason = e.reason
-            self.ingest.reject(e.reason, e.sample, source=conn.source, peer=conn.peer)
+            self.ingest.protocol_error(e.reason, e.sample, source=conn.source, peer=conn.peer)
             nursery_scope.cancel()  # no more acks either: the stream is out of step
         except trio.Cancelled:
             if not (conn.scope.cancel_called or nursery_scope.cancel_called):
                 conn.reason = "shutdown"
-                self._drain(conn, decoder)
+                self._drain(conn)
             raise
 
+    def _decoder_for(self, conn: _Connection, data: bytes) -> _Decoder | _JsonDecoder:
+        """The decoder for a connection whose first bytes are `data`: JSON when it starts
+        with `[` or `{` (as Fluentd's in_forward decides; answered in JSON too), else
+        msgpack."""
+        limits = self.limits
+        if starts_json(data[0]):
+            conn.encode = _pack_json
+            conn.decoder = _JsonDecoder(limits.small_value_bytes, limits.max_buffer_size)
+        else:
+            conn.decoder = _Decoder(limits.small_value_bytes, limits.max_buffer_size)
+        return conn.decoder
+
+    async def _first_receive(self, conn: _Connection) -> bytes:
+        """The first bytes of a connection to a listener without a shared key. A client that
+        sends nothing for a while may be waiting for a HELO (it has a shared key configured):
+        say so once in the log, then go on waiting (it may also just be quiet)."""
+        with trio.move_on_after(SILENT_PEER_HINT_S):
+            return await conn.stream.receive_some(RECEIVE_BYTES)
+        self.counters.inc("forward_silent_connections", source=conn.source)
+        log.warning(  # rate-limited: observe.log.RATE_LIMITS
+            "forward_peer_silent",
+            source=conn.source,
+            peer=conn.peer,
+            after_s=SILENT_PEER_HINT_S,
+            hint="a client configured with a shared key (Fluent Bit Shared_Key, Fluentd "
+            "<security>) waits for a HELO this listener does not send: configure the same key "
+            "on the listener (listen.forward_shared_key) or remove it from the client",
+        )
+        return await conn.stream.receive_some(RECEIVE_BYTES)
+
     def _take(
-        self, conn: _Connection, decoder: _Decoder, data: bytes, acks: list[tuple[Any, Mark]]
+        self,
+        conn: _Connection,
+        decoder: _Decoder | _JsonDecoder,
+        data: bytes,
+        acks: list[_Reply],
     ) -> Iterator[None]:
         """Decode `data`, store every whole value, flush once; append to `acks` the acks the
         values asked for.
@@ -539,8 +695,9 @@ class ForwardServer:
         A generator: it yields after every `SLICE_ENTRIES` events stored, so the caller can
         let the other tasks run (`_take_async`) or not (`_take_now`, at shutdown). A chunk of
         262,144 events is then a few hundred short slices, not seconds of a blocked agent.
-        Raises _ProtocolError when the peer is not speaking the protocol (after storing and
-        flushing what came before the bad bytes).
+        Raises _ProtocolError when the peer is not speaking the protocol at all (after storing
+        and flushing what came before the bad bytes). A message that is msgpack (or JSON) but
+        not a usable entry sets `conn.stopped` instead: what came before it is still acked.
         """
         ingest = self.ingest
         durability = self.durability
@@ -551,53 +708,100 @@ class ForwardServer:
             for value in decoder.values(data):
                 if value is None:  # heartbeat
                     continue
+                if conn.session is not None:
+                    acks.append(self._handshake(conn, value))
+                    if conn.stopped:
+                        break
+                    continue
                 if type(value) is not list:
                     raise _ProtocolError("not_an_entry", _sample(value))
                 conn.completed()
                 try:
                     entries, option = decode_value(value)
                 except WireError as e:
-                    ingest.reject(e.reason, _sample(value), source=conn.source, peer=conn.peer)
-                    chunk = _chunk_of(value)
-                    names: set[str] = set()
-                else:
-                    chunk = option.get("chunk") if option else None
-                    names = set()
-                    for start in range(0, len(entries), SLICE_ENTRIES):
-                        names |= ingest.store_entries(entries[start : start + SLICE_ENTRIES], now)
-                        work += min(SLICE_ENTRIES, len(entries) - start)
-                        if work >= SLICE_ENTRIES:
-                            work = 0
-                            yield
-                    touched |= names
+                    acks.extend(self._refuse(conn, value, e.reason, e.events))
+                    break
+                chunk = option.get("chunk") if option else None
+                names: set[str] = set()
+                for start in range(0, len(entries), SLICE_ENTRIES):
+                    names |= ingest.store_entries(entries[start : start + SLICE_ENTRIES], now)
+                    work += min(SLICE_ENTRIES, len(entries) - start)
+                    if work >= SLICE_ENTRIES:
+                        work = 0
+                        yield
+                touched |= names
                 if chunk is not None:
-                    acks.append((chunk, durability.mark(names)))
+                    acks.append((chunk, durability.mark(names), True))
         finally:
             if touched:
                 ingest.flush(touched)
                 durability.written()
 
+    def _refuse(
+        self, conn: _Connection, value: list[Any], reason: str, events: int
+    ) -> list[_Reply]:
+        """A message that is not a usable entry: counted (per event and once as a protocol
+        error), logged with its likely cause, never acked; the connection stops here. A client
+        with acks keeps the chunk and sends it again, so nothing is lost while an operator
+        sees the error (acking it would make the client drop it). A PING (a client with a
+        shared key, to a listener without one) gets a failed PONG that says so."""
+        replies: list[_Reply] = []
+        if is_ping(value):
+            reason = "unexpected_handshake"
+            pong = ["PONG", False, "this listener has no shared key configured", "", ""]
+            replies.append((conn.encode(pong), (), False))
+        conn.reason = reason
+        conn.stopped = True
+        self.ingest.protocol_error(
+            reason, _sample(value), events, source=conn.source, peer=conn.peer
+        )
+        return replies
+
+    def _handshake(self, conn: _Connection, value: Any) -> _Reply:
+        """The PONG for the first message of a connection to a listener with a shared key."""
+        session = conn.session
+        assert session is not None
+        pong, failure = session.answer(value)
+        if failure is None:
+            conn.session = None
+            log.debug("forward_handshake_passed", source=conn.source, peer=conn.peer)
+        else:
+            reason = "auth_failed" if is_ping(value) else "handshake_expected"
+            conn.reason = reason
+            conn.stopped = True
+            self.ingest.protocol_error(
+                reason,
+                _sample(value),
+                0 if is_ping(value) else event_count(value),
+                source=conn.source,
+                peer=conn.peer,
+                error=failure,
+            )
+        return conn.encode(pong), (), False
+
     async def _take_async(
-        self, conn: _Connection, decoder: _Decoder, data: bytes
-    ) -> list[tuple[Any, Mark]]:
+        self, conn: _Connection, decoder: _Decoder | _JsonDecoder, data: bytes
+    ) -> list[_Reply]:
         """`_take`, letting the other tasks run between its slices. Not cancellable midway:
         the values are out of the decoder and in memory only, so they are stored whole."""
-        acks: list[tuple[Any, Mark]] = []
+        acks: list[_Reply] = []
         for _ in self._take(conn, decoder, data, acks):
             await trio.lowlevel.cancel_shielded_checkpoint()
         return acks
 
-    def _take_now(self, conn: _Connection, decoder: _Decoder, data: bytes) -> None:
+    def _take_now(self, conn: _Connection, decoder: _Decoder | _JsonDecoder, data: bytes) -> None:
         """`_take` in one go (at shutdown, when nothing may wait)."""
         for _ in self._take(conn, decoder, data, []):
             pass
 
-    def _drain(self, conn: _Connection, decoder: _Decoder) -> None:
+    def _drain(self, conn: _Connection) -> None:
         """At shutdown: store what the kernel already holds for this connection (bounded)."""
         sock = conn.stream.socket
         taken = 0
         try:
-            while taken < self.limits.max_buffer_size and not decoder.starved:
+            while taken < self.limits.max_buffer_size and not conn.stopped:
+                if conn.decoder is not None and conn.decoder.starved:
+                    break
                 try:
                     data = _recv_nowait(sock)
                 except BlockingIOError:
@@ -605,24 +809,26 @@ class ForwardServer:
                 if not data:
                     break
                 taken += len(data)
+                decoder = conn.decoder or self._decoder_for(conn, data)
                 self._take_now(conn, decoder, data)
         except _ProtocolError as e:
-            self.ingest.reject(e.reason, e.sample, source=conn.source, peer=conn.peer)
+            self.ingest.protocol_error(e.reason, e.sample, source=conn.source, peer=conn.peer)
         except OSError:
             pass  # reset by the peer: nothing more to take
 
-    async def _send_acks(
+    async def _send_replies(
         self,
         conn: _Connection,
-        acks: trio.MemoryReceiveChannel[tuple[Any, Mark]],
+        acks: trio.MemoryReceiveChannel[_Reply],
         nursery_scope: trio.CancelScope,
     ) -> None:
-        """Write `{"ack": chunk}` for each chunk, in order, once its records are durable."""
+        """Write `{"ack": chunk}` for each chunk, in order, once its records are durable (and
+        a handshake reply as it comes)."""
         durability = self.durability
         async with acks:
-            async for chunk, mark in acks:
+            async for item, mark, is_ack in acks:
                 await durability.wait(mark)
-                answer = self._ack_bytes(conn, chunk)
+                answer = self._ack_bytes(conn, item) if is_ack else item
                 if answer is None:
                     continue
                 try:
@@ -632,7 +838,8 @@ class ForwardServer:
                     nursery_scope.cancel()
                     return
                 conn.progressed()
-                self.counters.inc("forward_acks", source=conn.source)
+                if is_ack:
+                    self.counters.inc("forward_acks", source=conn.source)
 
     def _ack_bytes(self, conn: _Connection, chunk: Any) -> bytes | None:
         """`{"ack": chunk}` as the peer sent `chunk`: a non-UTF-8 str goes back as its bytes
@@ -641,7 +848,7 @@ class ForwardServer:
         cannot write back: no ack, counted (`forward_acks_unencodable`) and logged; the
         connection goes on."""
         try:
-            return msgpack.packb({"ack": chunk}, unicode_errors="surrogateescape")
+            return conn.encode({"ack": chunk})
         except (ValueError, TypeError, OverflowError) as e:
             self.counters.inc("forward_acks_unencodable", source=conn.source)
             log.warning(  # rate-limited: observe.log.RATE_LIMITS
@@ -662,18 +869,6 @@ def _recv_nowait(sock: trio.socket.SocketType) -> bytes:
         return view.recv(RECEIVE_BYTES, socket.MSG_DONTWAIT)
     finally:
         view.detach()
-
-
-def _chunk_of(value: list[Any]) -> object:
-    """The `chunk` of a value that did not decode, if its option map can be found: the 4th
-    element, or the 3rd when the 2nd is not a time (so the 3rd is not a Message's record)."""
-    if len(value) == 4:
-        option = value[3]
-    elif len(value) == 3 and isinstance(value[1], (list, bytes, str)):
-        option = value[2]
-    else:
-        return None
-    return option.get("chunk") if type(option) is dict else None
 
 
 def _sample(value: object) -> object:

@@ -9,6 +9,13 @@ once per burst; fsync happens elsewhere (group commit, see `agent`).
 
 Every event that does not make it into a queue is counted by reason and logged at most once per
 interval per reason, with a sample, so a broken client is visible without flooding the log.
+
+Counting is per event everywhere: `rejected_events{reason}` counts events, also those of a
+message rejected whole (a Forward array with one bad time rejects all its events, counted in
+`received_events` too). A message that is not a usable Forward-protocol entry is also counted
+once in `protocol_errors{reason}`: how often a client sent something unusable, whatever it held.
+Bytes whose event count cannot be told (not msgpack, a broken gzip member) count as protocol
+errors only.
 """
 
 from __future__ import annotations
@@ -53,12 +60,34 @@ class Ingest:
         self._drops_seen: dict[tuple[str, str], int] = {}
         self._fast = FastPath()
 
-    def reject(self, reason: str, sample: object = None, **context: object) -> None:
-        """Count one rejected event (or datagram) and log it (rate-limited per reason)."""
-        self.counters.inc("rejected_events", reason=reason)
+    def reject(
+        self, reason: str, sample: object = None, events: int = 1, **context: object
+    ) -> None:
+        """Count `events` rejected events and log it (rate-limited per reason)."""
+        self.counters.inc("rejected_events", events, reason=reason)
         # `sample` is bounded by the log chain (observe.log.bound_sample), after the rate limit:
         # a line held back costs no encoding
         log.warning("event_rejected", reason=reason, sample=sample, **context)
+
+    def protocol_error(
+        self, reason: str, sample: object = None, events: int = 0, **context: object
+    ) -> None:
+        """A message that is not a usable Forward-protocol entry: one `protocol_errors`, and its
+        `events` (0: unknown) counted as received and rejected. Logged as an error (rate-limited
+        per reason) with the likely cause: a client newer than this agent, or not a Forward
+        client at all, is a configuration problem an operator must see."""
+        self.counters.inc("protocol_errors", reason=reason)
+        if events:
+            self.counters.inc("received_events", events)
+            self.counters.inc("rejected_events", events, reason=reason)
+        log.error(  # rate-limited per reason (observe.log.RATE_LIMITS)
+            "message_rejected",
+            reason=reason,
+            events=events,
+            sample=sample,
+            hint=likely_cause(reason),
+            **context,
+        )
 
     def handle(self, datagrams: list[bytes]) -> int:
         """The sink for a datagram source: the datagrams of `datagrams`, then flush.
@@ -91,8 +120,8 @@ class Ingest:
                         self._hold(held, resource, payloads)
                 else:
                     result = decode_datagram(data)
-                    for error in result.errors:
-                        self.reject(error, data[:64])
+                    for error, lost in zip(result.errors, result.lost, strict=True):
+                        self.protocol_error(error, data[:64], lost)
                     # a datagram's entries are held only once all of them were validated, so
                     # one that raises half-way leaves nothing of itself behind
                     mine: dict[str, tuple[Resource, list[bytes]]] = {}
@@ -166,6 +195,7 @@ class Ingest:
             event_time = now if entry.time is None else entry.time
             if resource.passthrough and isinstance(entry.record, list):
                 # PlayFab posts arrays of events: store each as its own item
+                events += len(entry.record) - 1
                 for one in entry.record:
                     self._store(resource, one, event_time, held)
             else:
@@ -228,3 +258,34 @@ class Ingest:
                     else "the queue is at queue.max_bytes: upstream is down or too slow"
                 ),
             )
+
+
+_CAUSES = {
+    "not_an_entry": "not one of the Forward entry forms (Message, Forward, PackedForward): an "
+    "entry shape from a client newer than this agent, or not a Forward client at all",
+    "bad_time": "the event time is not a number, an EventTime or [time, metadata]: an entry "
+    "shape from a client newer than this agent, or a client bug",
+    "bad_tag": "the tag is not a non-empty UTF-8 string of at most 1024 bytes",
+    "bad_option": "the option (last element) is not a map",
+    "bad_packed": "the PackedForward stream is not [time, record] pairs: an entry shape from a "
+    "client newer than this agent, or a corrupted stream",
+    "bad_compressed": "the CompressedPackedForward payload is not gzip (or inflates past the "
+    "limit)",
+    "not_msgpack": "the bytes are neither msgpack nor JSON: not a Forward client (TLS to a "
+    "plain listener? HTTP?)",
+    "truncated": "a msgpack value cut short (a datagram larger than the sender's buffer?)",
+    "auth_failed": "the client's shared key (or username/password) differs from the "
+    "listener's: the same key must be configured on both sides",
+    "handshake_expected": "this listener has a shared key (listen.forward_shared_key) and the "
+    "client sent entries without the handshake: configure the key on the client too",
+    "unexpected_handshake": "the client sent a PING (it has a shared key configured) to a "
+    "listener without one: configure the same key on the listener or remove it from the client",
+    "not_json": "a connection that began with [ or { (JSON) sent something that is not JSON",
+    "too_large": "one message is larger than the connection may buffer; lower the client's "
+    "chunk size",
+}
+
+
+def likely_cause(reason: str) -> str:
+    """A short explanation of a protocol error for the operator reading the log."""
+    return _CAUSES.get(reason, "the peer does not speak the Forward protocol as expected")

@@ -21,6 +21,16 @@ past it, found without inflating further) and holds at most `Bounds.max_entries`
 bytes: big-endian uint32 seconds and uint32 nanoseconds, as fixext8 or ext8), a msgpack
 Timestamp (ext -1), or nil: `Entry.time` is then None and the receiver uses the receive time.
 
+Metadata form: in every form, `time` may also be `[time, metadata]` with a map (or nil) of
+metadata, so an event is `[[time, metadata], record]`. Fluent Bit's `out_forward` sends this by
+default since 5.0.5 (`retain_metadata_in_forward_mode`), and Fluentd's in_forward reads it the
+same way (`extract_event_time`: an array's first element is the time). The metadata is ignored:
+no resource has a place for it. Rejecting it would lose every event Fluent Bit sends.
+
+Counting: a `WireError` carries `events`, how many events the unusable value held as far as it
+can be told (a Forward array's length, 1 for a Message, the values in a PackedForward stream
+that could be split; 0 when it cannot be told), so rejections are counted per event.
+
 A datagram holds one or more concatenated msgpack values. `decode_datagram` never raises on any
 input: what it cannot use becomes a snake_case reason in `errors`, and the entries before (and,
 for a well-formed but wrong value, after) a broken value are kept. `decode_value` decodes one
@@ -79,10 +89,12 @@ class Entry(NamedTuple):
 
 
 class DecodeResult(NamedTuple):
-    """What a datagram held: the usable entries, and one reason per thing that was not."""
+    """What a datagram held: the usable entries, one reason per thing that was not, and for
+    each of those how many events it held as far as can be told (`WireError.events`)."""
 
     entries: list[Entry]
     errors: list[str]
+    lost: list[int] = []  # never mutated: each result builds its own
 
 
 # --------------------------------------------------------------------------- decoding
@@ -165,8 +177,9 @@ def decode_datagram(data: bytes, bounds: Bounds = DATAGRAM_BOUNDS) -> DecodeResu
     refused (the value holding them is `too_many_entries` or `bad_compressed`)."""
     entries: list[Entry] = []
     errors: list[str] = []
+    lost: list[int] = []
     if data == _UDP_HEARTBEAT:
-        return DecodeResult(entries, errors)
+        return DecodeResult(entries, errors, lost)
     values, failure = _split_values(data, bounds.max_entries)
     inflated = 0
     for value in values:
@@ -177,12 +190,14 @@ def decode_datagram(data: bytes, bounds: Bounds = DATAGRAM_BOUNDS) -> DecodeResu
             got = decode_value(value, left)[0]
         except WireError as exc:
             errors.append(exc.reason)
+            lost.append(exc.events)
         else:
             entries.extend(got)
             inflated += getattr(got, "inflated", 0)
     if failure is not None:
         errors.append(failure)
-    return DecodeResult(entries, errors)
+        lost.append(0)
+    return DecodeResult(entries, errors, lost)
 
 
 class _Inflated(list):
@@ -200,12 +215,21 @@ def decode_value(
     its events is malformed (the value is taken whole or not at all), or when it goes past
     `bounds` (`too_many_entries`, `bad_compressed`).
     """
+    try:
+        return _decode_value(obj, bounds)
+    except WireError as exc:
+        if not exc.events:
+            exc.events = event_count(obj)
+        raise
+
+
+def _decode_value(obj: Any, bounds: Bounds) -> tuple[list[Entry], dict[Any, Any] | None]:
     if type(obj) is not list or not 2 <= len(obj) <= 4:
         raise WireError("not_an_entry")
     tag = _tag(obj[0])
     second = obj[1]
     kind = type(second)
-    if kind is list:  # Forward
+    if kind is list and not _is_metadata_time(second):  # Forward
         option = _option(obj, 2)
         if len(second) > bounds.max_entries:
             raise WireError("too_many_entries", f"{len(second)} > {bounds.max_entries}")
@@ -216,6 +240,28 @@ def decode_value(
     if len(obj) < 3:  # Message
         raise WireError("not_an_entry", "a message needs a record")
     return [Entry(tag, _time(second), obj[2])], _option(obj, 3)
+
+
+def _is_metadata_time(value: list[Any]) -> bool:
+    """True for a Message's `[time, metadata]`, False for a Forward array of events: an event
+    is an array, a time never is."""
+    return len(value) == 2 and type(value[0]) is not list and _is_metadata(value[1])
+
+
+def _is_metadata(value: Any) -> bool:
+    return value is None or type(value) is dict
+
+
+def event_count(obj: Any) -> int:
+    """How many events a value that did not decode held, when that can be told cheaply."""
+    if type(obj) is not list or len(obj) < 2:
+        return 0
+    second = obj[1]
+    if type(second) is list and not _is_metadata_time(second):
+        return len(second)
+    if type(second) in (bytes, str):
+        return 0  # the stream itself was unusable (else the error would say which event)
+    return 1 if len(obj) >= 3 else 0
 
 
 def _tag(tag: Any) -> str:
@@ -236,6 +282,9 @@ def _tag(tag: Any) -> str:
 
 def _time(value: Any) -> float | None:
     kind = type(value)
+    if kind is list and len(value) == 2 and _is_metadata(value[1]):  # [time, metadata]
+        value = value[0]
+        kind = type(value)
     if kind is float:
         if math.isfinite(value):
             return value
@@ -283,11 +332,11 @@ def _packed(
     if failure == "too_many_entries":
         raise WireError(failure, f"more than {bounds.max_entries} events")
     if failure is not None:
-        raise WireError("bad_packed", failure)
+        raise WireError("bad_packed", failure, events=len(events) + 1)
     try:
         entries = _Inflated(_pair(tag, event) for event in events)
     except WireError as exc:
-        raise WireError("bad_packed", exc.reason) from None
+        raise WireError("bad_packed", exc.reason, events=len(events)) from None
     entries.inflated = inflated
     return entries
 

@@ -182,6 +182,8 @@ class Limit:
 RATE_LIMITS: dict[str, Limit] = {
     # intake: bad input and a full or failing disk can repeat thousands of times a second
     "event_rejected": Limit(10.0, ("reason",)),
+    "message_rejected": Limit(10.0, ("reason",)),
+    "forward_peer_silent": Limit(60.0, ("source",)),
     "events_dropped": Limit(10.0, ("resource", "reason"), sums=("dropped",)),
     "queue_write_failed": Limit(10.0, ("resource", "errno")),
     # hostile peers (issue 7): a flood of bad input must not become a flood of log lines

@@ -81,9 +81,13 @@ QUEUE_COUNTERS = (
 #: HELP text of the counters the agent increments (metrics.Counters names, without _total)
 COUNTER_HELP: dict[str, str] = {
     "received_datagrams": "Datagrams read from the agent's sockets.",
-    "received_events": "Events decoded from received datagrams, valid or not.",
+    "received_events": "Events received on any source, valid or not (also those of a message "
+    "rejected whole).",
     "accepted_events": "Events validated and written to a resource's queue.",
-    "rejected_events": "Events (or datagrams) rejected before storage, by reason.",
+    "rejected_events": "Events rejected before storage, by reason (each event of a message "
+    "rejected whole counts).",
+    "protocol_errors": "Messages that were not usable Forward-protocol entries, by reason (a "
+    "stream connection is closed without an ack; the client keeps the data and resends).",
     "stripped_fields": "Unknown fields removed from accepted events.",
     "delivered_items": "Items the API accepted (2xx).",
     "delivered_batches": "Batches (requests) the API accepted (2xx).",
@@ -96,6 +100,8 @@ COUNTER_HELP: dict[str, str] = {
     "forward_connections": "Forward-protocol stream connections accepted, by listener.",
     "forward_acks": "Forward-protocol chunk acks sent (each after its events were fsynced).",
     "forward_connections_closed": "Forward-protocol connections closed by the agent, by reason.",
+    "forward_silent_connections": "Forward-protocol connections that sent nothing for 10 s on a "
+    "listener without a shared key (a client waiting for a HELO?).",
     "forward_buffer_waits": "Forward-protocol reads paused: a large message waited for the "
     "shared memory budget (back-pressure on the client).",
     "forward_acks_unencodable": "Forward-protocol chunk ids that could not be sent back (no ack).",

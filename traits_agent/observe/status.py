@@ -122,10 +122,13 @@ class AgentStatus:
     upstream: str
     last_error: str | None
     received: Received
+    #: events, by reason (each event of a message rejected whole counts)
     rejected: dict[str, int]
     stripped_fields: int
     resources: dict[str, ResourceStatus]
     csv: CsvStatus | None
+    #: messages that were not usable Forward-protocol entries, by reason (once per message)
+    protocol_errors: dict[str, int] = field(default_factory=dict)
     #: the counters behind the numbers (every series and histogram goes to /metrics)
     counters: Counters = field(default_factory=Counters, metadata=INTERNAL)
     started_at: float = field(default=0.0, metadata=INTERNAL)
@@ -246,6 +249,7 @@ def build(agent: Agent) -> AgentStatus:
             accepted=c.total("accepted_events"),
         ),
         rejected=c.by_label("rejected_events", "reason"),
+        protocol_errors=c.by_label("protocol_errors", "reason"),
         stripped_fields=c.total("stripped_fields"),
         resources=resources,
         csv=csv,

@@ -31,7 +31,7 @@ from typing import Any
 import structlog
 import trio
 
-from traits_agent import __version__
+from traits_agent import __version__, paths
 from traits_agent.config import Config, ListenConfig, is_loopback_host, parse_host_port
 from traits_agent.delivery.backoff import Backoff
 from traits_agent.delivery.deadletter import DeadLetters, dead_letters_for
@@ -60,7 +60,7 @@ from traits_agent.observe.prometheus import serve_metrics
 from traits_agent.observe.status import AgentStatus
 from traits_agent.observe.summary import run_summary
 from traits_agent.queue import DiskQueue
-from traits_agent.queue.files import make_dirs, open_private
+from traits_agent.queue.files import make_dirs
 from traits_agent.queue.quota import SharedQuota
 from traits_agent.schema import RESOURCES
 
@@ -105,9 +105,13 @@ class Agent:
         """What `traits-agent status --json` shows (over the control socket)."""
         return self.status().as_json()
 
-    def receive_upload(self, kind: str, fd: int, name: str) -> dict[str, Any]:
+    def receive_upload(
+        self, kind: str, fd: int, name: str, *, cancelled: Any = None
+    ) -> dict[str, Any]:
         """A CSV handed over the control socket (runs in a worker thread)."""
-        answer = receive_upload(spool_dir_for(self.config), kind, fd, name)
+        answer = receive_upload(
+            spool_dir_for(self.config), kind, fd, name, cancelled=cancelled, counters=self.counters
+        )
         if "spooled" in answer and self.csv_spool is not None:
             trio.from_thread.run_sync(self.csv_spool.wake, kind)
         return answer
@@ -139,11 +143,31 @@ def _agent_id(directory: Path) -> str:
     except FileNotFoundError:
         value = uuid.uuid4().hex
         tmp = path.with_suffix(".tmp")
-        fd = open_private(str(tmp), os.O_WRONLY | os.O_TRUNC)
-        with os.fdopen(fd, "w") as f:
-            f.write(value + "\n")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # a crash's leftover
+        paths.write_private_file(tmp, (value + "\n").encode())
         os.replace(tmp, path)
         return value
+
+
+def prepare_directories(config: Config) -> None:
+    """Create (0700, whatever the umask) and check every directory the agent will keep state
+    or sockets in, before it opens anything: one that another user owns or can write is
+    refused with one line naming the config key (issue 7 item 4)."""
+    wanted = [("queue.dir", Path(config.queue.dir))]
+    for key, value in (
+        ("listen.unix", config.listen.unix),
+        ("listen.forward_unix", config.listen.forward_unix),
+        ("control.socket", config.control.socket),
+    ):
+        if value:
+            wanted.append((key, Path(value).parent))
+    for key, directory in wanted:
+        try:
+            paths.ensure_private_dir(directory, key, tighten=key == "queue.dir")
+        except paths.UnsafePathError as e:
+            log.error("directory_refused", key=key, path=str(directory), error=str(e))
+            raise
 
 
 def open_queues(config: Config) -> dict[str, DiskQueue]:
@@ -182,6 +206,7 @@ async def run(
 ) -> None:
     """Run the agent until SIGTERM/SIGINT (or cancellation)."""
     agent = Agent(config=config, api_key=api_key)
+    prepare_directories(config)
     agent.queues = open_queues(config)
     failed = True
     try:
@@ -328,6 +353,7 @@ async def _serve(
                     upload=agent.receive_upload,
                     send=direct.store,
                     outcome=direct.outcome,
+                    counters=agent.counters,
                 )
             )
             agent.listening["control"] = config.control.socket

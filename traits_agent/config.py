@@ -8,7 +8,9 @@ on stderr and exit status 2. The API key is never part of `Config`'s repr (see `
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import reprlib
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -172,14 +174,36 @@ def load_config(path: Path | None) -> Config:
         return validate(Config())
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError("--config", f"no such file: {path}") from None
     except PermissionError:
         raise ConfigError("--config", f"cannot read {path}: permission denied") from None
+    except OSError as e:  # a directory, an I/O error, a name too long...
+        raise ConfigError("--config", f"cannot read {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(str(path), f"larger than {MAX_CONFIG_BYTES} bytes: not a config file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            str(path), f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(path), f"not valid TOML: {e}") from None
+        raise ConfigError(str(path), f"not valid TOML: {_one_line(str(e))}") from None
+    except RecursionError:
+        raise ConfigError(str(path), "not valid TOML: nested too deeply") from None
     return from_mapping(data, source=str(path), base=Path(os.path.abspath(path)).parent)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+#: an agent.toml is a few KiB; a bigger "config" is the wrong file (and parsing it costs)
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 def from_mapping(
@@ -239,10 +263,26 @@ def _build_section(section: str, factory: Callable[[], Any], values: Mapping[str
             value = float(value)
         if type(value) is not want:
             raise ConfigError(
-                dotted, f"must be {_type_name(want)}, got {_type_name(type(value))} {value!r}"
+                dotted,
+                f"must be {_type_name(want)}, got {_type_name(type(value))} {_short(value)}",
             )
+        if isinstance(value, str) and "\x00" in value:
+            raise ConfigError(dotted, "must not contain a NUL character")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(dotted, f"must be a finite number (got {value})")
         changes[key] = value
     return replace(default, **changes)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 2
+_REPR.maxstring = 60
+_REPR.maxother = 60
+
+
+def _short(value: Any) -> str:
+    """A bounded, one-line repr of a wrong value (a 1,000-deep array must not recurse)."""
+    return _one_line(_REPR.repr(value))
 
 
 def _type_name(t: type) -> str:
@@ -359,7 +399,13 @@ def _check_host_port(key: str, value: str, allow_remote: bool) -> None:
 def _check_endpoint(endpoint: str) -> None:
     if endpoint in ENDPOINTS:
         return
-    url = urlsplit(endpoint)
+    try:
+        url = urlsplit(endpoint)
+        _ = url.port  # raises for a port that is not a number or out of range
+    except ValueError as e:
+        raise ConfigError(
+            "api.endpoint", f"not a valid URL: {e} (got {_short(endpoint)})"
+        ) from None
     if url.scheme not in ("https", "http") or not url.hostname:
         raise ConfigError(
             "api.endpoint", f"must be production, sandbox or an https:// URL (got {endpoint!r})"

@@ -4,6 +4,8 @@
     ├── UsageError                    bad command-line usage argparse did not catch      (exit 2)
     ├── ConfigError(ValueError)       a config key, flag or value is wrong; `.key` names it (2)
     ├── SpoolError                    `upload`: the file or its KIND cannot be spooled      (2)
+    ├── CopyCancelled                 a CSV copy stopped (agent stopping) or timed out      (1)
+    ├── UnsafePathError(ValueError)   a directory another user owns or can write            (2)
     ├── AgentNotRunning               nothing answers on the control socket                 (1)
     ├── ActivationError               an inherited (systemd) socket does not fit its listener (1)
     ├── QueueError                    the disk queue's own errors                           (1)
@@ -52,6 +54,18 @@ class ConfigError(TraitsAgentError, ValueError):
 
 class SpoolError(TraitsAgentError):
     """The file cannot be spooled because of the file or the arguments (exit status 2)."""
+
+    exit_status = 2
+
+
+class CopyCancelled(TraitsAgentError):
+    """A CSV copy into the spool was stopped (the agent stops) or took longer than its
+    bound; nothing was spooled and the temporary file is gone."""
+
+
+class UnsafePathError(TraitsAgentError, ValueError):
+    """A directory the agent would use (or a client would trust for a socket) is owned or
+    writable by another user; the one-line message names the config key and why."""
 
     exit_status = 2
 

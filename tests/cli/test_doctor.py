@@ -379,6 +379,7 @@ async def test_run_doctor_on_a_healthy_setup(nursery, short_dir):
         "net.unix.max_dgram_qlen",
         "net.core.rmem_max",
         "queue.dir",
+        "directories",
         "disk space",
         "listen.unix",
         "listen.forward_unix",
@@ -389,9 +390,9 @@ async def test_run_doctor_on_a_healthy_setup(nursery, short_dir):
     assert all(c.ok is True for c in checks), format_checks(checks)
     assert exit_code(checks) == 0
     text = format_checks(checks)
-    assert text.endswith("0 failed, 0 warnings, 10 ok")
+    assert text.endswith("0 failed, 0 warnings, 11 ok")
     parsed = json.loads(checks_json(checks))
-    assert parsed["ok"] is True and len(parsed["checks"]) == 10
+    assert parsed["ok"] is True and len(parsed["checks"]) == 11
     assert SECRET not in text + checks_json(checks)
 
 
@@ -429,7 +430,7 @@ def test_a_crashing_check_is_a_failure_not_a_crash(short_dir, monkeypatch):
     checks = run_doctor(make_config(short_dir), env={}, network=False)
     failed = [c for c in checks if c.name == "queue.dir"]
     assert failed[0].ok is False and "kaput" in failed[0].detail
-    assert len(checks) == 10  # the nine host checks and the running agent
+    assert len(checks) == 11  # the ten host checks and the running agent
 
 
 def test_main_prints_json(short_dir):
@@ -440,3 +441,27 @@ def test_main_prints_json(short_dir):
     parsed = json.loads(out.getvalue())
     assert status == (0 if parsed["ok"] else 1)
     assert {c["name"] for c in parsed["checks"]} >= {"api key", "endpoint"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_directories_another_user_owns_or_can_write_fail(short_dir):
+    """The doctor flags what the agent would refuse: a socket directory writable by everyone
+    and a queue directory inside a directory another user owns (issue 7 item 4)."""
+    sockets = short_dir / "run"
+    sockets.mkdir()
+    sockets.chmod(0o777)
+    theirs = short_dir / "theirs"
+    (theirs / "queue").mkdir(parents=True, mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    config = make_config(
+        short_dir,
+        listen={"unix": str(sockets / "events.sock")},
+        queue={"dir": str(theirs / "queue")},
+    )
+    check = doctor.check_directories(config)
+    assert check.ok is False
+    assert "listen.unix:" in check.detail and "writable by other users" in check.detail
+    assert "queue.dir:" in check.detail and "65534" in check.detail
+    sockets.chmod(0o750)
+    os.chown(theirs, 0, 0)
+    assert doctor.check_directories(config).ok is True

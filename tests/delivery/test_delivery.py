@@ -438,3 +438,18 @@ async def test_idempotency_keys_of_split_parts_follow_real_seqs(
 
     assert keys[1:] == [key("test/level_ups/1/4"), key("test/level_ups/6/5")]
     assert keys[0] not in (key("test/level_ups/1/9"), *keys[1:])
+
+
+async def test_key_used_as_a_json_key_never_reaches_the_dead_letter_file(
+    autojump_clock, nursery, api, client, tmp_path
+):
+    """`{"errors": {"<KEY>": ...}}`: scrub() cleaned values only, so the key was written to the
+    dead-letter file as a JSON key (issue 7, item 10)."""
+    api.inject(Fault(status=422, times=1, body={"message": "no", "errors": {KEY: ["unknown"]}}))
+    rig = Rig(tmp_path, api, client, "playfab", linger_s=0.0)
+    await nursery.start(rig.lane.run)
+    rig.add([{"EventName": "x"}])
+    await settled(rig)
+    text = rig.dead.path("playfab").read_text()
+    assert KEY not in text
+    assert json.loads(text)["errors"] == {"***": ["unknown"]}

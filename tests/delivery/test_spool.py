@@ -98,7 +98,7 @@ def test_spool_file_copies_durably(tmp_path):
     assert len(stamp) == 20 and stamp.isdigit()
     assert rest == "2019-09-23.csv"
     assert spooled.read_bytes() == CSV
-    assert stat.S_IMODE(spooled.stat().st_mode) == 0o640
+    assert stat.S_IMODE(spooled.stat().st_mode) == 0o600
     assert dir_names(root / "kpis") == [spooled.name]  # no temporary file left
     assert source.read_bytes() == CSV  # the source is untouched
 

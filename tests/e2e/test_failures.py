@@ -144,7 +144,7 @@ async def tmpfs_queue(workdir):
     qdir = workdir / "queue"
     qdir.mkdir()
     mounted = await trio.run_process(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(qdir)],
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(qdir)],
         check=False,
         capture_stderr=True,
     )

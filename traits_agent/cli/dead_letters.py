@@ -19,6 +19,7 @@ from traits_agent.cli.common import (
     forward_datagrams,
 )
 from traits_agent.config import Config
+from traits_agent.paths import check_socket_dir
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -60,6 +61,8 @@ def _replay_dead_letters(config: Config, letters: Any, resource: str) -> int:
     if not letters.count(resource):
         print(f"no dead letters of {resource} to replay")
         return 0
+    # the letters go to whoever listens there: make sure only the agent could
+    check_socket_dir(config.listen.unix, "listen.unix")
     sent = 0
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:

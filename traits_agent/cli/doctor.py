@@ -30,7 +30,7 @@ from typing import IO
 
 import httpx
 
-from traits_agent import __version__
+from traits_agent import __version__, paths
 from traits_agent.cli.common import config_from
 from traits_agent.config import Config, ConfigError, resolve_api_key
 
@@ -93,6 +93,7 @@ def run_doctor(
         ),
         ("net.core.rmem_max", lambda: check_rmem_max(config, proc_sys, sysctl_dropin)),
         ("queue.dir", lambda: check_queue_dir(config)),
+        ("directories", lambda: check_directories(config)),
         ("disk space", lambda: check_disk_space(config)),
         (
             "listen.unix",
@@ -319,6 +320,36 @@ def check_queue_dir(config: Config) -> Check:
     )
 
 
+def check_directories(config: Config) -> Check:
+    """No directory holding the queue or a socket may be owned or writable by a user other
+    than the agent's (the agent refuses to start on one, and clients refuse its sockets): the
+    same rule as `paths.shared_directory_problem`, so run as root it judges the service's."""
+    name = "directories"
+    wanted = [("queue.dir", Path(config.queue.dir))]
+    for key, value in (
+        ("listen.unix", config.listen.unix),
+        ("listen.forward_unix", config.listen.forward_unix),
+        ("control.socket", config.control.socket),
+    ):
+        if value:
+            wanted.append((key, Path(value).parent))
+    problems = []
+    for key, directory in wanted:
+        problem = paths.shared_directory_problem(directory)
+        if problem:
+            problems.append(f"{key}: {problem}")
+    if problems:
+        return Check(
+            name,
+            False,
+            "; ".join(problems),
+            "another user could read the queue or plant a socket there: use a directory only "
+            "the agent's user can write (mode 0700, or 0750 for a group), owned by it or root",
+        )
+    checked = ", ".join(sorted({str(d) for _, d in wanted}))
+    return Check(name, True, f"private to the agent's user: {checked}")
+
+
 def _tree_bytes(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
@@ -515,6 +546,8 @@ def running_agent(config: Config) -> dict | None:
     """The running agent's status snapshot, or None when none answers on the control socket."""
     from traits_agent.observe.control import AgentNotRunning, request_status
 
+    if paths.shared_directory_problem(Path(config.control.socket).parent):
+        return None  # not trusted (the `directories` check says why): do not ask it
     try:
         return request_status(Path(config.control.socket), timeout=2.0)
     except (AgentNotRunning, OSError, ValueError):

@@ -29,6 +29,7 @@ from typing import Any, TextIO
 from traits_agent.cli.common import PROG, UsageError, config_from, forward_datagrams
 from traits_agent.config import Config
 from traits_agent.errors import TraitsAgentError
+from traits_agent.paths import check_socket_dir
 
 #: records per `send` request over the control socket (under its MAX_RECORDS)
 CHUNK_RECORDS = 1000
@@ -145,6 +146,9 @@ def _send(config: Config, name: str, records: Iterable[dict], event_time: float)
     if not path:
         answers = _store(Path(config.control.socket), name, records, event_time)
         return config.control.socket, sum(a["stored"] for a in answers)
+    if not path.startswith("@"):
+        # the events go to whoever listens there: make sure only the agent could
+        check_socket_dir(path, "listen.unix")
     sent = 0
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
@@ -178,6 +182,7 @@ def _send(config: Config, name: str, records: Iterable[dict], event_time: float)
 def _request(control: Path, command: str, body: dict, timeout: float = 30.0) -> dict:
     from traits_agent.observe.control import AgentNotRunning, request
 
+    check_socket_dir(control, "control.socket")
     try:
         answer = request(control, command, body, timeout=timeout)
     except AgentNotRunning as e:

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from traits_agent.cli.common import PROG, config_from
+from traits_agent.paths import check_socket_dir
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from traits_agent.observe.control import AgentNotRunning, request_status
 
     config = config_from(args)
+    check_socket_dir(config.control.socket, "control.socket")
     try:
         snapshot = request_status(Path(config.control.socket))
     except AgentNotRunning as e:

@@ -44,9 +44,11 @@ SHOW_CURSOR = "\x1b[?25h"
 
 def cmd_top(args: argparse.Namespace) -> int:
     from traits_agent.observe.control import AgentNotRunning, request_status
+    from traits_agent.paths import check_socket_dir
 
     config = config_from(args)
     control = Path(config.control.socket)
+    check_socket_dir(control, "control.socket")
     try:
         first = request_status(control)
     except AgentNotRunning as e:

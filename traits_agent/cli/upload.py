@@ -12,10 +12,12 @@ from traits_agent.cli.common import PROG, config_from
 from traits_agent.delivery.spool import (
     CSV_PATHS,
     KINDS,
+    CopyCancelled,
     SpoolError,
     spool_dir_for,
     spool_fd,
 )
+from traits_agent.paths import check_socket_dir
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
@@ -48,6 +50,8 @@ def upload_command(config: Any, kind: str, path: str | Path) -> int:
         return 2
     try:
         if control:
+            # the open file goes to whoever listens there: make sure that is the agent
+            check_socket_dir(control, "control.socket")
             try:
                 answer = send_upload(Path(control), kind, src, path.name)
             except AgentNotRunning:
@@ -66,6 +70,9 @@ def upload_command(config: Any, kind: str, path: str | Path) -> int:
         except SpoolError as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 2
+        except CopyCancelled as e:
+            print(f"{PROG}: {e}; nothing was spooled", file=sys.stderr)
+            return 1
         except PermissionError as e:
             where = e.filename or spool_dir
             print(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+#: rejected events are the players' data: the agent user's alone, whatever the umask
+FILE_MODE = 0o600
+FILE_DIR_MODE = 0o700
 
 
 def dead_letters_for(config: Any) -> DeadLetters:
@@ -49,7 +53,7 @@ class DeadLetters:
 
         Returns how many older lines rotation discarded (0 almost always).
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
+        _make_private_dir(self.directory)
         now = datetime.now(UTC).isoformat(timespec="seconds")
         lines = []
         for raw in items:
@@ -133,9 +137,30 @@ class DeadLetters:
         return n
 
 
-def _append_durably(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+def _make_private_dir(directory: Path) -> None:
+    """mkdir -p, each new directory 0700 whatever the umask (dead letters are event data)."""
+    if directory.is_dir():
+        return
+    _make_private_dir(directory.parent)
     try:
+        os.mkdir(directory, FILE_DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(directory, FILE_DIR_MODE)
+
+
+def _append_durably(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+    try:
+        st = os.fstat(fd)
+        if stat.S_IMODE(st.st_mode) != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)  # the umask, or a file from an older version
+        if os.geteuid() == 0:
+            # `sudo traits-agent dead-letters replay` putting letters back: the file stays
+            # the agent's (the directory's owner), or the agent could no longer append to it
+            owner = os.stat(path.parent)
+            if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+                os.fchown(fd, owner.st_uid, owner.st_gid)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

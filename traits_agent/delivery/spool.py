@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -54,6 +55,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +74,15 @@ from traits_agent.delivery.policy import (
     UpstreamState,
     Voice,
 )
-from traits_agent.errors import SpoolError
+from traits_agent.errors import CopyCancelled, SpoolError
+from traits_agent.observe.fdlimit import (
+    RETRY_MAX_S,
+    is_fd_shortage,
+    note_shortage,
+    retry_on_shortage,
+)
 from traits_agent.observe.metrics import Counters
+from traits_agent.paths import write_private_file
 
 log = structlog.get_logger(__name__)
 
@@ -95,8 +104,16 @@ MIN_FREE_AFTER_BYTES = 64 * 1024 * 1024
 #: a temporary file older than this is a crashed `upload`'s leftover; the agent removes it
 STALE_TEMP_S = 3600.0
 POLL_INTERVAL_S = 1.0
-FILE_MODE = 0o640
+#: spooled CSVs and their directories are the agent user's alone, whatever the umask
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 COPY_CHUNK = 1024 * 1024
+#: a copy still running after this is abandoned (its temporary file removed): `upload`
+#: waits at most 600 s for the agent's answer, and a stuck source must not pin a worker
+#: thread or stretch the agent's shutdown
+COPY_TIMEOUT_S = 300.0
+#: serialises "is there room?" + "take the room" across threads and processes (flock)
+RESERVE_LOCK_NAME = ".reserve.lock"
 #: how much of the file `upload` looks at for NUL bytes (an .xlsx or .gz is not a CSV)
 SNIFF_BYTES = 64 * 1024
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -163,11 +180,23 @@ def spool_file(spool_dir: Path, kind: str, source: Path, *, max_bytes: int = MAX
 
 
 def spool_fd(
-    spool_dir: Path, kind: str, src: int, source: Path, *, max_bytes: int = MAX_CSV_BYTES
+    spool_dir: Path,
+    kind: str,
+    src: int,
+    source: Path,
+    *,
+    max_bytes: int = MAX_CSV_BYTES,
+    min_free: int = MIN_FREE_AFTER_BYTES,
+    cancelled: Callable[[], bool] | None = None,
+    timeout_s: float = COPY_TIMEOUT_S,
 ) -> Path:
     """`spool_file` for an open file descriptor (`source` names it in messages and gives the
     upload its file name). The agent uses this for files the CLI hands over the control
-    socket (SCM_RIGHTS): the sandboxed service cannot open a path in /home or /tmp itself."""
+    socket (SCM_RIGHTS): the sandboxed service cannot open a path in /home or /tmp itself.
+
+    The copy's room on disk is taken before it starts (see `_reserve`), so concurrent copies
+    (threads or `upload` processes) together never leave less than `min_free`. The copy
+    checks `cancelled()` and `timeout_s` between chunks and raises `CopyCancelled`."""
     if kind not in CSV_PATHS:
         raise SpoolError(f"KIND: must be one of {', '.join(KINDS)} (got {kind!r})")
     st = os.fstat(src)
@@ -187,18 +216,63 @@ def spool_fd(
         raise SpoolError(f"{source}: not a CSV text file (it holds NUL bytes)")
     directory = Path(spool_dir) / kind
     _makedirs(directory)
-    free = shutil.disk_usage(directory).free
-    if free < st.st_size + MIN_FREE_AFTER_BYTES:
-        raise OSError(
-            errno.ENOSPC,
-            f"not enough free space in {directory} ({_size(free)} free, "
-            f"{_size(st.st_size)} needed plus {_size(MIN_FREE_AFTER_BYTES)} for the queue)",
-        )
     os.lseek(src, 0, os.SEEK_SET)
-    return _copy_durably(src, source, directory, max_bytes)
+    deadline = time.monotonic() + timeout_s
+    return _copy_durably(
+        src,
+        source,
+        directory,
+        max_bytes,
+        size=st.st_size,
+        min_free=min_free,
+        stop=lambda: (cancelled is not None and cancelled()) or time.monotonic() > deadline,
+    )
 
 
-def _copy_durably(src: int, source: Path, directory: Path, max_bytes: int) -> Path:
+def _reserve(fd: int, directory: Path, size: int, min_free: int) -> None:
+    """Take `size` bytes of disk for the new file `fd` now (fallocate), checking first that
+    `min_free` stays free: under an flock shared by every copy into this spool, so five
+    concurrent 60 MiB uploads cannot all pass the check against the same free space (they
+    did, and left the 64 MiB promised to the event queue at 60 MiB; issue 7 item 16).
+    Raises OSError(ENOSPC) when there is no room."""
+    lock_path = directory.parent / RESERVE_LOCK_NAME
+    lock = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        # `sudo traits-agent upload` makes it as root: hand it to the spool's owner (the
+        # agent's user), who must open it too
+        _chown_like(lock, directory.parent)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        free = shutil.disk_usage(directory).free
+        if free < size + min_free:
+            raise OSError(
+                errno.ENOSPC,
+                f"not enough free space in {directory} ({_size(free)} free, "
+                f"{_size(size)} needed plus {_size(min_free)} for the queue)",
+            )
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise OSError(
+                    errno.ENOSPC, f"not enough free space in {directory} for {_size(size)}"
+                ) from None
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            # a file system that cannot preallocate: the check above is all we can do
+    finally:
+        os.close(lock)  # releases the flock
+
+
+def _copy_durably(
+    src: int,
+    source: Path,
+    directory: Path,
+    max_bytes: int,
+    *,
+    size: int,
+    min_free: int,
+    stop: Callable[[], bool],
+) -> Path:
     safe = sanitize_name(source.name)
     tmp = directory / f".{safe}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
@@ -206,14 +280,19 @@ def _copy_durably(src: int, source: Path, directory: Path, max_bytes: int) -> Pa
         try:
             os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away
             _chown_like(fd, directory)
+            _reserve(fd, directory, size, min_free)
             copied = 0
             while chunk := os.read(src, COPY_CHUNK):
+                if stop():
+                    raise CopyCancelled(f"{source}: the copy was stopped after {copied} bytes")
                 copied += len(chunk)
                 if copied > max_bytes:  # it grew while we copied
                     raise SpoolError(f"{source}: more than the {_size(max_bytes)} limit")
                 _write_all(fd, chunk)
             if copied == 0:
                 raise SpoolError(f"{source}: is empty")
+            if copied != size:  # it shrank (or grew) while we copied: drop the preallocation
+                os.ftruncate(fd, copied)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -271,7 +350,8 @@ def _makedirs(directory: Path) -> None:
         d = d.parent
     for d in reversed(missing):
         with contextlib.suppress(FileExistsError):
-            d.mkdir(mode=0o750)
+            d.mkdir(mode=DIR_MODE)
+            os.chmod(d, DIR_MODE)  # mkdir's mode passes through the umask
             if os.geteuid() == 0:
                 parent = d.parent.stat()
                 os.chown(d, parent.st_uid, parent.st_gid)
@@ -282,7 +362,9 @@ def _chown_like(fd: int, directory: Path) -> None:
     and must read and delete it."""
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         st = directory.stat()
-        os.fchown(fd, st.st_uid, st.st_gid)
+        fst = os.fstat(fd)
+        if (fst.st_uid, fst.st_gid) != (st.st_uid, st.st_gid):
+            os.fchown(fd, st.st_uid, st.st_gid)
 
 
 def _size(n: int) -> str:
@@ -291,13 +373,31 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def receive_upload(spool_dir: Path, kind: str, fd: int, name: str) -> dict[str, Any]:
-    """The agent's side of `upload` over the control socket (runs in a worker thread)."""
+def receive_upload(
+    spool_dir: Path,
+    kind: str,
+    fd: int,
+    name: str,
+    *,
+    cancelled: Callable[[], bool] | None = None,
+    counters: Counters | None = None,
+) -> dict[str, Any]:
+    """The agent's side of `upload` over the control socket (runs in a worker thread; the
+    control socket sets `cancelled` when the agent stops, so the copy ends within a chunk)."""
     try:
-        spooled = spool_fd(spool_dir, kind, fd, Path(name or "upload.csv"))
+        spooled = spool_fd(spool_dir, kind, fd, Path(name or "upload.csv"), cancelled=cancelled)
     except SpoolError as e:
         return {"error": str(e), "exit": 2}
+    except CopyCancelled as e:
+        if counters is not None:
+            counters.inc("csv_copies_cancelled", kind=kind)
+        log.warning("csv_copy_cancelled", kind=kind, file=name, error=str(e))
+        return {"error": f"{e}; nothing was spooled (the agent is stopping?)", "exit": 1}
     except OSError as e:
+        if counters is not None:
+            reason = errno.errorcode.get(e.errno or 0, "error").lower()
+            counters.inc("csv_copies_refused", kind=kind, reason=reason)
+        log.warning("csv_copy_refused", kind=kind, file=name, error=str(e))
         return {"error": f"the agent cannot spool {name}: {e.strerror or e}", "exit": 1}
     log.info("csv_spooled", kind=kind, file=name, spooled_as=spooled.name)
     return {"spooled": str(spooled), "bytes": spooled.stat().st_size}
@@ -422,9 +522,9 @@ class CsvSpool:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Upload what is spooled, then what arrives, until `stop()` or cancellation."""
         for kind in KINDS:
-            self.kind_dir(kind).mkdir(parents=True, exist_ok=True)
-            self._remove_stale_temps(kind)
-        pending = {kind: scan(self.kind_dir(kind), kind) for kind in KINDS}
+            _makedirs(self.kind_dir(kind))
+            await self._retrying("csv_spool_scan", partial(self._remove_stale_temps, kind))
+        pending = {kind: await self._scan(kind) for kind in KINDS}
         if any(pending.values()):
             log.info(
                 "csv_spool_pending",
@@ -438,7 +538,7 @@ class CsvSpool:
 
     async def _worker(self, kind: str) -> None:
         while not self.policy.stopping:
-            files = [f for f in scan(self.kind_dir(kind), kind) if f.path not in self._stuck]
+            files = [f for f in await self._scan(kind) if f.path not in self._stuck]
             for spooled in files:
                 if self.policy.stopping:
                     return
@@ -454,6 +554,13 @@ class CsvSpool:
             if self._kick[kind].is_set():
                 self._kick[kind] = trio.Event()
 
+    async def _retrying(self, where: str, fn: Callable[[], Any]) -> Any:
+        """`fn()`, waiting out EMFILE/ENFILE instead of letting it end the agent."""
+        return await retry_on_shortage(where, fn, counters=self.counters)
+
+    async def _scan(self, kind: str) -> list[Spooled]:
+        return await self._retrying("csv_spool_scan", partial(scan, self.kind_dir(kind), kind))
+
     async def _deliver(self, spooled: Spooled) -> None:
         """POST one file until the answer is about the file (2xx, 400/422/413)."""
         kind = spooled.kind
@@ -461,22 +568,30 @@ class CsvSpool:
         key = idempotency_key(self.agent_id, kind, spooled.name)
         self.uploading[kind] = spooled.name
         try:
-            try:
-                answer = await self.policy.until_decided(
-                    st,
-                    f"csv_{kind}",
-                    lambda: self._post(spooled, key),
-                    voice=VOICE,
-                    context={"kind": kind, "file": spooled.name},
-                    hold_context={"kind": kind, "path": CSV_PATHS[kind]},
-                )
-            except FileNotFoundError:
-                log.info("csv_vanished", kind=kind, file=spooled.name)
-                return
-            except OSError as e:  # our side: the file cannot be read
-                error = f"cannot read the spooled file: {e.strerror or e}"
-                self._reject(spooled, None, {"message": error}, reason="unreadable")
-                return
+            while True:
+                try:
+                    answer = await self.policy.until_decided(
+                        st,
+                        f"csv_{kind}",
+                        lambda: self._post(spooled, key),
+                        voice=VOICE,
+                        context={"kind": kind, "file": spooled.name},
+                        hold_context={"kind": kind, "path": CSV_PATHS[kind]},
+                    )
+                except FileNotFoundError:
+                    log.info("csv_vanished", kind=kind, file=spooled.name)
+                    return
+                except OSError as e:  # our side: the file cannot be read
+                    if is_fd_shortage(e):  # not the file's fault: wait, never set it aside
+                        note_shortage("csv_spool_open", e, self.counters, file=spooled.name)
+                        if self.policy.stopping:
+                            return
+                        await trio.sleep(RETRY_MAX_S)
+                        continue
+                    error = f"cannot read the spooled file: {e.strerror or e}"
+                    self._reject(spooled, None, {"message": error}, reason="unreadable")
+                    return
+                break
             if answer.outcome is Outcome.DELIVERED:
                 self._delivered(spooled, st, answer)
             else:
@@ -558,16 +673,21 @@ class CsvSpool:
         }
         self.counters.inc("csv_rejected_files", kind=kind, reason=reason)
         try:
-            target_dir.mkdir(parents=True, exist_ok=True)
+            _makedirs(target_dir)
             tmp = target_dir / f".{spooled.name}.json.{secrets.token_hex(4)}.tmp"
-            tmp.write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
+            text = json.dumps(record, ensure_ascii=False, indent=2) + "\n"
+            write_private_file(tmp, text.encode("utf-8", "backslashreplace"))
             os.replace(tmp, sidecar)
             os.replace(spooled.path, target)
             _fsync_dir(target_dir)
             _fsync_dir(spooled.path.parent)
         except OSError as e:
-            # cannot move it aside: delete it rather than upload it again and again
             log.error("csv_reject_move_failed", kind=kind, file=spooled.name, error=str(e))
+            if is_fd_shortage(e):
+                # out of descriptors, not a broken spool: keep the file where it is; the
+                # next scan sends it again and this is tried again (nothing is lost)
+                return
+            # cannot move it aside: delete it rather than upload it again and again
             try:
                 os.unlink(spooled.path)
             except FileNotFoundError:

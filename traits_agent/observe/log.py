@@ -37,24 +37,43 @@ def add_secret(value: str | None) -> None:
 
 
 def scrub(value: Any) -> Any:
-    """`value` with every registered secret replaced (strings, dicts, lists, recursively)."""
+    """`value` with every registered secret replaced (strings, dicts, lists, recursively).
+
+    Dict keys are scrubbed too: an API answer may name the offending field by its value
+    (`{"errors": {"<the key>": "unknown"}}`), and a key reaches a log line or a dead-letter
+    file exactly like a value does. Two keys that scrub to the same text keep both values
+    (the later one gets a numbered suffix), so nothing the answer said is lost.
+    """
     if isinstance(value, str):
         for secret in _secrets:
             if secret in value:
                 value = value.replace(secret, REDACTED)
         return value
     if isinstance(value, dict):
-        return {k: scrub(v) for k, v in value.items()}
+        cleaned: dict[Any, Any] = {}
+        for k, v in value.items():
+            key = scrub(k) if isinstance(k, str) else k
+            if key in cleaned and key != k:
+                n = 2
+                while f"{key}#{n}" in cleaned:
+                    n += 1
+                key = f"{key}#{n}"
+            cleaned[key] = scrub(v)
+        return cleaned
     if isinstance(value, list | tuple):
         return type(value)(scrub(v) for v in value)
     return value
 
 
 def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> Any:
-    """structlog processor: replace every registered secret in every value."""
+    """structlog processor: replace every registered secret in every key and value (the
+    event name is ours, never a secret)."""
     if not _secrets:
         return event_dict
-    return {k: scrub(v) if k != "event" else v for k, v in event_dict.items()}
+    return {
+        (k if k == "event" else scrub(k)): (v if k == "event" else scrub(v))
+        for k, v in event_dict.items()
+    }
 
 
 #: a log sample's JSON encoding stays under this many characters
@@ -185,6 +204,10 @@ RATE_LIMITS: dict[str, Limit] = {
     # an outage: one warning a minute per upstream, every attempt at debug
     "upload_retrying": Limit(60.0, ("resource",), demote=True),
     "csv_upload_retrying": Limit(60.0, ("kind",), demote=True),
+    # a hostile or broken local client, or a host out of descriptors (issue 7)
+    "fd_exhausted": Limit(60.0, ("where",)),
+    "control_connection_refused": Limit(10.0),
+    "control_request_timed_out": Limit(10.0, demote=True),
 }
 
 

@@ -126,6 +126,15 @@ COUNTER_HELP: dict[str, str] = {
     "csv_uploaded_files": "CSV files the API accepted, by kind.",
     "csv_uploaded_bytes": "Bytes of CSV files the API accepted, by kind.",
     "csv_rejected_files": "CSV files the API rejected (set aside with a note), by kind and reason.",
+    "csv_copies_refused": "CSV uploads the spool refused before copying, by reason (e.g. the "
+    "free-space reserve).",
+    "csv_copies_cancelled": "CSV copies into the spool cancelled (the agent stopped or the copy "
+    "timed out); nothing is left behind.",
+    "control_requests": "Control-socket requests (status, send, upload), by outcome.",
+    "control_fds_refused": "Descriptors passed over the control socket beyond a request's "
+    "limit, closed at once.",
+    "fd_exhausted": "Times the agent ran out of file descriptors (EMFILE/ENFILE) and waited "
+    "instead of failing, by where.",
 }
 HISTOGRAM_HELP: dict[str, str] = {
     "upload_seconds": "Time from sending a batch to the API's answer, in seconds.",

@@ -169,16 +169,25 @@ class AgentStatus:
 def csv_status(spool: Any) -> CsvStatus:
     """The CSV spool's part (`spool` is a `delivery.spool.CsvSpool`)."""
     from traits_agent.delivery.spool import KINDS, scan
+    from traits_agent.observe.fdlimit import is_fd_shortage, note_shortage
 
     now = trio.current_time()
     kinds: dict[str, CsvKindStatus] = {}
     for kind in KINDS:
-        files = scan(spool.kind_dir(kind), kind)
+        try:
+            files = scan(spool.kind_dir(kind), kind)
+            rejected = len(scan(spool.rejected_dir(kind), kind))
+        except OSError as e:
+            if not is_fd_shortage(e):
+                raise
+            # status must still answer while descriptors run out: show what is known
+            note_shortage("csv_spool_status", e, spool.counters)
+            files, rejected = [], 0
         st = spool.states[kind]
         kinds[kind] = CsvKindStatus(
             pending_files=len(files),
             pending_bytes=sum(f.size for f in files),
-            rejected_files=len(scan(spool.rejected_dir(kind), kind)),
+            rejected_files=rejected,
             uploaded_files=spool.counters.get("csv_uploaded_files", kind=kind),
             uploading=spool.uploading[kind],
             state=st.state,

@@ -62,8 +62,8 @@ def test_drop_oldest_is_durable_across_reopen(tmp_path):
 
 
 def test_in_flight_batch_over_a_dropped_segment(tmp_path):
-    """drop_oldest under a batch in flight: committing it later is a no-op, and reading
-    continues from the oldest record kept."""
+    """drop_oldest under a batch in flight: committing it later moves nothing but the count
+    (delivered, not dropped), and reading continues from the oldest record kept."""
     with DiskQueue.open(tmp_path, segment_bytes=SEG, max_bytes=MAX) as q:
         fill(q, 50)
         batch = q.read_batch(10, 1 << 20)
@@ -71,10 +71,15 @@ def test_in_flight_batch_over_a_dropped_segment(tmp_path):
         fill(q, 2000)
         assert q.dropped_oldest > 0
         first_kept = q.oldest_pending_seq
+        dropped = q.dropped_oldest
         q.commit(batch)
         assert q.oldest_pending_seq == first_kept
+        # the batch was delivered after all: its 10 records leave the dropped count
+        assert q.dropped_oldest == dropped - 10
         nxt = q.read_batch(10, 1 << 20)
         assert nxt.first_seq == first_kept
+        delivered = 10 + len(drain(q))
+        assert delivered + q.dropped_oldest == 2050  # each record delivered or dropped, once
 
 
 def test_drop_oldest_counts_only_undelivered(tmp_path):

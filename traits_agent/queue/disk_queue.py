@@ -41,6 +41,8 @@ DEFAULT_RETAIN_BYTES = 32 << 20
 """Bytes written but not yet fsynced kept in memory to write again if the fsync fails."""
 SEQ_LEASE = 1 << 24
 ROTATE_DRAINED_BYTES = 1 << 20
+#: drop_oldest ranges remembered for a batch in flight (one lane, one batch at a time)
+_DROPPED_RANGES_KEPT = 16
 """A fully delivered active segment this big is replaced by a fresh one (and deleted), so
 delivered records hold at most this much of it whatever `segment_bytes` is; after a write
 error (a full disk: their space is what is missing) at any size."""
@@ -127,6 +129,8 @@ class DiskQueue:
         self.dropped_write_error = 0
         self.appended_total = 0
         self.committed_total = 0
+        #: seq ranges [lo, hi) that drop_oldest passed over, newest last (see `_undrop_delivered`)
+        self._dropped_seqs: list[tuple[int, int]] = []
         self.checkpoint_errors = 0
         """Checkpoint writes that failed (each can only cause re-delivery)."""
         self.delete_errors = 0
@@ -508,8 +512,9 @@ class DiskQueue:
         """drop_oldest: delete whole oldest segments until `size` more bytes fit the quota.
 
         The checkpoint moves past them durably first. A batch in flight over a dropped
-        segment is not disturbed: committing it later is a no-op (its records are counted as
-        dropped even if that delivery succeeds).
+        segment is not disturbed: its records are counted as dropped now (after a crash they
+        are gone), and when that batch is committed after all they are counted back out of
+        `dropped_oldest` (see `commit`), so a record is never both dropped and delivered.
         """
         if self.on_full is not OnFull.DROP_OLDEST:
             return False
@@ -531,7 +536,28 @@ class DiskQueue:
             self._reader.invalidate()
             self._delete_segment(victim)
             self.dropped_oldest += before - self.pending_items
+            if moved.next_seq > cur.next_seq:
+                ranges = self._dropped_seqs
+                if ranges and ranges[-1][1] == cur.next_seq:  # drops follow each other
+                    ranges[-1] = (ranges[-1][0], moved.next_seq)
+                else:
+                    ranges.append((cur.next_seq, moved.next_seq))
+                    del ranges[:-_DROPPED_RANGES_KEPT]
         return True
+
+    def _undrop_delivered(self, batch: Batch) -> None:
+        """Records of `batch` that drop_oldest passed over while it was in flight, and that
+        were delivered after all: count them delivered, not dropped."""
+        ranges = self._dropped_seqs
+        if not ranges or batch.seqs[0] >= ranges[-1][1]:
+            return
+        overtaken = sum(1 for s in batch.seqs if any(lo <= s < hi for lo, hi in ranges))
+        self.dropped_oldest -= overtaken
+        self.committed_total += overtaken
+        # a batch is committed once, and later batches start after it
+        self._dropped_seqs = [
+            (max(lo, batch.seqs[-1] + 1), hi) for lo, hi in ranges if hi > batch.seqs[-1] + 1
+        ]
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -587,9 +613,10 @@ class DiskQueue:
         """Mark everything before the batch's end delivered.
 
         A position at or behind the delivered one (e.g. of a batch whose segment drop_oldest
-        removed meanwhile) is a no-op. Inside a segment the checkpoint is written without
-        fsync (the next `sync()` makes it durable); when segments become fully delivered it is
-        written durably and then they are deleted. Write failures are counted in
+        removed meanwhile) is a no-op, but for the count: records of such a batch leave
+        `dropped_oldest`, since they were delivered. Inside a segment the checkpoint is
+        written without fsync (the next `sync()` makes it durable); when segments become fully
+        delivered it is written durably and then they are deleted. Write failures are counted in
         `checkpoint_errors`, never raised: they can only cause re-delivery.
         """
         end = batch_or_end.end if isinstance(batch_or_end, Batch) else batch_or_end
@@ -597,6 +624,8 @@ class DiskQueue:
             if self._closed:
                 raise QueueClosedError("commit on a closed queue")
             cur = self._cursor
+            if isinstance(batch_or_end, Batch) and batch_or_end.seqs:
+                self._undrop_delivered(batch_or_end)
             if end <= cur:
                 return
             if end > Position(self._segs[-1].number, self._segs[-1].readable, 0):

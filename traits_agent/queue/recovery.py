@@ -197,7 +197,8 @@ def _gaps(low: int, numbers: list[int]) -> tuple[int, list[int]]:
 
     Walks the gaps between present numbers: O(len(numbers)), whatever the numbers are.
     """
-    count, listed, expected = 0, [], low
+    count, expected = 0, low
+    listed: list[int] = []
     for n in numbers:
         if n > expected:
             count += n - expected

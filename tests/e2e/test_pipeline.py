@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 
 import msgpack
 import pytest
@@ -253,6 +254,11 @@ async def test_api_key_never_logged(workdir, api):
     with trio.fail_after(GUARD_S):
         while agent.status()["upstream"] != "auth_failed":  # noqa: ASYNC110
             await trio.sleep(0.05)
+    status = agent.status()
+    assert "401" in status["last_error"] and "sekrit-key-123" not in status["last_error"]
+    # when it happened, for `status` and `top` (UTC, ISO 8601)
+    at = datetime.fromisoformat(status["last_error_at"])
+    assert at.tzinfo is not None and abs(datetime.now(UTC) - at) < timedelta(minutes=5)
     assert await agent.terminate() == 0
     text = agent.log_text()
     assert "upload_auth_failed" in text

@@ -31,6 +31,7 @@ TOP_KEYS = {
     "listening",
     "upstream",
     "last_error",
+    "last_error_at",
     "received",
     "rejected",
     "protocol_errors",  # messages that were not usable Forward entries (issue 11)

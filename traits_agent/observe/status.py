@@ -143,6 +143,8 @@ class AgentStatus:
     csv: CsvStatus | None
     #: messages that were not usable Forward-protocol entries, by reason (once per message)
     protocol_errors: dict[str, int] = field(default_factory=dict)
+    #: when `last_error` happened (UTC, ISO 8601), for the views that show it
+    last_error_at: str | None = None
     #: the counters behind the numbers (every series and histogram goes to /metrics)
     counters: Counters = field(default_factory=Counters, metadata=INTERNAL)
     started_at: float = field(default=0.0, metadata=INTERNAL)
@@ -247,16 +249,22 @@ def build(agent: Agent) -> AgentStatus:
             waiting_s=round(now - since, 1) if since is not None and math.isfinite(since) else None,
         )
     states = [r.upstream for r in resources.values()]
-    last_error = None
+    errors = []
     if agent.uploader:
         errors = [
             (s.last_error_at, s.last_error) for s in agent.uploader.states.values() if s.last_error
         ]
-        last_error = max(errors, key=lambda e: str(e[0]))[1] if errors else None
     csv = csv_status(agent.csv_spool) if agent.csv_spool else None
     if csv is not None:
         states.append(csv.state)
-        last_error = last_error or csv.last_error
+        if agent.csv_spool is not None:
+            errors += [
+                (s.last_error_at, s.last_error)
+                for s in agent.csv_spool.states.values()
+                if s.last_error
+            ]
+    # the newest error of any upload, events or CSV
+    last_error_at, last_error = max(errors, key=lambda e: str(e[0])) if errors else (None, None)
     return AgentStatus(
         version=__version__,
         pid=os.getpid(),
@@ -265,6 +273,7 @@ def build(agent: Agent) -> AgentStatus:
         listening=agent.listening,
         upstream=worst_state(states),
         last_error=last_error,
+        last_error_at=last_error_at,
         received=Received(
             datagrams=c.total("received_datagrams"),
             events=c.total("received_events"),

@@ -337,18 +337,20 @@ class Client:
         **extra: Any,
     ) -> bool:
         """A user action. `action_params`: `[{"key": k, "value": v}, ...]` or a plain map."""
-        record: dict[str, Any] = {
-            "user_id": user_id,
-            "action_id": action_id,
-            "action_name": action_name,
-        }
-        if action_params is not None:
-            record["action_params"] = action_params
-        if timestamp is not None:
-            record["timestamp"] = timestamp
-        if extra:
-            record.update(extra)
-        return self._emit("actions", record, time)
+        return self._emit(
+            "actions",
+            _record(
+                {
+                    "user_id": user_id,
+                    "action_id": action_id,
+                    "action_name": action_name,
+                },
+                extra,
+                action_params=action_params,
+                timestamp=timestamp,
+            ),
+            time,
+        )
 
     def login(
         self,
@@ -367,7 +369,10 @@ class Client:
         **extra: Any,
     ) -> bool:
         """A login. `country` is ISO alpha-2, `register_date` `YYYY-MM-DD`."""
-        record = _present(
+        # every field, user_id and `extra` too, is left out when None (unlike the other methods)
+        record = _record(
+            {},
+            {},
             user_id=user_id,
             clan_id=clan_id,
             level=level,
@@ -395,19 +400,21 @@ class Client:
         **extra: Any,
     ) -> bool:
         """A real-money purchase: `price` is the total money spent."""
-        record: dict[str, Any] = {
-            "user_id": user_id,
-            "item_id": item_id,
-            "count": count,
-            "price": price,
-        }
-        if platform is not None:
-            record["platform"] = platform
-        if timestamp is not None:
-            record["timestamp"] = timestamp
-        if extra:
-            record.update(extra)
-        return self._emit("purchases", record, time)
+        return self._emit(
+            "purchases",
+            _record(
+                {
+                    "user_id": user_id,
+                    "item_id": item_id,
+                    "count": count,
+                    "price": price,
+                },
+                extra,
+                platform=platform,
+                timestamp=timestamp,
+            ),
+            time,
+        )
 
     def virtual_purchase(
         self,
@@ -422,18 +429,21 @@ class Client:
         **extra: Any,
     ) -> bool:
         """A purchase with in-app currency: `virtual_price` in `currency` ("gold", ...)."""
-        record: dict[str, Any] = {
-            "user_id": user_id,
-            "item_id": item_id,
-            "count": count,
-            "virtual_price": virtual_price,
-            "currency": currency,
-        }
-        if timestamp is not None:
-            record["timestamp"] = timestamp
-        if extra:
-            record.update(extra)
-        return self._emit("virtual_purchases", record, time)
+        return self._emit(
+            "virtual_purchases",
+            _record(
+                {
+                    "user_id": user_id,
+                    "item_id": item_id,
+                    "count": count,
+                    "virtual_price": virtual_price,
+                    "currency": currency,
+                },
+                extra,
+                timestamp=timestamp,
+            ),
+            time,
+        )
 
     def level_up(
         self,
@@ -445,12 +455,11 @@ class Client:
         **extra: Any,
     ) -> bool:
         """A level-up: `level` is the new level."""
-        record: dict[str, Any] = {"user_id": user_id, "level": level}
-        if timestamp is not None:
-            record["timestamp"] = timestamp
-        if extra:
-            record.update(extra)
-        return self._emit("level_ups", record, time)
+        return self._emit(
+            "level_ups",
+            _record({"user_id": user_id, "level": level}, extra, timestamp=timestamp),
+            time,
+        )
 
     def item(
         self,
@@ -463,17 +472,20 @@ class Client:
         **extra: Any,
     ) -> bool:
         """An item's details (items have no timestamp)."""
-        record: dict[str, Any] = {
-            "item_id": item_id,
-            "price": price,
-            "currency": currency,
-            "name": name,
-        }
-        if type is not None:
-            record["type"] = type
-        if extra:
-            record.update(extra)
-        return self._emit("items", record, None)
+        return self._emit(
+            "items",
+            _record(
+                {
+                    "item_id": item_id,
+                    "price": price,
+                    "currency": currency,
+                    "name": name,
+                },
+                extra,
+                type=type,
+            ),
+            None,
+        )
 
     def social_dynamic(
         self,
@@ -487,17 +499,20 @@ class Client:
         **extra: Any,
     ) -> bool:
         """Users linked or unlinked (`connection`) as `friend` or `party` (`interaction`)."""
-        record: dict[str, Any] = {
-            "user_id": user_id,
-            "target_user_id": target_user_id,
-            "connection": connection,
-            "interaction": interaction,
-        }
-        if timestamp is not None:
-            record["timestamp"] = timestamp
-        if extra:
-            record.update(extra)
-        return self._emit("social_dynamics", record, time)
+        return self._emit(
+            "social_dynamics",
+            _record(
+                {
+                    "user_id": user_id,
+                    "target_user_id": target_user_id,
+                    "connection": connection,
+                    "interaction": interaction,
+                },
+                extra,
+                timestamp=timestamp,
+            ),
+            time,
+        )
 
     # ----------------------------------------------------------------- buffer
 
@@ -838,5 +853,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_all_in_child)
 
 
-def _present(**fields: Any) -> dict[str, Any]:
-    return {k: v for k, v in fields.items() if v is not None}
+def _record(fields: dict[str, Any], extra: dict[str, Any], /, **optional: Any) -> dict[str, Any]:
+    """The record a typed method sends: `fields` as given (a required field the caller passed
+    as None still goes, so the agent answers it rather than the client hiding it), then each
+    of `optional` that is not None, then `extra` as given, in that order (the wire order)."""
+    for key, value in optional.items():
+        if value is not None:
+            fields[key] = value
+    if extra:
+        fields.update(extra)
+    return fields

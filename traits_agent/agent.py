@@ -154,14 +154,7 @@ def prepare_directories(config: Config) -> None:
     """Create (0700, whatever the umask) and check every directory the agent will keep state
     or sockets in, before it opens anything: one that another user owns or can write is
     refused with one line naming the config key (issue 7 item 4)."""
-    wanted = [("queue.dir", Path(config.queue.dir))]
-    for key, value in (
-        ("listen.unix", config.listen.unix),
-        ("listen.forward_unix", config.listen.forward_unix),
-        ("control.socket", config.control.socket),
-    ):
-        if value:
-            wanted.append((key, Path(value).parent))
+    wanted = config.private_directories()
     for key, directory in wanted:
         try:
             paths.ensure_private_dir(directory, key, tighten=key == "queue.dir")

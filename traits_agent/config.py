@@ -137,6 +137,21 @@ class Config:
     #: where the config came from (None: built-in defaults), for `status` and errors
     source: str | None = None
 
+    def private_directories(self) -> list[tuple[str, Path]]:
+        """(config key, directory) for each directory the agent keeps state or a socket in:
+        the queue directory and each configured Unix socket's parent. The agent creates and
+        checks them at start (`agent.prepare_directories`) and `doctor` judges the same list,
+        so the two cannot disagree about which directories must be private."""
+        wanted = [("queue.dir", Path(self.queue.dir))]
+        for key, value in (
+            ("listen.unix", self.listen.unix),
+            ("listen.forward_unix", self.listen.forward_unix),
+            ("control.socket", self.control.socket),
+        ):
+            if value:
+                wanted.append((key, Path(value).parent))
+        return wanted
+
 
 # -- loading -----------------------------------------------------------------------------------
 

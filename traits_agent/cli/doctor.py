@@ -325,14 +325,7 @@ def check_directories(config: Config) -> Check:
     than the agent's (the agent refuses to start on one, and clients refuse its sockets): the
     same rule as `paths.shared_directory_problem`, so run as root it judges the service's."""
     name = "directories"
-    wanted = [("queue.dir", Path(config.queue.dir))]
-    for key, value in (
-        ("listen.unix", config.listen.unix),
-        ("listen.forward_unix", config.listen.forward_unix),
-        ("control.socket", config.control.socket),
-    ):
-        if value:
-            wanted.append((key, Path(value).parent))
+    wanted = config.private_directories()
     problems = []
     for key, directory in wanted:
         problem = paths.shared_directory_problem(directory)

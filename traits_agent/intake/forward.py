@@ -233,31 +233,24 @@ class _Ingest(Protocol):
     ) -> None: ...
 
 
-class _Decoder:
-    """msgpack values out of a byte stream, holding at most `limit` bytes of an unfinished
-    value (from its first byte, including what msgpack already parsed of it).
-
-    `limit` starts at `small`; bytes that do not fit wait in the decoder (`starved`) until the
-    caller raises the limit to `large` (`grow`: it holds a big-value slot) — past `large` a
-    value is `too_large`, and the values before it still come out. `shrink` goes back to
-    `small` with a fresh Unpacker: msgpack never gives its buffer back, so a connection that
-    once sent a 32 MiB value would otherwise keep 32 MiB for good.
+class _Limited:
+    """The memory contract both stream decoders keep: at most `limit` bytes of an unfinished
+    value, `limit` going from `small` up to `large` (`grow`, while the caller holds a big-value
+    slot) and back (`shrink`); bytes that do not fit wait (`starved`); past `large`, too_large.
     """
+
+    _pending: bytes | memoryview
 
     def __init__(self, small: int, large: int) -> None:
         self.small = min(small, large)
         self.large = large
         self.limit = self.small
-        self._unpacker = stream_unpacker(large, read_size=self.small)
-        self._fed = 0
-        self._value_start = 0  # tell() where the unfinished value began
-        self._pending: bytes | memoryview = b""
-        self._stale = False  # the Unpacker's buffer grew for a big value
+        self._pending = b""
 
     @property
     def unfinished(self) -> int:
         """Bytes of the value in progress that the decoder holds (or parsed into objects)."""
-        return self._fed - self._value_start
+        raise NotImplementedError
 
     @property
     def waiting(self) -> int:
@@ -271,12 +264,49 @@ class _Decoder:
 
     def grow(self) -> None:
         self.limit = self.large
+
+    def shrink(self) -> None:
+        self.limit = self.small
+
+    def _room(self) -> int:
+        """Bytes the next piece may have; 0 or less: starved (the caller grows the limit or
+        refuses, then calls again); `too_large` when the limit is already `large`."""
+        room = self.limit - self.unfinished
+        if room <= 0 and self.limit >= self.large:
+            raise _ProtocolError("too_large", f"a value over {self.large} bytes")
+        return room
+
+
+class _Decoder(_Limited):
+    """msgpack values out of a byte stream, holding at most `limit` bytes of an unfinished
+    value (from its first byte, including what msgpack already parsed of it).
+
+    `limit` starts at `small`; bytes that do not fit wait in the decoder (`starved`) until the
+    caller raises the limit to `large` (`grow`: it holds a big-value slot) — past `large` a
+    value is `too_large`, and the values before it still come out. `shrink` goes back to
+    `small` with a fresh Unpacker: msgpack never gives its buffer back, so a connection that
+    once sent a 32 MiB value would otherwise keep 32 MiB for good.
+    """
+
+    def __init__(self, small: int, large: int) -> None:
+        super().__init__(small, large)
+        self._unpacker = stream_unpacker(large, read_size=self.small)
+        self._fed = 0
+        self._value_start = 0  # tell() where the unfinished value began
+        self._stale = False  # the Unpacker's buffer grew for a big value
+
+    @property
+    def unfinished(self) -> int:
+        return self._fed - self._value_start
+
+    def grow(self) -> None:
+        super().grow()
         self._stale = True
 
     def shrink(self) -> None:
         """Back to `small` (call when `unfinished <= small`); the Unpacker is renewed as soon
         as no value is in progress."""
-        self.limit = self.small
+        super().shrink()
         self._renew()
 
     def _renew(self) -> None:
@@ -290,10 +320,8 @@ class _Decoder:
             self._pending = bytes(self._pending) + data if self._pending else data
         unpacker = self._unpacker
         while self._pending:
-            room = self.limit - self.unfinished
+            room = self._room()
             if room <= 0:
-                if self.limit >= self.large:
-                    raise _ProtocolError("too_large", f"a value over {self.large} bytes")
                 return  # starved: the caller grows the limit (or refuses) and calls again
             view = memoryview(self._pending)
             piece = view[:room]
@@ -311,44 +339,27 @@ class _Decoder:
                 unpacker = self._unpacker
 
 
-class _JsonDecoder:
+class _JsonDecoder(_Limited):
     """JSON values out of a byte stream (a connection whose first byte is `[` or `{`), with
     the same memory contract as `_Decoder`: at most `small` bytes of an unfinished value
     until the caller grows the limit to `large` (a big-value slot); past `large`, too_large."""
 
+    _pending: bytes
+
     def __init__(self, small: int, large: int) -> None:
-        self.small = min(small, large)
-        self.large = large
-        self.limit = self.small
+        super().__init__(small, large)
         self._stream = JsonStream(large)
-        self._pending = b""
 
     @property
     def unfinished(self) -> int:
         return self._stream.held
 
-    @property
-    def waiting(self) -> int:
-        return len(self._pending)
-
-    @property
-    def starved(self) -> bool:
-        return bool(self._pending)
-
-    def grow(self) -> None:
-        self.limit = self.large
-
-    def shrink(self) -> None:
-        self.limit = self.small
-
     def values(self, data: bytes) -> Iterator[Any]:
         if data:
             self._pending = self._pending + data if self._pending else data
         while self._pending:
-            room = self.limit - self.unfinished
+            room = self._room()
             if room <= 0:
-                if self.limit >= self.large:
-                    raise _ProtocolError("too_large", f"a value over {self.large} bytes")
                 return  # starved: the caller grows the limit (or refuses) and calls again
             piece, self._pending = self._pending[:room], self._pending[room:]
             try:

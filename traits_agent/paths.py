@@ -230,9 +230,15 @@ def write_private_file(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
     try:
         os.fchmod(fd, PRIVATE_FILE_MODE)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """All of `data` to `fd`: `os.write` may write less than asked (a signal, a full pipe, a
+    large buffer on some file systems), and a short write must not lose the rest."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from traits_agent.paths import write_all
+
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 #: rejected events are the players' data: the agent user's alone, whatever the umask
 FILE_MODE = 0o600
@@ -161,9 +163,7 @@ def _append_durably(path: Path, data: bytes) -> None:
             owner = os.stat(path.parent)
             if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
                 os.fchown(fd, owner.st_uid, owner.st_gid)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -82,7 +82,7 @@ from traits_agent.observe.fdlimit import (
     retry_on_shortage,
 )
 from traits_agent.observe.metrics import Counters
-from traits_agent.paths import write_private_file
+from traits_agent.paths import write_all, write_private_file
 
 log = structlog.get_logger(__name__)
 
@@ -288,7 +288,7 @@ def _copy_durably(
                 copied += len(chunk)
                 if copied > max_bytes:  # it grew while we copied
                     raise SpoolError(f"{source}: more than the {_size(max_bytes)} limit")
-                _write_all(fd, chunk)
+                write_all(fd, chunk)
             if copied == 0:
                 raise SpoolError(f"{source}: is empty")
             if copied != size:  # it shrank (or grew) while we copied: drop the preallocation
@@ -324,12 +324,6 @@ def _link_new_name(tmp: Path, directory: Path, safe: str) -> Path:
             return final
         os.unlink(tmp)
         return final
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(directory: Path) -> None:

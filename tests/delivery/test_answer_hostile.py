@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from tests.delivery.test_delivery import Rig, level_ups, settled
+from tests.delivery.test_delivery import Rig, level_ups, read_request, settled
 
 
 @pytest.mark.parametrize("status", [503, 400])
@@ -31,13 +31,7 @@ async def test_deeply_nested_json_answer_is_kept_as_text(autojump_clock, nursery
     async def server(stream: trio.SocketStream) -> None:
         nonlocal requests
         async with stream:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += await stream.receive_some(65536)
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            while len(body) < length:
-                body += await stream.receive_some(65536)
+            await read_request(stream)
             answer = answers[min(requests, len(answers) - 1)]
             requests += 1
             with contextlib.suppress(trio.BrokenResourceError):  # it reads 64 KiB and hangs up

@@ -27,6 +27,19 @@ from traits_agent.schema import RESOURCES
 KEY = "test-key"
 
 
+async def read_request(stream: trio.SocketStream) -> bytes:
+    """One HTTP request's bytes off `stream` (head and Content-Length body), for the tests
+    whose server must answer what FakeAPI never would."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await stream.receive_some(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += await stream.receive_some(65536)
+    return head + b"\r\n\r\n" + body
+
+
 class Rig:
     """A queue + lane + uploader for one resource, delivering to a real FakeAPI."""
 
@@ -43,7 +56,8 @@ class Rig:
         api_key=KEY,
     ):
         self.resource = RESOURCES[resource]
-        self.queue = DiskQueue.open(tmp_path / "queue" / resource, fsync="never")
+        self.queue_dir = tmp_path / "queue" / resource
+        self.queue = DiskQueue.open(self.queue_dir, fsync="never")
         self.counters = Counters()
         self.dead = DeadLetters(tmp_path / "dead")
         self.backoff = Backoff(initial_s=0.5, max_s=8.0, rng=random.Random(seed))
@@ -61,6 +75,19 @@ class Rig:
             self.uploader.deliver,
             max_items=max_items,
             max_bytes=4 * 1024 * 1024,
+            linger_s=linger_s,
+        )
+
+    def reopen(self, *, linger_s: float) -> None:
+        """Open the closed queue again, recovering what is on disk as a restarted agent
+        does, and a new lane on it."""
+        self.queue = DiskQueue.open(self.queue_dir, fsync="never")
+        self.lane = Lane(
+            self.resource,
+            self.queue,
+            self.uploader.deliver,
+            max_items=1000,
+            max_bytes=1 << 20,
             linger_s=linger_s,
         )
 
@@ -121,15 +148,7 @@ async def test_recovered_backlog_is_sent_at_once(autojump_clock, nursery, api, c
     for item in level_ups(3):
         rig.queue.append(json.dumps(item).encode())
     rig.queue.close()
-    rig.queue = DiskQueue.open(tmp_path / "queue" / "level_ups", fsync="never")
-    rig.lane = Lane(
-        rig.resource,
-        rig.queue,
-        rig.uploader.deliver,
-        max_items=1000,
-        max_bytes=1 << 20,
-        linger_s=60.0,
-    )
+    rig.reopen(linger_s=60.0)
     t0 = trio.current_time()
     await nursery.start(rig.lane.run)
     await api.wait_for_items(3)
@@ -283,13 +302,7 @@ async def test_2xx_with_an_undecodable_body_counts_as_delivered(autojump_clock, 
     async def server(stream: trio.SocketStream) -> None:
         nonlocal requests
         async with stream:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += await stream.receive_some(65536)
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            while len(body) < length:
-                body += await stream.receive_some(65536)
+            await read_request(stream)
             requests += 1
             await stream.send_all(
                 b"HTTP/1.1 201 Created\r\nContent-Encoding: gzip\r\n"
@@ -415,15 +428,7 @@ async def test_idempotency_keys_of_split_parts_follow_real_seqs(
     rig.queue.close()
     (segment,) = (tmp_path / "queue" / "level_ups").glob("*.seg")
     _corrupt_record(segment, 4)  # seq 5
-    rig.queue = DiskQueue.open(tmp_path / "queue" / "level_ups", fsync="never")
-    rig.lane = Lane(
-        rig.resource,
-        rig.queue,
-        rig.uploader.deliver,
-        max_items=1000,
-        max_bytes=1 << 20,
-        linger_s=0.0,
-    )
+    rig.reopen(linger_s=0.0)
     await nursery.start(rig.lane.run)
     await api.wait_for_items(9)
     await settled(rig)

@@ -1,13 +1,16 @@
-"""Fixtures shared by the suites: the fake 12traits API on loopback and a client for it."""
+"""Fixtures shared by the suites: the fake 12traits API on loopback and a client for it, and
+a short work directory for tests that run the agent as a process."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
+from tests.e2e.harness import kill_leftovers, remove_tree, short_tmpdir
 from traits_agent.fakeapi import FakeAPI
 
 #: the key the shared fake API accepts (tests/fakeapi uses its own)
@@ -27,3 +30,13 @@ async def client(api: FakeAPI) -> AsyncIterator[httpx.AsyncClient]:
     """An httpx client for `api` whose timeouts never fire on MockClock's virtual time."""
     async with httpx.AsyncClient(base_url=api.url, timeout=1e6) as c:
         yield c
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A directory with a short path (for Unix sockets); on the way out no agent the test
+    started is left running and the directory is gone."""
+    path = short_tmpdir()
+    yield path
+    kill_leftovers()
+    remove_tree(path)

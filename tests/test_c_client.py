@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.e2e.harness import AgentProcess, kill_leftovers, remove_tree, write_config
+from tests.e2e.harness import AgentProcess, write_config
 from tests.e2e.test_client_burst import needs_netns, netns_prefix, received_events
 from traits_agent.fakeapi import FakeAPI
 from traits_agent.intake.wire import decode_datagram
@@ -251,14 +251,6 @@ def test_fork_child_starts_empty(driver: Path, receiver: socket.socket) -> None:
 
 
 # --------------------------------------------------------------------------- through the agent
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ta-", dir="/tmp"))
-    yield path
-    kill_leftovers()
-    remove_tree(path)
 
 
 @needs_cc

@@ -86,12 +86,11 @@ def address(listening: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def memory(proc: subprocess.Popen, control: Path) -> None:
-    host, port = address(status(control)["listening"]["forward"])
-    before = rss_mib(proc.pid)
-    size = 32 * MiB - 16
-    value = b"\x93\xa9level_ups\xc6" + size.to_bytes(4, "big")  # [tag, bin32 of `size`...
-    payload = value + b"x" * (size - 1)  # ... one byte short: never finished
+def send_from_many(
+    host: str, port: int, payload: bytes, conns: int, timeout: float
+) -> list[socket.socket]:
+    """Open `conns` connections and send `payload` on each from its own thread (at once, as
+    many hostile peers would); return them, still open, once every send is done or gave up."""
     socks = []
 
     def send(sock: socket.socket) -> None:
@@ -99,15 +98,26 @@ def memory(proc: subprocess.Popen, control: Path) -> None:
             sock.sendall(payload)
 
     threads = []
-    for _ in range(CONNS):
+    for _ in range(conns):
         s = socket.create_connection((host, port))
-        s.settimeout(20)  # the agent stops reading past its budget: give up then
+        s.settimeout(timeout)
         socks.append(s)
         t = threading.Thread(target=send, args=(s,), daemon=True)
         t.start()
         threads.append(t)
     for t in threads:
         t.join()
+    return socks
+
+
+def memory(proc: subprocess.Popen, control: Path) -> None:
+    host, port = address(status(control)["listening"]["forward"])
+    before = rss_mib(proc.pid)
+    size = 32 * MiB - 16
+    value = b"\x93\xa9level_ups\xc6" + size.to_bytes(4, "big")  # [tag, bin32 of `size`...
+    payload = value + b"x" * (size - 1)  # ... one byte short: never finished
+    # the agent stops reading past its budget: give up after 20 s
+    socks = send_from_many(host, port, payload, CONNS, timeout=20)
     time.sleep(1)
     after = rss_mib(proc.pid)
     print(
@@ -142,22 +152,7 @@ def metrics(proc: subprocess.Popen, control: Path) -> None:
     size = 16 * MiB
     head = f"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
     body = b"x" * size
-    socks = []
-
-    def send(sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            sock.sendall(head + body)
-
-    threads = []
-    for _ in range(40):
-        s = socket.create_connection((host, port))
-        s.settimeout(60)
-        socks.append(s)
-        t = threading.Thread(target=send, args=(s,), daemon=True)
-        t.start()
-        threads.append(t)
-    for t in threads:
-        t.join()
+    socks = send_from_many(host, port, head + body, 40, timeout=60)
     time.sleep(1)
     after = rss_mib(proc.pid)
     print(f"metrics: 40 connections x 16 MiB POST body: RSS {before:.0f} MiB -> {after:.0f} MiB")

@@ -157,6 +157,18 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return result.returncode == 0
 
 
+def _fill_until_enospc(q: DiskQueue, appended: list[int]) -> None:
+    """Append (flushing every 100) until the full filesystem refuses: ENOSPC, and within
+    100 000 records. `appended` gets each record's seq, the refused one's included."""
+    with pytest.raises(QueueWriteError) as info:
+        for _ in range(100_000):
+            appended.append(q.next_seq)
+            assert q.append(payload_for(appended[-1]))
+            if len(appended) % 100 == 0:
+                q.flush()
+    assert info.value.errno == errno.ENOSPC
+
+
 def test_real_disk_full_on_tmpfs(tmp_path):
     """ENOSPC on a real (tiny) filesystem: the queue keeps delivering and deleting thanks to
     the reserve, and takes writes again once delivery has freed space. Needs root to mount."""
@@ -166,14 +178,8 @@ def test_real_disk_full_on_tmpfs(tmp_path):
     try:
         opts = {"segment_bytes": 64 * 1024, "max_bytes": 1 << 30}
         with DiskQueue.open(mnt / "q", **opts) as q:
-            appended = []
-            with pytest.raises(QueueWriteError) as info:
-                for _ in range(100_000):
-                    appended.append(q.next_seq)
-                    assert q.append(payload_for(appended[-1]))
-                    if len(appended) % 100 == 0:
-                        q.flush()
-            assert info.value.errno == errno.ENOSPC
+            appended: list[int] = []
+            _fill_until_enospc(q, appended)
             delivered = drain(q)  # commits need checkpoint writes on the full disk
             assert delivered == list(range(1, len(delivered) + 1))
             assert q.checkpoint_errors == 0
@@ -203,13 +209,7 @@ def test_space_of_delivered_records_comes_back_on_a_disk_smaller_than_a_segment(
             appended: list[int] = []
             delivered: list[int] = []
             for _round in range(4):  # fill the disk, drain it: again and again
-                with pytest.raises(QueueWriteError) as info:
-                    for _ in range(100_000):
-                        appended.append(q.next_seq)
-                        assert q.append(payload_for(appended[-1]))
-                        if len(appended) % 100 == 0:
-                            q.flush()
-                assert info.value.errno == errno.ENOSPC
+                _fill_until_enospc(q, appended)
                 delivered += drain(q)
                 q.flush()  # the delivered records' space is free again: the buffer goes out
                 delivered += drain(q)

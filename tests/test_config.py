@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -137,16 +138,25 @@ def test_secret_repr_hides_the_key():
     assert "abc" not in repr(Secret("abc"))
 
 
+def _agent_command(
+    command: list[str], config: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m traits_agent COMMAND --config CONFIG`, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "traits_agent", *command, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=env,
+    )
+
+
 def test_cli_exits_2_with_one_line_naming_the_key(tmp_path):
     """A wrong key in the file: exit status 2 and one stderr line naming it."""
     path = tmp_path / "agent.toml"
     path.write_text('[queue]\nfsync = "sometimes"\n')
-    proc = subprocess.run(
-        [sys.executable, "-m", "traits_agent", "run", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _agent_command(["run"], path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -156,13 +166,7 @@ def test_cli_exits_2_with_one_line_naming_the_key(tmp_path):
 def test_cli_without_key_says_how_to_get_one(tmp_path):
     """`run` without any key exits 2 and mentions --fake-api."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "traits_agent", "run", "--config", "/dev/null"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    proc = _agent_command(["run"], Path("/dev/null"), env=env)
     assert proc.returncode == 2
     assert "--fake-api" in proc.stderr
 
@@ -215,13 +219,7 @@ def test_a_placeholder_path_is_an_error(tmp_path, line):
     work = tmp_path / "cwd"
     work.mkdir()
     for command in (["doctor", "--no-network"], ["run", "--fake-api"], ["config", "--check"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "traits_agent", *command, "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=work,
-        )
+        proc = _agent_command(command, path, cwd=work)
         # doctor no longer calls such a path ok: nothing runs on it at all
         assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
         assert "placeholder" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -240,13 +238,7 @@ def test_the_readme_example_copied_as_is_works_and_creates_nothing_here(tmp_path
     work = tmp_path / "cwd"
     work.mkdir()
     for command in (["config", "--check"], ["doctor", "--no-network"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "traits_agent", *command, "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=work,
-        )
+        proc = _agent_command(command, path, cwd=work)
         assert proc.returncode in (0, 1), proc.stdout + proc.stderr  # doctor may find things
         assert "Traceback" not in proc.stderr
     assert list(work.iterdir()) == []

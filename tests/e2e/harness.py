@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -68,6 +69,19 @@ def kill_leftovers() -> None:
         agent = STARTED.pop()
         if agent.proc is not None and agent.proc.poll() is None:
             agent.proc.kill()
+
+
+async def run_until_exit(config: Path) -> subprocess.CompletedProcess[bytes]:
+    """`traits-agent run --config CONFIG` in the foreground, with the shared fake API's key,
+    output captured: for an agent that must fail at start-up (one that starts instead runs
+    until the test's guard, `trio.fail_after`, gives up on it)."""
+    return await trio.run_process(
+        [sys.executable, "-m", "traits_agent", "run", "--config", str(config)],
+        check=False,
+        capture_stdout=True,
+        capture_stderr=True,
+        env={**os.environ, "TRAITS_API_KEY": "test-key"},
+    )
 
 
 class AgentProcess:

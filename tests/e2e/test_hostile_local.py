@@ -15,7 +15,7 @@ import sys
 import pytest
 import trio
 
-from tests.e2e.harness import AgentProcess, write_config
+from tests.e2e.harness import AgentProcess, run_until_exit, write_config
 from tests.e2e.test_pipeline import EVENT_TIME, send_blocking, start_agent
 from traits_agent.fakeapi import Fault
 from traits_agent.intake.wire import encode_event
@@ -191,13 +191,7 @@ async def test_a_directory_another_user_owns_is_refused_in_one_line(workdir, api
     )
     config = write_config(workdir, api.url, **sections)
     with trio.fail_after(GUARD_S):  # an agent that accepts the directory runs until killed
-        result = await trio.run_process(
-            [sys.executable, "-m", "traits_agent", "run", "--config", str(config)],
-            check=False,
-            capture_stdout=True,
-            capture_stderr=True,
-            env={**os.environ, "TRAITS_API_KEY": "test-key"},
-        )
+        result = await run_until_exit(config)
     assert result.returncode == 2
     err = result.stderr.decode().strip()
     assert "\n" not in err and err.startswith(f"traits-agent: {key}: refusing to use {planted}")

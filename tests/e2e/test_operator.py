@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import sys
 
 import trio
 
-from tests.e2e.harness import AgentProcess, write_config
+from tests.e2e.harness import AgentProcess, run_until_exit, write_config
 from traits_agent.client import Client
 
 GUARD_S = 60
@@ -48,13 +46,7 @@ async def test_a_failed_start_leaves_no_socket_and_logs_agent_failed(workdir, ap
             api.url,
             listen={"udp": f"127.0.0.1:{port}", "forward_unix": str(workdir / "forward.sock")},
         )
-        proc = await trio.run_process(
-            [sys.executable, "-m", "traits_agent", "run", "--config", str(config)],
-            check=False,
-            capture_stdout=True,
-            capture_stderr=True,
-            env={**os.environ, "TRAITS_API_KEY": "test-key"},
-        )
+        proc = await run_until_exit(config)
     assert proc.returncode == 1
     events = [json.loads(line)["event"] for line in proc.stdout.decode().splitlines()]
     assert "agent_failed" in events and "agent_stopped" not in events

@@ -17,7 +17,7 @@ import msgpack
 import pytest
 import trio
 
-from tests.e2e.harness import AgentProcess, write_config
+from tests.e2e.harness import AgentProcess, run_until_exit, write_config
 from tests.reference_examples import EXAMPLES as REFERENCE_EXAMPLES
 from traits_agent.client import Client
 from traits_agent.fakeapi import Fault
@@ -300,13 +300,7 @@ async def test_start_up_failure_is_one_line(workdir, api):
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
         config = write_config(workdir, api.url, listen={"udp": f"127.0.0.1:{port}"})
-        proc = await trio.run_process(
-            [sys.executable, "-m", "traits_agent", "run", "--config", str(config)],
-            check=False,
-            capture_stdout=True,
-            capture_stderr=True,
-            env={**os.environ, "TRAITS_API_KEY": "test-key"},
-        )
+        proc = await run_until_exit(config)
     assert proc.returncode == 1
     lines = proc.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "in use" in lines[0]

@@ -266,14 +266,16 @@ def intake(work: Path, datagrams: list[bytes], events: int, sender: Sender) -> R
         ingest.after_flush = quota.rebalance
         done = trio.Event()
 
-        def sink(burst: list[bytes]) -> None:
+        def sink(burst: list[bytes]) -> int:
             if "t0" not in marks:
                 marks["t0"], marks["c0"] = time.perf_counter(), cpu_self()
-            ingest.handle(burst)
+            # handle takes a slice of a large burst; the source hands over the rest
+            taken = ingest.handle(burst)
             syncer.dirty()
             if counters.total("received_events") >= events:
                 marks["t1"], marks["c1"] = time.perf_counter(), cpu_self()
                 done.set()
+            return taken
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(syncer.run)

@@ -69,10 +69,11 @@ async def test_a_sink_that_raises_does_not_stop_the_source(tmp_path) -> None:
     errors: list[str] = []
     got: list[bytes] = []
 
-    def sink(burst: list[bytes]) -> None:
+    def sink(burst: list[bytes]) -> int:
         if b"poison" in burst[0]:
             raise RuntimeError("a bug")
         got.extend(burst)
+        return len(burst)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(

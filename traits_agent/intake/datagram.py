@@ -28,9 +28,9 @@ DRAIN_MAX = 1024
 #: a burst also ends at this many bytes, so 1024 large datagrams never sit in memory at once
 DRAIN_MAX_BYTES = 4 * 1024 * 1024
 
-#: takes a burst; returns how many datagrams of it it took (None: all); called again with the
-#: rest after the other tasks had a turn
-Sink = Callable[[list[bytes]], "int | None"]
+#: takes a burst; returns how many datagrams of it it took; called again with the rest after
+#: the other tasks had a turn
+Sink = Callable[[list[bytes]], int]
 
 
 def set_receive_buffer(sock: socket.socket, wanted: int, name: str) -> int:
@@ -141,7 +141,7 @@ def _deliver(
         on_error("internal_error")
         log.exception("datagram_burst_failed", source=name, datagrams=len(burst))
         return []
-    if taken is None or taken >= len(burst):
+    if taken >= len(burst):
         return []
     return burst[max(taken, 1) :]
 

@@ -2,7 +2,7 @@
 
 The agent side runs in this process: a `ForwardServer` on a Unix stream socket or loopback TCP,
 a real `Ingest`, real `DiskQueue`s in a temporary directory, the agent's own `Syncer` and
-`Durability` wired as `agent.py` wires them (fsync "interval", 100 ms) and stub lanes (nothing
+`AckGate` wired as `agent.py` wires them (fsync "interval", 100 ms) and stub lanes (nothing
 is delivered). Every queue holds one record before the run, as in an agent that has received
 every resource (each sync round then visits 8 open segment files). The client is a second
 process with a blocking socket, so the two do not share a GIL. Each run ends when the last ack
@@ -40,7 +40,7 @@ from pathlib import Path
 import msgpack
 import trio
 
-from traits_agent.intake.durability import Durability, Syncer
+from traits_agent.intake.durability import AckGate, Syncer
 from traits_agent.intake.forward import (
     ForwardServer,
     bind_forward_tcp,
@@ -151,7 +151,7 @@ async def serve_and_measure(
     syncer = Syncer(queues, counters, policy=fsync, interval_s=0.1)
     prompt = getattr(syncer, "prompt", None)  # None: the code before group commit's prompt
     extra = {"request_prompt_sync": prompt} if prompt else {}
-    durability = Durability(queues, fsync=fsync, request_sync=syncer.dirty, **extra)
+    durability = AckGate(queues, fsync=fsync, request_sync=syncer.dirty, **extra)
     rounds = 0
 
     def synced() -> None:

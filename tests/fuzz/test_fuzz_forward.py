@@ -15,7 +15,7 @@ from trio.testing import wait_all_tasks_blocked
 
 from tests.fuzz.conftest import CORPUS, Lane
 from tests.fuzz.strategies import entries, mutated, pack, values
-from traits_agent.intake.durability import Durability
+from traits_agent.intake.durability import AckGate
 from traits_agent.intake.forward import ForwardLimits, ForwardServer, bind_forward_unix
 from traits_agent.intake.ingest import Ingest
 from traits_agent.observe.metrics import Counters
@@ -74,7 +74,7 @@ def test_any_stream_closes_cleanly_and_the_next_client_is_served(queues, data, c
 async def _one(queues, data: bytes, cuts: list[int]) -> None:
     counters = Counters()
     ingest = Ingest({name: Lane(q) for name, q in queues.items()}, counters)
-    durability = Durability(queues, fsync="never")
+    durability = AckGate(queues, fsync="never")
     limits = ForwardLimits(max_buffer_size=64 * 1024, small_value_bytes=4096)
     server = ForwardServer(ingest, durability, limits=limits)
     with tempfile.TemporaryDirectory(prefix="ta-fz-", dir="/tmp") as tmp:

@@ -13,7 +13,7 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from traits_agent.intake.durability import Durability, Syncer
+from traits_agent.intake.durability import AckGate, Syncer
 from traits_agent.observe.metrics import Counters
 from traits_agent.queue import DiskQueue
 from traits_agent.schema import RESOURCES
@@ -35,7 +35,7 @@ class Rig:
         self.syncer = Syncer(
             self.queues, Counters(), policy=policy, interval_s=INTERVAL_S, run_sync=slow_inline
         )
-        self.durability = Durability(
+        self.durability = AckGate(
             self.queues,
             fsync=policy,
             request_sync=self.syncer.dirty,
@@ -148,7 +148,7 @@ async def test_a_failing_disk_is_retried_slowly_even_with_acks_waiting(autojump_
     queue = FailingQueue()
     counters = Counters()
     syncer = Syncer({"level_ups": queue}, counters, interval_s=INTERVAL_S, run_sync=slow_inline)
-    durability = Durability({"level_ups": queue}, request_prompt_sync=syncer.prompt)
+    durability = AckGate({"level_ups": queue}, request_prompt_sync=syncer.prompt)
     syncer.on_synced = durability.synced
     nursery.start_soon(syncer.run)
     syncer.dirty()

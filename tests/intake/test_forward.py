@@ -20,7 +20,7 @@ import trio
 from structlog.testing import capture_logs
 from trio.testing import wait_all_tasks_blocked
 
-from traits_agent.intake.durability import Durability
+from traits_agent.intake.durability import AckGate
 from traits_agent.intake.forward import (
     ForwardLimits,
     ForwardServer,
@@ -61,7 +61,7 @@ class StubLane:
 
 
 class Rig:
-    """Real queues (one per resource), a real Ingest, and a Durability the test syncs by hand
+    """Real queues (one per resource), a real Ingest, and a AckGate the test syncs by hand
     (`sync`) or lets `autosync` sync whenever asked, as the agent's Syncer does."""
 
     def __init__(self, directory: Path, fsync: str = "interval") -> None:
@@ -74,7 +74,7 @@ class Rig:
         self.sync_requests = 0
         self.prompts = 0
         self.wanted = trio.Event()
-        self.durability = Durability(
+        self.durability = AckGate(
             self.queues, fsync=fsync, request_sync=self._request, request_prompt_sync=self._prompt
         )
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from traits_agent.intake.durability import Durability
+from traits_agent.intake.durability import AckGate
 from traits_agent.intake.ingest import Ingest
 from traits_agent.intake.wire import Entry
 from traits_agent.schema import RESOURCES, Rejected, normalize, resolve_tag
@@ -36,7 +36,7 @@ class DirectIntake:
         self,
         queues: Mapping[str, Any],
         ingest: Ingest,
-        durability: Durability,
+        durability: AckGate,
         uploader: Callable[[], Any],
     ) -> None:
         self.queues = queues

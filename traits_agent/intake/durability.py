@@ -108,10 +108,6 @@ class AckGate:
         event.set()
 
 
-#: the gate's old name; forward.py and its tests still use it (another branch is changing them)
-Durability = AckGate
-
-
 class Syncer:
     """Group commit: fsync the queues that took writes, at most one interval after the last
     round ("interval", or at once when an ack waits: `prompt`), as soon as possible after each

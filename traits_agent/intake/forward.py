@@ -17,8 +17,8 @@ Acknowledgements mean "stored durably"
 A message whose option map carries `chunk` is answered with `{"ack": chunk}` only once every
 record it carried has been fsynced: for each queue it appended to, the queue's `durable_seq`
 has reached the last seq assigned to it when the message was stored. The fsync itself is the
-Syncer's group commit (`queue.fsync` "interval" or "always"); `Durability` is the meeting point:
-the reader marks what a message needs, the Syncer calls `Durability.synced()` after each round,
+Syncer's group commit (`queue.fsync` "interval" or "always"); `AckGate` is the meeting point:
+the reader marks what a message needs, the Syncer calls `AckGate.synced()` after each round,
 and the ack task of the connection waits for the mark. A client that resends un-acked chunks
 (Fluent Bit and Fluentd with `require_ack_response`, fluent-logger-golang with `RequestAck`)
 therefore loses nothing to a crash or a power cut: what was acked survives both (the queue's
@@ -120,7 +120,7 @@ import msgpack
 import structlog
 import trio
 
-from traits_agent.intake.durability import Durability, Mark
+from traits_agent.intake.durability import AckGate, Mark
 from traits_agent.intake.handshake import Security, Session, is_ping
 from traits_agent.intake.jsonstream import JsonStream, JsonStreamError, starts_json
 from traits_agent.intake.unixsock import bind_unix
@@ -448,7 +448,7 @@ class ForwardServer:
     def __init__(
         self,
         ingest: _Ingest,
-        durability: Durability,
+        durability: AckGate,
         *,
         limits: ForwardLimits = DEFAULT_LIMITS,
     ) -> None:

@@ -319,10 +319,10 @@ class DiskQueue:
                 )
                 before = ends[i - 1] if i else 0
                 j = bisect_right(ends, before + room, i)  # payloads[i:j] fit
-                if j > i:
-                    size, n, seq = ends[j - 1] - before, j - i, self._next_seq
+                if j > i:  # (sized as one-record frames: what they take is never more)
+                    n, seq = j - i, self._next_seq
                     self._next_seq = seq + n
-                    self._writer.add_many(seg, seg.size, seq, payloads[i:j])
+                    size = self._writer.add_many(seg, seg.size, seq, payloads[i:j])
                     seg.size += size
                     seg.count += n
                     seg.last_seq = seq + n - 1
@@ -628,7 +628,7 @@ class DiskQueue:
                 self._undrop_delivered(batch_or_end)
             if end <= cur:
                 return
-            if end > Position(self._segs[-1].number, self._segs[-1].readable, 0):
+            if (end.segment, end.offset) > (self._segs[-1].number, self._segs[-1].readable):
                 raise ValueError(f"{end} is beyond the end of the queue")
             before = self.pending_items
             self._cursor = end

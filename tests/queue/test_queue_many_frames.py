@@ -57,8 +57,11 @@ def frames_of(path: Path) -> list[tuple[int, int, list[int]]]:
     data = path.read_bytes()
     out = []
     for start, size in record_offsets(path):
-        header = MANY_HEADER_SIZE if data[start : start + 4] == MAGIC_MANY else 24
-        records = data[start + header : start + size].split(b"\n")
+        if data[start : start + 4] == MAGIC_MANY:  # records, then a CRC32 per record
+            count = int.from_bytes(data[start + 16 : start + 20], "little")
+            records = data[start + MANY_HEADER_SIZE : start + size - 4 * count].split(b"\n")
+        else:
+            records = [data[start + 24 : start + size]]
         out.append((start, size, [seq_of(r) for r in records]))
     return out
 
@@ -147,36 +150,63 @@ def test_torn_last_frame_at_every_offset(tmp_path) -> None:
             assert drain(q, max_items=77) == seqs[: -len(lost)] + more
 
 
-# byte offsets inside a several-records frame: magic, length, seq, count, header crc, crc
+# byte offsets inside a several-records frame, and the records its damage costs there:
+# a header that does not check costs the frame; a damaged payload costs the damaged records
+# only (salvaged by their own CRCs); the frame's CRC itself, none
 FIELDS = {"magic": 3, "length": 5, "seq": 9, "count": 16, "header_crc": 21, "crc": 25}
+WHOLE_FRAME = {"magic", "length", "seq", "count", "header_crc"}
 
 
 @pytest.mark.parametrize("where", ["older_segment", "newest_segment"])
-@pytest.mark.parametrize("field", [*FIELDS, "payload", "newline"])
-def test_a_damaged_frame_costs_its_records_only(tmp_path, field, where) -> None:
+@pytest.mark.parametrize("field", [*FIELDS, "record", "newline", "record_crc"])
+def test_a_damaged_frame_costs_the_damaged_records(tmp_path, field, where) -> None:
     with DiskQueue.open(tmp_path, segment_bytes=32768, max_bytes=1 << 30) as q:
         seqs = fill_many(q, 1200)
+        while len(frames_of(segment_files(tmp_path)[-1])) < 3:  # the newest needs 3 too
+            seqs += fill_many(q, 128)
     files = segment_files(tmp_path)
     seg = files[0] if where == "older_segment" else files[-1]
     assert len(files) >= 2
     frames = frames_of(seg)
     assert len(frames) >= 3
-    start, size, victims = frames[1]
-    if field == "payload":
-        offset = start + MANY_HEADER_SIZE + (size - MANY_HEADER_SIZE) // 2
-    elif field == "newline":  # the CRC would catch it too: the count check is a second net
-        offset = start + seg.read_bytes().index(b"\n", start + MANY_HEADER_SIZE)
-    else:
+    start, size, in_frame = frames[1]
+    data = seg.read_bytes()
+    newlines = [i for i in range(start + MANY_HEADER_SIZE, start + size) if data[i] == 10]
+    if field in FIELDS:
         offset = start + FIELDS[field]
+        lost = set(in_frame) if field in WHOLE_FRAME else set()
+    elif field == "record":  # a byte inside the 11th record
+        offset = newlines[9] + 3
+        lost = {in_frame[10]}
+    elif field == "newline":  # two records run together: both fail their CRCs
+        offset = newlines[9]
+        lost = {in_frame[9], in_frame[10]}
+    else:  # the 11th entry of the CRC table
+        offset = start + size - 4 * len(in_frame) + 4 * 10
+        lost = {in_frame[10]}
     flip_byte(seg, offset, 0x01)
     with DiskQueue.open(tmp_path, segment_bytes=32768, max_bytes=1 << 30) as q:
         assert q.recovery.torn_bytes_truncated == 0
         if where == "newest_segment":
             assert q.recovery.corrupt_records_skipped == 1
-        assert drain(q, max_items=100) == [s for s in seqs if s not in set(victims)]
+        assert drain(q, max_items=100) == [s for s in seqs if s not in lost]
         assert q.corrupt_skipped == 1
         assert drain(q) == []
         assert q.corrupt_skipped == 1  # counted once, not per read
+
+
+def test_a_salvaged_frame_cut_by_batch_limits_gives_each_record_once(tmp_path) -> None:
+    with DiskQueue.open(tmp_path, **BIG) as q:
+        seqs = fill_many(q, 300)
+    seg = segment_files(tmp_path)[0]
+    start, _, in_frame = frames_of(seg)[1]
+    data = seg.read_bytes()
+    flip_byte(seg, data.index(b"\n", start + MANY_HEADER_SIZE + 2000) + 3, 0x01)
+    with DiskQueue.open(tmp_path, **BIG) as q:
+        got = drain(q, max_items=7, max_bytes=900)
+        lost = set(seqs) - set(got)
+        assert len(lost) == 1 and lost <= set(in_frame)
+        assert q.corrupt_skipped == 1
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -201,7 +231,7 @@ def test_random_byte_flips_cost_at_most_a_frame_each(tmp_path, seed) -> None:
         got = drain(q, max_items=rng.randint(1, 300), max_bytes=rng.randint(1, 20000))
         assert got == sorted(set(got))
         assert set(got) <= set(seqs)
-        assert len(seqs) - len(got) <= flips * MANY_MAX_RECORDS
+        assert len(seqs) - len(got) <= flips * MANY_MAX_RECORDS  # a header hit: its frame
         assert drain(q, max_items=1) == []
         more = fill_many(q, 50)
         assert drain(q) == more

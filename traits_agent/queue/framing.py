@@ -21,15 +21,18 @@ records appended together (`DiskQueue.append_many`)::
     20 header_crc  u32 crc32(bytes 0..20)
     24 crc         u32 crc32(bytes 0..20 + payload)
     28 payload     the records joined by b"\n" (so a record never holds a newline byte; the
-                   writer frames one that does on its own)
+                   writer frames one that does on its own), then a u32 crc32 of each record
 
 Why several records per frame: the per-record costs of the hot paths were the framing (a
 header, two CRC calls) on the way in and the same checks on the way out; per frame they are
-one `join`, one `split` and two CRCs in C, and the disk holds ~1 byte of framing per record
-instead of 24. What it costs: a damaged frame loses all its records, so a frame holds at
-most MANY_MAX_RECORDS records and about MANY_TARGET_BYTES of payload (a flipped bit costs at
-most that many records, where it cost one before). The readers below read both kinds, so
-segments written by an older version stay readable.
+one `join`, one `split` and two CRCs in C (plus one C-level `crc32` per record on the way in),
+and the disk holds ~5 bytes of framing per record instead of 24. Reading a valid frame never
+looks at the per-record CRCs: they are for *salvage*. When a frame's payload fails its CRC
+but its header checks, the records whose own CRC still matches are kept (matched in order
+from both ends if a newline byte was hit), so damage to the payload costs the damaged
+records only, as with one-record frames. Damage to a header costs the whole frame, so a
+frame holds at most MANY_MAX_RECORDS records and about MANY_TARGET_BYTES of payload. The
+readers read both kinds, so segments written by an older version stay readable.
 
 Why two CRCs: `header_crc` lets a reader trust `length` before it uses it, so a flipped bit in
 a length field cannot make it swallow the records behind it; `crc` then proves the payload.
@@ -107,7 +110,7 @@ class Frame(NamedTuple):
     seq: int
     last_seq: int
     payload: bytes
-    """One record's bytes, or several joined by b"\n" (see `records`)."""
+    """One record's bytes, or several joined by b"\n" (see `records`; without the CRCs)."""
     size: int
 
     def records(self) -> list[bytes]:
@@ -142,11 +145,12 @@ def encode_frames(first_seq: int, payloads: list[bytes], out: list[bytes]) -> in
         if count == 1 or joined.count(b"\n") != count - 1:
             total += _encode_singles(seq, run, out)
         else:
-            prefix = _MANY_PREFIX.pack(MAGIC_MANY, len(joined), seq, count)
+            payload = joined + struct.pack(f"<{count}I", *map(crc32, run))
+            prefix = _MANY_PREFIX.pack(MAGIC_MANY, len(payload), seq, count)
             header_crc = crc32(prefix)
-            out.append(prefix + _CRCS.pack(header_crc, crc32(joined, header_crc)))
-            out.append(joined)
-            total += MANY_HEADER_SIZE + len(joined)
+            out.append(prefix + _CRCS.pack(header_crc, crc32(payload, header_crc)))
+            out.append(payload)
+            total += MANY_HEADER_SIZE + len(payload)
         seq += count
         i = j
     return total
@@ -192,7 +196,8 @@ def trim_frames(data: bytes, seq: int) -> tuple[bytes, int]:
         if first >= seq:
             return (data[pos:] if pos else data), first
         if last >= seq:  # a several-records frame straddling `seq`
-            records = data[pos + MANY_HEADER_SIZE : pos + size].split(b"\n")[seq - first :]
+            area = data[pos + MANY_HEADER_SIZE : pos + size - 4 * (last - first + 1)]
+            records = area.split(b"\n")[seq - first :]
             out: list[bytes] = []
             encode_frames(seq, records, out)
             return b"".join(out) + data[pos + size :], seq
@@ -221,13 +226,16 @@ class FrameReader:
     shrinks to what is there.
     """
 
-    __slots__ = ("_base", "_buf", "_fd", "end")
+    __slots__ = ("_base", "_buf", "_fd", "end", "salvaged")
 
     def __init__(self, fd: int, end: int) -> None:
         self._fd = fd
         self.end = end
         self._base = 0
         self._buf = b""
+        self.salvaged: list[int] = []
+        """Positions of damaged frames `read_run` took the intact records of (and passed):
+        the caller counts and clears them."""
 
     def _window(self, pos: int, n: int) -> int:
         """Make bytes [pos, pos+n) available in `_buf`; their offset in it, or -1 if past end."""
@@ -257,7 +265,7 @@ class FrameReader:
                 return None
             buf = self._buf
             _, length, seq, count, header_crc, crc = _MANY_HEADER.unpack_from(buf, rel)
-            if length > MAX_PAYLOAD or not 2 <= count <= MANY_MAX_RECORDS:
+            if length > MAX_PAYLOAD or not 2 <= count <= MANY_MAX_RECORDS or length < 5 * count - 1:
                 return None
             if crc32(buf[rel + 4 : rel + 20], _MAGIC_MANY_CRC) != header_crc:
                 return None
@@ -281,9 +289,48 @@ class FrameReader:
         payload = self._buf[rel + head.header_size : rel + size]
         if crc32(payload, head.header_crc) != head.crc:
             return None
-        if head.last_seq != head.seq and payload.count(b"\n") != head.last_seq - head.seq:
-            return None  # CRC-valid but not what the header says: never written by us
+        if head.last_seq != head.seq:
+            payload = payload[: len(payload) - 4 * (head.last_seq - head.seq + 1)]
+            if payload.count(b"\n") != head.last_seq - head.seq:
+                return None  # CRC-valid but not what the header says: never written by us
         return Frame(head.seq, head.last_seq, payload, size)
+
+    def salvage(self, pos: int) -> tuple[int, list[int], list[bytes]] | None:
+        """The records still intact in a several-records frame at `pos` whose header checks
+        but whose payload does not: (frame size, their seqs, their bytes). None if there is
+        no such frame there (a bad header, a one-record frame, or not all of it in the file).
+
+        A record is kept only if its own CRC matches its entry in the frame's table. If the
+        damage changed the number of newlines, the records are matched in order from the
+        start and from the end up to the damage."""
+        head = self.header(pos)
+        if head is None or head.seq == head.last_seq:
+            return None
+        size = head.header_size + head.length
+        rel = self._window(pos, size)
+        if rel < 0:
+            return None
+        count = head.last_seq - head.seq + 1
+        area_end = rel + size - 4 * count
+        crcs = struct.unpack_from(f"<{count}I", self._buf, area_end)
+        pieces = self._buf[rel + head.header_size : area_end].split(b"\n")
+        keep: list[int] = []
+        if len(pieces) == count:
+            keep = [i for i, piece in enumerate(pieces) if crc32(piece) == crcs[i]]
+        else:
+            i = 0
+            while i < min(count, len(pieces)) and crc32(pieces[i]) == crcs[i]:
+                keep.append(i)
+                i += 1
+            back: list[int] = []
+            k = 1
+            while k <= min(count - i, len(pieces) - i) and crc32(pieces[-k]) == crcs[-k]:
+                back.append(count - k)
+                k += 1
+            keep += reversed(back)
+            pieces = pieces[:i] + pieces[len(pieces) - len(back) :]
+            return size, [head.seq + n for n in keep], pieces
+        return size, [head.seq + n for n in keep], [pieces[n] for n in keep]
 
     def resync(self, pos: int) -> int:
         """Position of the first valid frame at or after `pos`, or `end` if there is none."""
@@ -395,7 +442,7 @@ class FrameReader:
         stepped over, go on at the position returned"."""
         frame = self.frame(pos)
         if frame is None:
-            return DAMAGED, pos, after_seq, 0, -1
+            return self._take_salvaged(pos, after_seq, max_items, max_bytes, out, seqs)
         seq, last, payload, size = frame
         if last <= after_seq:  # taken already (or copies from a rewrite)
             return END, pos + size, after_seq, 0, -1
@@ -413,15 +460,56 @@ class FrameReader:
             seqs += range(seq, last + 1)
             return END, pos + size, last, nbytes, seq
         # a limit falls inside this frame: take what fits, stay at its start
-        taken = 0
-        end = seq
-        for record in records[:room]:
+        return self._take_some(
+            pos, after_seq, list(range(seq, last + 1)), records, max_items, max_bytes, out, seqs
+        )
+
+    def _take_salvaged(
+        self,
+        pos: int,
+        after_seq: int,
+        max_items: int,
+        max_bytes: int,
+        out: list[bytes],
+        seqs: list[int],
+    ) -> tuple[int, int, int, int, int]:
+        """`_many` for a frame whose payload is damaged: its intact records, if its header
+        checks (its position goes to `salvaged` once it is passed), else DAMAGED."""
+        found = self.salvage(pos)
+        if found is None:
+            return DAMAGED, pos, after_seq, 0, -1
+        size, numbers, records = found
+        keep = [i for i, seq in enumerate(numbers) if seq > after_seq]
+        numbers, records = [numbers[i] for i in keep], [records[i] for i in keep]
+        nbytes = sum(map(len, records))
+        if len(records) <= max_items - len(out) and nbytes <= max_bytes:
+            out += records
+            seqs += numbers
+            self.salvaged.append(pos)
+            last = numbers[-1] if numbers else after_seq
+            return END, pos + size, last, nbytes, numbers[0] if numbers else -1
+        return self._take_some(pos, after_seq, numbers, records, max_items, max_bytes, out, seqs)
+
+    @staticmethod
+    def _take_some(
+        pos: int,
+        after_seq: int,
+        numbers: list[int],
+        records: list[bytes],
+        max_items: int,
+        max_bytes: int,
+        out: list[bytes],
+        seqs: list[int],
+    ) -> tuple[int, int, int, int, int]:
+        """A limit falls inside the frame at `pos`: take what fits, stay at its start."""
+        taken = n = 0
+        for record in records[: max_items - len(out)]:
             if out and taken + len(record) > max_bytes:
                 break
             out.append(record)
             taken += len(record)
-            end += 1
-        if end == seq:
+            n += 1
+        if not n:
             return FULL, pos, after_seq, 0, -1
-        seqs += range(seq, end)
-        return FULL, pos, end - 1, taken, seq
+        seqs += numbers[:n]
+        return FULL, pos, numbers[n - 1], taken, numbers[0]

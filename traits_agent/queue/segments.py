@@ -103,6 +103,19 @@ def scan_segment(fd: int, size: int) -> ScanResult:
     pos = 0
     while pos < reader.end:
         frame = reader.frame(pos)
+        if frame is None and (found := reader.salvage(pos)) is not None:
+            size, seqs, _ = found  # a damaged payload, its header intact: keep what checks
+            head = reader.header(pos)
+            assert head is not None
+            result.damaged_regions += 1
+            if result.first_seq is None:
+                result.first_seq = head.seq
+            result.last_seq = head.last_seq
+            result.records += len(seqs)
+            result.sealed = False
+            pos += size
+            result.end = pos
+            continue
         if frame is None:
             nxt = reader.resync(pos + 1)
             if nxt >= reader.end:

@@ -109,8 +109,8 @@ def test_a_run_takes_fewer_bytes_than_a_frame_per_record(tmp_path) -> None:
     payload_bytes = sum(len(payload_for(s)) for s in range(1, 1001))
     seal = 56  # the reopen in `build` seals the segment
     assert sizes[False] == payload_bytes + 1000 * 24 + seal
-    # a newline per record and a 28-byte header per 128 records
-    assert sizes[True] == payload_bytes + 1000 - 8 + 28 * 8 + seal
+    # a newline and a CRC per record, and a 28-byte header per 128 records
+    assert sizes[True] == payload_bytes + 1000 * 5 - 8 + 28 * 8 + seal
 
 
 def test_read_back_after_restart(tmp_path) -> None:

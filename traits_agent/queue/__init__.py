@@ -76,8 +76,9 @@ Checkpoint
 ``tq-checkpoint v1 segment=S offset=O next_seq=N seq_lease=L crc=XXXXXXXX``: every record
 before byte O of segment S (and every seq below N) has been delivered or dropped; no seq at or
 above L has been written. O is the start of a frame; when a batch ended inside a
-several-records frame, O is that frame's start and N its first record not delivered. Replaced atomically: write ``checkpoint.tmp`` (fsync it when durable),
-rename over ``checkpoint`` (then fsync the directory when durable).
+several-records frame, O is that frame's start and N its first record not delivered.
+Replaced atomically: write ``checkpoint.tmp`` (fsync it when durable), rename over
+``checkpoint`` (then fsync the directory when durable).
 
 * A commit inside a segment rewrites the checkpoint without fsync; the next ``sync()`` makes it
   durable. So a process crash re-delivers at most the batch in flight, and a power cut at most

@@ -458,6 +458,7 @@ def main() -> None:
     parser.add_argument("--udp-events", type=int, default=300_000, help="0 skips UDP")
     parser.add_argument("--python-sender", action="store_true")
     parser.add_argument("--no-e2e", action="store_true", help="skip (c)")
+    parser.add_argument("--udp-only", action="store_true", help="only the UDP loss part")
     parser.add_argument("--send", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.send:
@@ -470,7 +471,7 @@ def main() -> None:
         print(
             f"{'':26}{'events/s':>10} {'ev/CPU-s':>10}   {'ratio (wall)':>12} {'ratio (CPU)':>12}"
         )
-        for per in (1, args.batch):
+        for per in () if args.udp_only else (1, args.batch):
             datagrams = make_datagrams(args.events, per)
             rows = [("(a) bare receiver", bare(work, datagrams, args.events, sender))]
             rows.append(("(b) intake → queue", intake(work, datagrams, args.events, sender)))

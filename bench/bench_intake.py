@@ -477,7 +477,10 @@ def udp_loss(work: Path, count: int, rcvbuf: int) -> None:
 def hold(sizes: list[int]) -> None:
     """How many one-event datagrams a loopback UDP receive buffer of each size holds."""
     datagram = make_datagrams(1, 1)[0]
-    in_backlog = datagram_module.BACKLOG_BYTES // (len(datagram) + datagram_module._OVERHEAD)
+    per_datagram = (
+        len(datagram) + datagram_module._PER_DATAGRAM + datagram_module._PER_CHUNK / BATCH
+    )
+    in_backlog = int(datagram_module.BACKLOG_BYTES // per_datagram)
     print(
         f"UDP receive buffer on loopback, {len(datagram)}-byte datagrams (root={os.geteuid() == 0}"
         f"; the agent's backlog, {datagram_module.BACKLOG_BYTES >> 20} MiB, holds {in_backlog:,}):"

@@ -18,7 +18,8 @@ from structlog.testing import capture_logs
 from tests.intake.test_forward import T0, Rig, level_up
 from traits_agent.intake import datagram as datagram_module
 from traits_agent.intake.datagram import (
-    _OVERHEAD,
+    _PER_CHUNK,
+    _PER_DATAGRAM,
     Backlog,
     bind_udp,
     bind_unix_datagram,
@@ -213,7 +214,7 @@ async def test_the_backlog_is_bounded(rig, tmp_path, monkeypatch) -> None:
     seen: list[int] = []
 
     def sink(burst: list[bytes]) -> int:
-        seen.append(backlog.bytes + sum(len(d) + _OVERHEAD for d in burst))
+        seen.append(backlog.bytes + sum(len(d) + _PER_DATAGRAM for d in burst))
         return rig.ingest.handle(burst)
 
     sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -239,7 +240,7 @@ async def test_the_backlog_is_bounded(rig, tmp_path, monkeypatch) -> None:
     finally:
         sender.close()
     assert accepted() == 500
-    one_read = BATCH * (len(event(0)) + _OVERHEAD)
+    one_read = BATCH * (len(event(499)) + _PER_DATAGRAM) + _PER_CHUNK  # the longest
     assert max(seen) <= 256 + one_read
     assert 256 <= backlog.peak <= 256 + one_read
     assert any(e["event"] == "datagram_backlog_full" for e in logs)
@@ -262,6 +263,27 @@ async def test_a_stop_handles_the_backlog(rig, tmp_path, monkeypatch) -> None:
 
         await nursery.start(partial(serve_datagrams, sock, sink, name="udp", on_error=print))
     assert accepted() == 100
+
+
+def test_the_backlog_hands_out_slices_in_order(monkeypatch) -> None:
+    """Reads of 1, 5 and 3 datagrams come out in order, in slices of at most 4 datagrams and
+    at most 10 bytes (one larger datagram alone); what the sink puts back comes first; an
+    emptied backlog counts 0 bytes."""
+    monkeypatch.setattr(datagram_module, "DRAIN_MAX", 4)
+    monkeypatch.setattr(datagram_module, "DRAIN_MAX_BYTES", 10)
+    backlog = Backlog(max_bytes=1 << 20)
+    reads = [[b"a"], [b"bb", b"c", b"", b"dddddddddddd", b"e"], [b"f", b"g", b"h"]]
+    for read in reads:
+        backlog.add(read)
+    assert backlog.bytes == 20 + 9 * _PER_DATAGRAM + 3 * _PER_CHUNK
+    first = backlog.take()
+    assert first == [b"a", b"bb", b"c", b""]
+    backlog.put_back(first[2:])
+    slices = [first[:2]]
+    while backlog:
+        slices.append(backlog.take())
+    assert slices == [[b"a", b"bb"], [b"c", b""], [b"dddddddddddd"], [b"e", b"f", b"g", b"h"]]
+    assert backlog.bytes == 0 and not backlog.take()
 
 
 def test_a_privileged_agent_gets_the_receive_buffer_past_rmem_max() -> None:

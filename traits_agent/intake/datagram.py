@@ -32,6 +32,7 @@ import socket
 import sys
 from collections import deque
 from collections.abc import Callable
+from itertools import accumulate
 from pathlib import Path
 
 import structlog
@@ -47,11 +48,15 @@ log = structlog.get_logger(__name__)
 DRAIN_MAX = 1024
 #: ... and this many bytes, so 1024 large datagrams never go to the sink at once
 DRAIN_MAX_BYTES = 4 * 1024 * 1024
-#: datagrams read but not handled yet, per source: at most this many bytes (payload and
-#: `_OVERHEAD` each), plus one `recvmmsg` call's worth; ~100k small datagrams
+#: datagrams read but not handled yet, per source: at most this many bytes (as `Backlog`
+#: counts them), plus one `recvmmsg` call's worth; ~130k one-event datagrams
 BACKLOG_BYTES = 16 * 1024 * 1024
-#: a bytes object's header and its list slot, counted against BACKLOG_BYTES per datagram
-_OVERHEAD = 64
+#: counted per datagram held in `Backlog` (its size in a list: a pointer, an int past 256) ...
+_PER_DATAGRAM = 16
+#: ... and per read (the headers of its bytes object and of its list of sizes)
+_PER_CHUNK = 160
+#: counted per datagram held as a bytes object of its own (header, rounding, list slot)
+_BYTES_OBJECT = 48
 #: Linux's SO_RCVBUFFORCE, which Python's socket module does not name
 _SO_RCVBUFFORCE = getattr(
     socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None
@@ -107,64 +112,89 @@ def bind_udp(host: str, port: int) -> socket.socket:
 
 
 class Backlog:
-    """Datagrams read from the kernel but not handed to the sink yet, oldest first, kept as
-    slices of at most `DRAIN_MAX` datagrams and `DRAIN_MAX_BYTES` (what the sink gets at once)."""
+    """Datagrams read from the kernel but not handed to the sink yet, oldest first.
+
+    Kept compact, because its size decides how long a burst it absorbs: each read's datagrams
+    as one bytes object and the list of their sizes (a 109-byte datagram costs ~125 bytes
+    here, ~150 as a bytes object of its own, ~832 in the kernel's receive buffer). `take` cuts
+    the oldest out again, at most `DRAIN_MAX` datagrams and `DRAIN_MAX_BYTES` at a time: what
+    the sink gets in one call."""
 
     def __init__(self, max_bytes: int = BACKLOG_BYTES) -> None:
         self.max_bytes = max_bytes
-        #: bytes held, as counted against max_bytes (payload + _OVERHEAD a datagram)
+        #: bytes held, as counted against max_bytes (see `_PER_DATAGRAM`, `_PER_CHUNK`)
         self.bytes = 0
         #: the most it held since it was made
         self.peak = 0
-        self._slices: deque[list[bytes]] = deque()
-        self._sizes: deque[int] = deque()
+        # per read: [datagrams joined, their sizes, how many were taken, at which offset]
+        self._chunks: deque[list] = deque()
+        # what the sink did not take yet (`put_back`): handed over first
+        self._front: list[bytes] = []
+        self._front_bytes = 0
 
     def __bool__(self) -> bool:
-        return bool(self._slices)
+        return bool(self._chunks) or bool(self._front)
 
     def room(self) -> bool:
         return self.bytes < self.max_bytes
 
     def add(self, datagrams: list[bytes]) -> int:
         """Append freshly read datagrams; returns their bytes as counted."""
-        size = sum(map(len, datagrams)) + _OVERHEAD * len(datagrams)
-        slices, sizes = self._slices, self._sizes
-        if (
-            slices
-            and len(slices[-1]) + len(datagrams) <= DRAIN_MAX
-            and (sizes[-1] + size <= DRAIN_MAX_BYTES)
-        ):
-            slices[-1].extend(datagrams)
-            sizes[-1] += size
-        elif len(datagrams) <= DRAIN_MAX and size <= DRAIN_MAX_BYTES:
-            slices.append(datagrams)
-            sizes.append(size)
-        else:  # one read holds more than a slice may (large datagrams): split it
-            for d in datagrams:
-                one = len(d) + _OVERHEAD
-                if not slices or len(slices[-1]) >= DRAIN_MAX or sizes[-1] + one > DRAIN_MAX_BYTES:
-                    slices.append([])
-                    sizes.append(0)
-                slices[-1].append(d)
-                sizes[-1] += one
-        self.bytes += size
+        blob = datagrams[0] if len(datagrams) == 1 else b"".join(datagrams)
+        self._chunks.append([blob, list(map(len, datagrams)), 0, 0])
+        counted = len(blob) + _PER_DATAGRAM * len(datagrams) + _PER_CHUNK
+        self.bytes += counted
         self.peak = max(self.peak, self.bytes)
-        return size
+        return counted
 
     def take(self) -> list[bytes]:
-        """The oldest slice ([] when empty)."""
-        if not self._slices:
-            return []
-        self.bytes -= self._sizes.popleft()
-        return self._slices.popleft()
+        """The oldest datagrams, at most a slice's worth ([] when empty)."""
+        if self._front:
+            out, self._front = self._front, []
+            self.bytes -= self._front_bytes
+            self._front_bytes = 0
+            return out
+        out: list[bytes] = []
+        room, nbytes, counted = DRAIN_MAX, 0, 0
+        chunks = self._chunks
+        while chunks and room:
+            chunk = chunks[0]
+            blob, sizes, i, at = chunk
+            first, start = i, at
+            if i == 0 and len(sizes) <= room and nbytes + len(blob) <= DRAIN_MAX_BYTES:
+                # the whole read (the common case): cut it at its sizes in one go
+                ends = list(accumulate(sizes))
+                out += map(blob.__getitem__, map(slice, [0, *ends], ends))
+                room -= len(sizes)
+                nbytes += len(blob)
+                counted += len(blob) + _PER_DATAGRAM * len(sizes) + _PER_CHUNK
+                chunks.popleft()
+                continue
+            while i < len(sizes):
+                size = sizes[i]
+                if not room or (out and nbytes + size > DRAIN_MAX_BYTES):
+                    room = 0
+                    break
+                out.append(blob[at : at + size])  # the whole blob: the same object, no copy
+                at += size
+                nbytes += size
+                i += 1
+                room -= 1
+            counted += at - start + _PER_DATAGRAM * (i - first)
+            if i == len(sizes):
+                chunks.popleft()
+                counted += _PER_CHUNK
+            else:
+                chunk[2], chunk[3] = i, at
+        self.bytes -= counted
+        return out
 
     def put_back(self, datagrams: list[bytes]) -> None:
         """Return the part of a slice the sink did not take yet: it goes first again."""
         if datagrams:
-            size = sum(map(len, datagrams)) + _OVERHEAD * len(datagrams)
-            self._slices.appendleft(datagrams)
-            self._sizes.appendleft(size)
-            self.bytes += size
+            self._front = datagrams
+            self._front_bytes = sum(map(len, datagrams)) + _BYTES_OBJECT * len(datagrams)
+            self.bytes += self._front_bytes
 
 
 async def serve_datagrams(

@@ -10,14 +10,17 @@ Draining comes first, handling second. A burst from a Python sender (~190k one-e
 datagrams/s) arrives faster than one core can handle it (~120k/s), so part of it must wait; in
 the kernel a small datagram on loopback is charged ~832 bytes of receive buffer (its socket
 buffer's truesize: a 109-byte datagram, `bench_intake.py --hold` prints it), so an 8 MiB buffer
-holds ~20k of them: 0.1 s of such a burst. Read out at once, the same datagram costs ~170 bytes
-of our memory. So each round first reads everything the kernel holds into the `Backlog` (at
-most `BACKLOG_BYTES`), then hands its oldest slice (at most `DRAIN_MAX` datagrams,
-`DRAIN_MAX_BYTES`) to the sink, then lets the other tasks run. Reading costs ~1 µs a datagram,
-handling ~6 µs, so the kernel's buffer is emptied every few ms while a burst lasts, and the
-backlog is worked off after it. The backlog's memory is held only while a burst is queued.
-When it is full the loop stops reading and the kernel drops what its buffer cannot hold, as
-before (counted in /proc/net/snmp RcvbufErrors; `udp_rcvbuf_errors` in the metrics);
+holds ~20k of them: 0.1 s of such a burst. Read out at once, the same datagram costs ~127 bytes
+of our memory (`Backlog` keeps it compact). So each round first reads everything the kernel
+holds into the `Backlog` (at most `BACKLOG_BYTES`), then hands its oldest slice (at most
+`DRAIN_MAX` datagrams, `DRAIN_MAX_BYTES`) to the sink, then lets the other tasks run. Reading
+costs ~1.1 µs a datagram (~0.4 more in and out of the backlog), handling ~3.5 µs, so the
+kernel's buffer is emptied every few ms while a burst lasts, and the backlog is worked off
+after it. The kernel's buffer still has to cover the gaps between two reads (our slice, the
+other tasks' turns, the process descheduled on a busy host): with 1 MiB a run lost 7.5 % with
+room in the backlog, with 8 MiB none. The backlog's memory is held only while a burst is
+queued. When it is full the loop stops reading and the kernel drops what its buffer cannot
+hold, as before (counted in /proc/net/snmp RcvbufErrors; `udp_rcvbuf_errors` in the metrics);
 `datagram_backlog_full` is logged.
 
 SO_REUSEPORT worker processes were considered (issue 12): the kernel spreads datagrams over

@@ -31,7 +31,9 @@ agent's resident memory before the burst and at its peak.
 `--hold` prints how many one-event datagrams a UDP receive buffer of each size holds on
 loopback (the kernel charges each its socket buffer's truesize, not its length) against what
 the agent's in-memory backlog holds; `--drain` the CPU cost per datagram of reading a full
-socket with `recv` per datagram and with `recvmmsg` (`intake/mmsg.py`), same run.
+socket with `recv` per datagram and with `recvmmsg` (`intake/mmsg.py`), same run;
+`--reuseport` how the kernel spreads one sender's datagrams over two SO_REUSEPORT sockets
+(why worker processes would not share a burst).
 
     python bench/bench_intake.py [--events 200000] [--batch 50] [--udp-events 300000]
     python bench/bench_intake.py --udp-only [--udp-rcvbuf 8388608 ...] [--hold] [--drain]
@@ -509,6 +511,36 @@ def hold(sizes: list[int]) -> None:
         )
 
 
+def reuseport_spread(count: int = 2000) -> None:
+    """Datagrams from 1 and from 8 sender sockets over two SO_REUSEPORT receivers."""
+    receivers: list[socket.socket] = []
+    for _ in range(2):
+        r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        r.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        r.bind(("127.0.0.1", receivers[0].getsockname()[1] if receivers else 0))
+        r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        r.setblocking(False)
+        receivers.append(r)
+    address = receivers[0].getsockname()
+    for n in (1, 8):
+        senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+        for i in range(count):
+            senders[i % n].sendto(b"x" * 100, address)
+        got = []
+        for r in receivers:
+            k = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    r.recv(128)
+                    k += 1
+            got.append(k)
+        for s in senders:
+            s.close()
+        print(f"SO_REUSEPORT, {count} datagrams from {n} sender socket(s): per receiver {got}")
+    for r in receivers:
+        r.close()
+
+
 def drain_cost(count: int) -> None:
     """CPU per datagram to read a full socket: recv per datagram vs recvmmsg."""
     datagram = make_datagrams(1, 1)[0]
@@ -563,6 +595,7 @@ def main() -> None:
     )
     parser.add_argument("--hold", action="store_true", help="datagrams a UDP buffer holds")
     parser.add_argument("--drain", action="store_true", help="recv vs recvmmsg cost")
+    parser.add_argument("--reuseport", action="store_true", help="one sender over 2 sockets")
     parser.add_argument("--send", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.send:
@@ -594,6 +627,8 @@ def main() -> None:
             hold([106496, 1 << 20, 4 << 20, 8 << 20, 16 << 20, 32 << 20])
         if args.drain:
             drain_cost(10_000)
+        if args.reuseport:
+            reuseport_spread()
         if args.udp_events:
             for rcvbuf in args.udp_rcvbuf or [package_rcvbuf()]:
                 udp_loss(work, args.udp_events, rcvbuf)

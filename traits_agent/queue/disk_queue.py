@@ -388,7 +388,7 @@ class DiskQueue:
                 self._recreate_dir()
             if self._drained_active():  # a commit could not rotate while we were syncing
                 self._rotate_locked()
-                self._delete_delivered()
+                # (the segment it leaves is deleted by _settle below, behind its checkpoint)
             try:
                 self._flush_locked()
             except QueueWriteError as e:

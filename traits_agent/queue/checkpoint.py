@@ -44,6 +44,7 @@ import errno
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from zlib import crc32
 
@@ -186,25 +187,25 @@ class CheckpointFile:
         """
         if not durable:
             with self._lock:
-                cp = self._newest(cp, final)
-                if cp is None:
+                newest = self._newest(cp, final)
+                if newest is None:
                     return
                 if self._fd is not None:
-                    self._retrying(lambda: self._put(cp, self._free_slot()))
+                    self._retrying(lambda: self._put(newest, self._free_slot()))
                     return
             # no file to write in place yet (not at open: the queue's first store is durable)
         with self._durable_lock:
             with self._lock:
-                cp = self._newest(cp, final, durable=True)
-                if cp is None:
+                to_store = self._newest(cp, final, durable=True)
+                if to_store is None:
                     return
                 if self._fd is None or self._unlinked():
                     # the first store of this run (v1 or damaged file, or none) or the file
                     # was deleted behind our back: a fresh file, renamed into place
-                    self._retrying(lambda: self._create(cp))
+                    self._retrying(lambda: self._create(to_store))
                     return
                 slot = self._free_slot()
-                gen = self._retrying(lambda: self._put(cp, slot))
+                gen = self._retrying(lambda: self._put(to_store, slot))
                 self._syncing_slot = slot
                 fd = self._fd
             try:
@@ -289,7 +290,7 @@ class CheckpointFile:
         self._last = cp
         return gen
 
-    def _retrying(self, write):  # type: ignore[no-untyped-def]
+    def _retrying(self, write: Callable[[], int]) -> int:
         """`write()`, once more after releasing the reserve if the disk is full."""
         try:
             return write()

@@ -54,8 +54,11 @@ async def test_kill_9_while_a_backlog_drains(workdir, api):
         mid_drain = []  # delivered so far at each kill
         for _ in range(4):  # kill it mid-drain, again and again
             agent = AgentProcess(workdir, config)
+            before = len(api.received["level_ups"])
             await agent.start()
-            await trio.sleep(rng.uniform(0.0, 0.06))
+            # once it has delivered something (a batch, maybe more), at a random moment
+            await api.wait_until(lambda: len(api.received["level_ups"]) > before)  # noqa: B023
+            await trio.sleep(rng.uniform(0.0, 0.03))
             await agent.kill()
             kills += 1
             mid_drain.append(len(delivered_ids(api)))

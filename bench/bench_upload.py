@@ -13,7 +13,16 @@ another process: its CPU is not counted):
 Rounds of each alternate (so that whatever else the machine does hits both alike); each row
 shows the median over rounds of user and system CPU per POST, and the ratio of (u) to (r).
 
+`--burst N` then sends N events (50 per datagram, the C sender of `bench_intake.py`) to the
+agent as a subprocess (`traits-agent run`, as `bench_intake.py` row (c) runs it) and prints,
+from the fake API's record of each request's arrival: the time from the first datagram sent to
+the first POST, the gaps between POSTs while the sender was still sending and after it was
+done. While a burst lasts intake comes first: the datagram source hands one slice to the sink
+per scheduler round and a POST needs several rounds (each socket operation of httpx on trio is
+a checkpoint), so POSTs are spaced by several slices.
+
     python bench/bench_upload.py [--posts 100] [--rounds 7] [--items 1000] [--log-level warning]
+    python bench/bench_upload.py --rounds 0 --burst 1000000
 
 Prints figures; asserts nothing.
 """
@@ -21,8 +30,10 @@ Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +58,7 @@ from traits_agent.observe.metrics import Counters
 from traits_agent.schema import RESOURCES
 
 KEY = "bench-key"
+AUTH = ["--api-key", KEY]
 ACTIONS = RESOURCES["actions"]
 
 
@@ -99,14 +111,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--items", type=int, default=1000, help="items per POST")
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--burst", type=int, default=0, help="events sent to the agent")
     args = parser.parse_args()
+    if args.rounds:
+        per_post(args)
+    if args.burst:
+        burst(args.burst, 50)
+
+
+def per_post(args: argparse.Namespace) -> None:
+    """Rows (r) and (u)."""
     agent_log.setup(level=args.log_level, fmt="json", stream=open("/dev/null", "w"))  # noqa: SIM115
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     api = subprocess.Popen(
-        [sys.executable, "-m", "traits_agent", "fake-api", "--listen", f"127.0.0.1:{port}"]
-        + ["--api-key", KEY],
+        [sys.executable, "-m", "traits_agent", "fake-api", "--listen", f"127.0.0.1:{port}", *AUTH],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -166,7 +186,49 @@ def main() -> None:
         total = statistics.median(u + s for u, s in rows)
         ref = ref if ref is not None else total
         lo, hi = min(u for u, _ in rows), max(u for u, _ in rows)
-        print(f"  {label:22}{user:8.3f}{sys_:8.3f}{total:8.3f}{total / ref:8.2f}   {lo:.3f}..{hi:.3f}")
+        print(
+            f"  {label:22}{user:8.3f}{sys_:8.3f}{total:8.3f}{total / ref:8.2f}   {lo:.3f}..{hi:.3f}"
+        )
+
+
+def burst(events: int, per: int) -> None:
+    """Time to the first POST and the gaps between POSTs while a datagram burst is taken."""
+    import bench_intake
+
+    work = Path(tempfile.mkdtemp(prefix="ta-bench-upload-"))
+    try:
+        datagrams = bench_intake.make_datagrams(events, per)
+        sender = bench_intake.Sender(work, False)
+        path = str(work / "events.sock")
+        agent = bench_intake.AgentProcess(work, unix=path, receive_buffer=0)
+        try:
+            t0 = time.time()
+            sender.start(datagrams, "unix", path).wait()
+            sent = time.time()
+            wait_for(lambda: fake_count(agent.url) >= events, interval=0.01)
+            done = time.time()
+            with urllib.request.urlopen(f"{agent.url}/_fake/requests") as r:
+                requests = json.loads(r.read())["requests"]
+        finally:
+            agent.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    arrivals = sorted(r["wall_time"] for r in requests if r["resource"])
+    pairs = list(itertools.pairwise(arrivals))
+    during = sorted((b - a) * 1e3 for a, b in pairs if b <= sent)
+    after = sorted((b - a) * 1e3 for a, b in pairs if a >= sent)
+    print(
+        f"burst of {events:,} events, {per} per datagram ({sender.kind} sender): sent in "
+        f"{(sent - t0) * 1e3:.0f} ms, all delivered at {(done - t0) * 1e3:.0f} ms; "
+        f"first POST at {(arrivals[0] - t0) * 1e3:.0f} ms; {len(arrivals)} POSTs, "
+        f"{sum(1 for a in arrivals if a <= sent)} while sending"
+    )
+    for label, gaps in (("while sending", during), ("after", after)):
+        if gaps:
+            print(
+                f"  gap between POSTs {label}: median {statistics.median(gaps):.1f} ms, "
+                f"p90 {gaps[int(len(gaps) * 0.9)]:.1f} ms, max {gaps[-1]:.1f} ms"
+            )
 
 
 if __name__ == "__main__":

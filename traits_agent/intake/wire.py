@@ -264,6 +264,11 @@ def event_count(obj: Any) -> int:
     return 1 if len(obj) >= 3 else 0
 
 
+def check_tag(tag: Any) -> str:
+    """`tag` as a valid tag (a bytes tag decoded); raises `WireError("bad_tag")`."""
+    return _tag(tag)
+
+
 def _tag(tag: Any) -> str:
     if type(tag) is bytes:
         try:

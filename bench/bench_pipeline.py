@@ -129,6 +129,7 @@ def run(events: int, per_datagram: int, fsync: str, outage: bool = False) -> Non
         )
         t_ingested = time.perf_counter()
         rss_backlog = peak_rss_kib(agent.pid)
+        disk = disk_usage(work / "queue", events) if outage else None
         if outage:
             fake_admin(url, "DELETE", "/_fake/faults")
             t0 = time.perf_counter()  # from here: draining the backlog
@@ -143,7 +144,8 @@ def run(events: int, per_datagram: int, fsync: str, outage: bool = False) -> Non
                 f"  backlog drain: {events / (t_delivered - t0):>10,.0f} events/s after the API "
                 f"came back ({t_delivered - t0:.2f} s)\n"
                 f"  agent RSS: idle peak {rss_idle / 1024:.1f} MiB, with the whole backlog queued "
-                f"{rss_backlog / 1024:.1f} MiB, after draining {rss_peak / 1024:.1f} MiB"
+                f"{rss_backlog / 1024:.1f} MiB, after draining {rss_peak / 1024:.1f} MiB\n"
+                f"  on disk:   {disk}"
             )
             return
         print(
@@ -165,6 +167,21 @@ def run(events: int, per_datagram: int, fsync: str, outage: bool = False) -> Non
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def disk_usage(queue_dir: Path, events: int) -> str:
+    """The queue's files with the whole backlog queued: bytes per event (apparent size and
+    allocated blocks), and how much of it is the per-record frame header."""
+    from traits_agent.queue.framing import HEADER_SIZE
+
+    files = [f for f in queue_dir.rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    blocks = sum(f.stat().st_blocks * 512 for f in files)
+    return (
+        f"{size / events:.1f} B/event ({blocks / events:.1f} B/event allocated, "
+        f"{len(files)} files); of it the {HEADER_SIZE}-byte frame header per record: "
+        f"{HEADER_SIZE / (size / events):.0%}, the payload ~{size / events - HEADER_SIZE:.0f} B"
+    )
 
 
 def _ok(fn):

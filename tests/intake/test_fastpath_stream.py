@@ -1,0 +1,250 @@
+"""The stream fast path (Forward / PackedForward values on a Forward connection) against the
+general path (`wire.decode_value` + `schema.normalize`).
+
+It never decides anything: for a value it either refuses (None) or takes it whole — then the
+general path must decode the same value without a WireError, into as many events — and for a
+slice of the taken events it either hands back exactly the payloads the general path would store
+(every event accepted, nothing stripped) or None, and the general path takes that slice. Checked
+on generated values, well-formed and broken, in both forms, and through a real ForwardServer for
+the counters and the queues.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+
+from tests.generated_events import datagrams
+from tests.intake.test_forward import Rig, acks, level_up, pack, start_server
+from traits_agent.errors import WireError
+from traits_agent.intake import forward as forward_module
+from traits_agent.intake.fastpath import StreamFastPath
+from traits_agent.intake.wire import STREAM_BOUNDS, decode_value, stream_unpacker
+from traits_agent.schema import Rejected, normalize, resolve_tag
+
+NOW = 1700000000.5
+
+
+def fast_path() -> StreamFastPath:
+    return StreamFastPath(STREAM_BOUNDS.max_entries, STREAM_BOUNDS.max_inflated)
+
+
+def outcomes(value: list[Any]) -> list[tuple[Any, ...]]:
+    """The general path's decision per event of a value it decodes."""
+    out: list[tuple[Any, ...]] = []
+    for entry in decode_value(value)[0]:
+        resource = resolve_tag(entry.tag)
+        if resource is None:
+            out.append(("rejected", "unknown_resource"))
+            continue
+        try:
+            n = normalize(resource, entry.record, NOW if entry.time is None else entry.time)
+        except Rejected as e:
+            out.append(("rejected", e.reason))
+        else:
+            out.append(("ok", n.item, n.stripped))
+    return out
+
+
+def stream_values(seed: int, count: int) -> list[Any]:
+    """Values as a Forward connection's Unpacker yields them: the generated datagrams' values,
+    and each Forward array also as PackedForward (size right, wrong or absent; raw str; gzip)."""
+    out: list[Any] = []
+    for i, data in enumerate(datagrams(seed=seed, count=count)):
+        unpacker = stream_unpacker(1 << 24)
+        unpacker.feed(data)
+        try:
+            values = list(unpacker)
+        except Exception:
+            continue
+        for value in values:
+            out.append(value)
+            if type(value) is not list or len(value) != 2 or type(value[1]) is not list:
+                continue
+            try:
+                stream = b"".join(msgpack.packb(p, use_bin_type=True) for p in value[1])
+            except (TypeError, ValueError, OverflowError, UnicodeEncodeError):
+                continue
+            n = len(value[1])
+            option: dict[str, Any] = [{"size": n}, {"size": n + 1}, {}, {"size": "x"}][i % 4]
+            out.append([value[0], stream, option])
+            out.append([value[0], gzip.compress(stream), {"compressed": "gzip", "size": n}])
+    return out
+
+
+def test_the_stream_fast_path_agrees_with_the_general_path() -> None:
+    fast = fast_path()
+    taken = refused = whole = packed = 0
+    for value in stream_values(seed=21, count=6000):
+        if type(value) is not list:
+            continue
+        got = fast.take(value, NOW)
+        if got is None:
+            refused += 1
+            continue
+        taken += 1
+        packed += type(value[1]) is bytes
+        try:
+            general = outcomes(value)
+        except WireError as e:  # pragma: no cover - the assertion below says which
+            pytest.fail(f"the fast path took a value the general path refuses: {e} {value}")
+        assert len(general) == len(got.events), value
+        assert got.option == decode_value(value)[1]
+        # per event (on a fresh take: payloads fill in timestamps), then for the whole value
+        one = fast.take(value, NOW)
+        for i, outcome in enumerate(general):
+            payload = fast.payloads(one, i, i + 1)
+            if payload is not None:
+                assert outcome[0] == "ok" and outcome[2] == (), (value, i, outcome)
+                assert json.loads(payload[0]) == outcome[1], (value, i)
+        payloads = fast.payloads(got, 0, len(got.events))
+        if payloads is not None:
+            whole += 1
+            assert [json.loads(p) for p in payloads] == [o[1] for o in general]
+    assert taken > 500 and refused > 500 and whole > 300 and packed > 300, (
+        taken,
+        refused,
+        whole,
+        packed,
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        ["level_ups", [[1, level_up(1)], [None, level_up(2)]]],
+        ["level_ups", [[1, level_up(1)]], {"chunk": "c"}],
+        ["game.level_ups", b"".join(pack([1.5, level_up(i)]) for i in range(3)), {"size": 3}],
+        ["level_ups", b"".join(pack([1, level_up(i)]) for i in range(3)), {"size": 7}],
+        ["level_ups", b"".join(pack([1, level_up(i)]) for i in range(20))],
+        ["level_ups", [[[1, {"m": 1}], level_up(1)], [[2, None], level_up(2)]]],  # metadata form
+    ],
+)
+def test_common_stream_forms_take_the_fast_path(value: list[Any]) -> None:
+    value = msgpack.unpackb(pack(value))  # as the Unpacker gives it
+    got = fast_path().take(value, NOW)
+    assert got is not None
+    payloads = fast_path().payloads(got, 0, len(got.events))
+    assert payloads is not None
+    assert [json.loads(p) for p in payloads] == [o[1] for o in outcomes(value)]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        ["level_ups", 1, level_up(1)],  # a Message
+        ["level_ups", [[1, level_up(1)]], {"chunk": "c"}, 1],
+        ["level_ups", [[1, level_up(1)]], 5],
+        ["playfab", [[1, {"a": 1}]]],
+        ["nope", [[1, level_up(1)]]],
+        ["x" * 1100 + ".level_ups", [[1, level_up(1)]]],  # a tag over MAX_TAG_LENGTH
+        ["level_ups", [[1, level_up(1), 1]]],
+        ["level_ups", [[True, level_up(1)]]],
+        ["level_ups", [[float("nan"), level_up(1)]]],
+        ["level_ups", [[1, {**level_up(1), "extra": 1}]]],
+        ["level_ups", b"".join(pack([1, level_up(i)]) for i in range(3))[:-1]],
+        ["level_ups", pack([1, level_up(1)]) + b"\xc1"],
+        ["level_ups", pack([1, level_up(1)]), {"compressed": "zstd"}],
+        ["level_ups", b"not gzip", {"compressed": "gzip"}],
+        ["level_ups", pack([msgpack.ExtType(5, b"12345678"), level_up(1)])],
+        ["level_ups", b""],
+    ],
+)
+def test_anything_else_takes_the_general_path(value: list[Any]) -> None:
+    value = msgpack.unpackb(pack(value), strict_map_key=False)
+    assert fast_path().take(value, NOW) is None
+
+
+def test_a_tag_that_is_not_utf8_takes_the_general_path() -> None:
+    tag = b"\xff.level_ups"
+    data = b"\x92" + bytes((0xA0 | len(tag),)) + tag + pack([[1, level_up(1)]])
+    unpacker = stream_unpacker(1 << 20)
+    unpacker.feed(data)
+    (value,) = list(unpacker)  # the str comes with a lone surrogate: bad_tag for wire
+    with pytest.raises(WireError):
+        decode_value(value)
+    assert fast_path().take(value, NOW) is None
+
+
+def test_more_events_than_the_bound_take_the_general_path() -> None:
+    fast = StreamFastPath(max_entries=5, max_inflated=1 << 20)
+    six = [[1, level_up(i)] for i in range(6)]
+    assert fast.take(["level_ups", six], NOW) is None
+    stream = b"".join(pack(p) for p in six)
+    assert fast.take(["level_ups", stream], NOW) is None
+    assert fast.take(["level_ups", stream, {"size": 6}], NOW) is None
+    assert fast.take(["level_ups", six[:5]], NOW) is not None
+
+
+# --------------------------------------------------------------------------- through the server
+
+
+async def run_chunk(directory: Path, data: bytes) -> Rig:
+    """`data` (one acked chunk "c") through a real ForwardServer; the rig afterwards."""
+    rig = Rig(directory)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rig.autosync)
+        _, connect = await start_server(nursery, rig, "unix", directory)
+        async with await connect() as stream:
+            await stream.send_all(data)
+            assert await acks(stream, 1) == [{"ack": "c"}]
+        nursery.cancel_scope.cancel()
+    return rig
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+async def test_a_chunk_with_bad_events_counts_and_stores_as_the_general_path(
+    tmp_path, monkeypatch, compressed
+) -> None:
+    """A 1,000-event PackedForward chunk, slices of 100, with events the schema rejects or
+    strips in some slices: the fast path stores the good slices, the general path the others;
+    the queue and every counter come out as with the general path alone."""
+    monkeypatch.setattr(forward_module, "SLICE_ENTRIES", 100)
+    events = [[1546355045.5, level_up(i)] for i in range(1000)]
+    events[150][1] = {**level_up(150), "level": "high"}  # rejected
+    events[420][1] = {**level_up(420), "extra": 1}  # stripped
+    events[421][0] = None  # the receive time
+    stream = b"".join(pack(e) for e in events)
+    option: dict[str, Any] = {"chunk": "c", "size": 1000}
+    if compressed:
+        stream, option["compressed"] = gzip.compress(stream), "gzip"
+    data = pack(["level_ups", stream, option])
+    fast_rig = await run_chunk(tmp_path / "fast", data)
+    with monkeypatch.context() as patch:
+        patch.setattr(StreamFastPath, "take", lambda self, value, now: None)
+        general_rig = await run_chunk(tmp_path / "general", data)
+    try:
+        assert len(fast_rig.items("level_ups")) == 999
+        assert fast_rig.items("level_ups") == general_rig.items("level_ups")
+        for name in ("received_events", "rejected_events", "stripped_fields", "accepted_events"):
+            assert fast_rig.counters.total(name) == general_rig.counters.total(name), name
+        assert fast_rig.counters.by_label("rejected_events", "reason") == {"wrong_type": 1}
+    finally:
+        fast_rig.close()
+        general_rig.close()
+
+
+async def test_a_clean_packed_chunk_never_takes_the_general_path(tmp_path, monkeypatch) -> None:
+    """The point of the fast path: a PackedForward chunk of valid events is stored without a
+    Python dict per event (the general path's `store_entries` is not called)."""
+    from traits_agent.intake.ingest import Ingest
+
+    def no(self, entries, now):
+        raise AssertionError("the general path was taken")
+
+    monkeypatch.setattr(Ingest, "store_entries", no)
+    stream = b"".join(pack([1546355045, level_up(i)]) for i in range(500))
+    data = pack(["level_ups", stream, {"chunk": "c", "size": 500}])
+    rig = await run_chunk(tmp_path, data)
+    try:
+        assert rig.items("level_ups") == [level_up(i) for i in range(500)]
+        assert rig.counters.get("accepted_events", resource="level_ups") == 500
+        assert rig.counters.get("received_events") == 500
+    finally:
+        rig.close()

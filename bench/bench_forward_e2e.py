@@ -254,24 +254,72 @@ def run_bare(work: Path, blobs: list[Path], args: argparse.Namespace) -> tuple[f
     return float(t1) - t0, float(cpu)
 
 
+# --------------------------------------------------------------------------- a counting sink
+
+
+def sink_main(port_file: str) -> None:
+    """A counting stand-in for the API (run as its own process): answers every POST 201 and
+    counts its items (`{"<key>": [items]}`, the items not looked at), so that (c') measures
+    the agent and not the fake API's validation; `GET /_fake/received` as the fake API."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import msgspec
+
+    decode = msgspec.json.Decoder(dict[str, list[msgspec.Raw]]).decode
+    total = 0
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self, status: int, body: bytes) -> None:
+            # one write: headers and body apart would meet Nagle and delayed ACKs (40 ms)
+            head = f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\n"
+            head += f"Content-Length: {len(body)}\r\n\r\n"
+            self.wfile.write(head.encode() + body)
+
+        def do_POST(self) -> None:
+            nonlocal total
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            n = sum(len(v) for v in decode(body).values())
+            total += n
+            self._answer(201, b'{"code":201,"message":"ingested","data":null}')
+
+        def do_GET(self) -> None:
+            self._answer(200, b'{"total": %d}' % total)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    Path(port_file).write_text(str(server.server_address[1]))
+    server.serve_forever()
+
+
 # --------------------------------------------------------------------------- (c) the agent
 
 
 class Agent:
     """The agent (Forward on loopback TCP, default fsync) and the fake API as subprocesses."""
 
-    def __init__(self, work: Path) -> None:
-        api_port, self.port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{api_port}"
+    def __init__(self, work: Path, sink: bool = False) -> None:
+        """`sink`: the counting sink instead of the fake API."""
+        self.port = free_port()
         self.control = work / "control.sock"
         self.queue = work / "queue"
         env = dict(os.environ, TRAITS_API_KEY="bench-key")
-        api = ["fake-api", "--listen", f"127.0.0.1:{api_port}", "--api-key", "bench-key"]
-        self.api = subprocess.Popen(
-            [sys.executable, "-m", "traits_agent", *api],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        if sink:
+            port_file = work / "sink.port"
+            self.api = subprocess.Popen([sys.executable, __file__, "--sink", str(port_file)])
+            api_port = int(wait_for(lambda: port_file.exists() and port_file.read_text()))
+        else:
+            api_port = free_port()
+            api = ["fake-api", "--listen", f"127.0.0.1:{api_port}", "--api-key", "bench-key"]
+            self.api = subprocess.Popen(
+                [sys.executable, "-m", "traits_agent", *api],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        self.url = f"http://127.0.0.1:{api_port}"
         config = work / "agent.toml"
         config.write_text(
             f'[api]\nendpoint = "{self.url}"\n'
@@ -308,11 +356,13 @@ class AgentRun(NamedTuple):
     rss: int  # the agent's peak RSS, KiB
 
 
-def run_agent(work: Path, blobs: list[Path], args: argparse.Namespace) -> AgentRun:
-    """(c): the agent's run, first byte to the last item at the fake API."""
+def run_agent(
+    work: Path, blobs: list[Path], args: argparse.Namespace, sink: bool = False
+) -> AgentRun:
+    """(c): the agent's run, first byte to the last item at the fake API (or the sink)."""
     sub = work / f"agent-{time.monotonic_ns()}"
     sub.mkdir()
-    agent = Agent(sub)
+    agent = Agent(sub, sink)
     try:
         clients = Clients(sub, blobs, f"127.0.0.1:{agent.port}", args.ack_window)
         c0, a0 = cpu_of(agent.agent.pid), cpu_of(agent.api.pid)
@@ -357,11 +407,18 @@ def main() -> None:
     parser.add_argument("--modes", default="packed,forward")
     parser.add_argument("--ack-window", type=int, default=0)
     parser.add_argument("--fluent-bit", help="path of a fluent-bit binary (default: PATH)")
+    parser.add_argument(
+        "--no-sink", dest="sink", action="store_false", help="skip (c'): the counting sink"
+    )
+    parser.add_argument("--sink", dest="sink_port_file", help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--bare", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         client_main(args.client[0], args.client[1], int(args.client[2]))
+        return
+    if args.sink_port_file:
+        sink_main(args.sink_port_file)
         return
     if args.bare:
         bare_main(args.bare[0], int(args.bare[1]), int(args.bare[2]), args.bare[3] == "1")
@@ -381,6 +438,7 @@ def main() -> None:
             run = run_agent(work, blobs, args)
             ref, rate = args.events / bare_wall, args.events / run.wall
             cpu, n = run.cpu, args.events
+            sunk = run_agent(work, blobs, args, sink=True) if args.sink else None
             print(f"{mode} ({size / args.events:.0f} B/event on the wire):")
             print(
                 f"  (a) bare receiver  {ref:>10,.0f} events/s  "
@@ -394,6 +452,12 @@ def main() -> None:
                 f"      (received by the agent at {n / run.stored:,.0f} events/s; the fake API "
                 f"used {run.api_cpu / n * 1e6:.2f} µs CPU/event)"
             )
+            if sunk is not None:
+                print(
+                    f"  (c') agent → sink  {n / sunk.wall:>10,.0f} events/s  "
+                    f"{sunk.cpu / n * 1e6:5.2f} µs CPU/event  (a counting HTTP sink instead "
+                    f"of the fake API; received at {n / sunk.stored:,.0f}/s)"
+                )
             print(
                 f"  ratio (c)/(a) {rate / ref:.2f} (CPU/event {bare_cpu / cpu:.2f}); "
                 f"vs the {TARGET:,}/s target {rate / TARGET:.2f}; vs issue 12's Fluent Bit "

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import re
 import struct
-from itertools import repeat
 from typing import Any, NamedTuple
 
 import msgpack
@@ -42,6 +41,7 @@ from traits_agent.schema import (
     Rejected,
     Resource,
     encode_fast,
+    encode_fast_many,
     resolve_tag,
 )
 
@@ -339,15 +339,11 @@ class StreamFastPath:
         """The JSON payloads of `taken.events[start:stop]`, or None: one of them is not fast
         (the general path then takes these events, and decides for each). Mutates the events
         (fills timestamps)."""
-        fast = taken.fast
         try:
-            out = list(
-                map(
-                    encode_fast,
-                    repeat(fast, stop - start),
-                    [e.record for e in taken.events[start:stop]],
-                    taken.times[start:stop],
-                )
+            out = encode_fast_many(
+                taken.fast,
+                [e.record for e in taken.events[start:stop]],
+                taken.times[start:stop],
             )
         except (Rejected, UnicodeEncodeError):
             return None

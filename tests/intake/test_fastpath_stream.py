@@ -11,6 +11,7 @@ the counters and the queues.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 from pathlib import Path
@@ -52,19 +53,32 @@ def outcomes(value: list[Any]) -> list[tuple[Any, ...]]:
     return out
 
 
-def stream_values(seed: int, count: int) -> list[Any]:
-    """Values as a Forward connection's Unpacker yields them: the generated datagrams' values,
-    and each Forward array also as PackedForward (size right, wrong or absent; raw str; gzip)."""
-    out: list[Any] = []
+def split(data: bytes) -> list[bytes]:
+    """The whole msgpack values of `data`, each as its bytes (as a connection's decoder
+    yields them)."""
+    skipper = msgpack.Unpacker()
+    skipper.feed(data)
+    out, start = [], 0
+    try:
+        while True:
+            skipper.skip()
+            out.append(data[start : skipper.tell()])
+            start = skipper.tell()
+    except Exception:
+        return out
+
+
+def stream_values(seed: int, count: int) -> list[tuple[bytes, Any]]:
+    """(bytes, value) as a Forward connection reads them: the generated datagrams' values, and
+    each Forward array also as PackedForward (size right, wrong or absent; gzip)."""
+    out: list[tuple[bytes, Any]] = []
     for i, data in enumerate(datagrams(seed=seed, count=count)):
-        unpacker = stream_unpacker(1 << 24)
-        unpacker.feed(data)
-        try:
-            values = list(unpacker)
-        except Exception:
-            continue
-        for value in values:
-            out.append(value)
+        for raw in split(data):
+            try:
+                value = unpack(raw)
+            except Exception:
+                continue
+            out.append((raw, value))
             if type(value) is not list or len(value) != 2 or type(value[1]) is not list:
                 continue
             try:
@@ -73,15 +87,51 @@ def stream_values(seed: int, count: int) -> list[Any]:
                 continue
             n = len(value[1])
             option: dict[str, Any] = [{"size": n}, {"size": n + 1}, {}, {"size": "x"}][i % 4]
-            out.append([value[0], stream, option])
-            out.append([value[0], gzip.compress(stream), {"compressed": "gzip", "size": n}])
+            for packed in (
+                [value[0], stream, option],
+                [value[0], gzip.compress(stream), {"compressed": "gzip", "size": n}],
+            ):
+                with contextlib.suppress(TypeError, ValueError, UnicodeEncodeError):
+                    raw = msgpack.packb(packed, use_bin_type=True)
+                    out.append((raw, unpack(raw)))
     return out
+
+
+def unpack(raw: bytes) -> Any:
+    unpacker = stream_unpacker(1 << 24)
+    unpacker.feed(raw)
+    return next(unpacker)
+
+
+def check_agreement(fast: StreamFastPath, got: Any, value: list[Any], again: Any) -> bool:
+    """`got` (a take of `value`) against the general path; `again` is a fresh take (payloads
+    fill in timestamps). True if the whole value was fast."""
+    try:
+        general = outcomes(value)
+    except WireError as e:  # pragma: no cover - the assertion says which
+        pytest.fail(f"the fast path took a value the general path refuses: {e} {value}")
+    assert len(general) == len(got.events), value
+    assert got.option == decode_value(value)[1]
+    for i, outcome in enumerate(general):
+        payload = fast.payloads(again, i, i + 1)
+        if payload is not None:
+            assert outcome[0] == "ok" and outcome[2] == (), (value, i, outcome)
+            assert json.loads(payload[0]) == outcome[1], (value, i)
+    payloads = fast.payloads(got, 0, len(got.events))
+    if payloads is None:
+        return False
+    assert [json.loads(p) for p in payloads] == [o[1] for o in general]
+    return True
 
 
 def test_the_stream_fast_path_agrees_with_the_general_path() -> None:
     fast = fast_path()
-    taken = refused = whole = packed = 0
-    for value in stream_values(seed=21, count=6000):
+    taken = refused = whole = packed = raw_taken = 0
+    for raw, value in stream_values(seed=21, count=6000):
+        got_raw = fast.take_raw(raw, NOW)
+        if got_raw is not None:
+            raw_taken += 1
+            check_agreement(fast, got_raw, value, fast.take_raw(raw, NOW))
         if type(value) is not list:
             continue
         got = fast.take(value, NOW)
@@ -90,29 +140,10 @@ def test_the_stream_fast_path_agrees_with_the_general_path() -> None:
             continue
         taken += 1
         packed += type(value[1]) is bytes
-        try:
-            general = outcomes(value)
-        except WireError as e:  # pragma: no cover - the assertion below says which
-            pytest.fail(f"the fast path took a value the general path refuses: {e} {value}")
-        assert len(general) == len(got.events), value
-        assert got.option == decode_value(value)[1]
-        # per event (on a fresh take: payloads fill in timestamps), then for the whole value
-        one = fast.take(value, NOW)
-        for i, outcome in enumerate(general):
-            payload = fast.payloads(one, i, i + 1)
-            if payload is not None:
-                assert outcome[0] == "ok" and outcome[2] == (), (value, i, outcome)
-                assert json.loads(payload[0]) == outcome[1], (value, i)
-        payloads = fast.payloads(got, 0, len(got.events))
-        if payloads is not None:
-            whole += 1
-            assert [json.loads(p) for p in payloads] == [o[1] for o in general]
-    assert taken > 500 and refused > 500 and whole > 300 and packed > 300, (
-        taken,
-        refused,
-        whole,
-        packed,
-    )
+        whole += check_agreement(fast, got, value, fast.take(value, NOW))
+    counts = (taken, refused, whole, packed, raw_taken)
+    assert taken > 500 and refused > 500 and whole > 300 and packed > 300, counts
+    assert raw_taken > 500, counts
 
 
 @pytest.mark.parametrize(
@@ -127,12 +158,13 @@ def test_the_stream_fast_path_agrees_with_the_general_path() -> None:
     ],
 )
 def test_common_stream_forms_take_the_fast_path(value: list[Any]) -> None:
-    value = msgpack.unpackb(pack(value))  # as the Unpacker gives it
-    got = fast_path().take(value, NOW)
-    assert got is not None
-    payloads = fast_path().payloads(got, 0, len(got.events))
-    assert payloads is not None
-    assert [json.loads(p) for p in payloads] == [o[1] for o in outcomes(value)]
+    raw = pack(value)
+    value = msgpack.unpackb(raw)  # as the Unpacker gives it
+    for got in (fast_path().take(value, NOW), fast_path().take_raw(raw, NOW)):
+        assert got is not None
+        payloads = fast_path().payloads(got, 0, len(got.events))
+        assert payloads is not None
+        assert [json.loads(p) for p in payloads] == [o[1] for o in outcomes(value)]
 
 
 @pytest.mark.parametrize(
@@ -157,8 +189,9 @@ def test_common_stream_forms_take_the_fast_path(value: list[Any]) -> None:
     ],
 )
 def test_anything_else_takes_the_general_path(value: list[Any]) -> None:
-    value = msgpack.unpackb(pack(value), strict_map_key=False)
-    assert fast_path().take(value, NOW) is None
+    raw = pack(value)
+    assert fast_path().take_raw(raw, NOW) is None
+    assert fast_path().take(msgpack.unpackb(raw), NOW) is None
 
 
 def test_a_tag_that_is_not_utf8_takes_the_general_path() -> None:
@@ -170,16 +203,18 @@ def test_a_tag_that_is_not_utf8_takes_the_general_path() -> None:
     with pytest.raises(WireError):
         decode_value(value)
     assert fast_path().take(value, NOW) is None
+    assert fast_path().take_raw(data, NOW) is None
 
 
 def test_more_events_than_the_bound_take_the_general_path() -> None:
     fast = StreamFastPath(max_entries=5, max_inflated=1 << 20)
     six = [[1, level_up(i)] for i in range(6)]
-    assert fast.take(["level_ups", six], NOW) is None
     stream = b"".join(pack(p) for p in six)
-    assert fast.take(["level_ups", stream], NOW) is None
-    assert fast.take(["level_ups", stream, {"size": 6}], NOW) is None
+    for value in (["level_ups", six], ["level_ups", stream], ["level_ups", stream, {"size": 6}]):
+        assert fast.take(value, NOW) is None
+        assert fast.take_raw(pack(value), NOW) is None
     assert fast.take(["level_ups", six[:5]], NOW) is not None
+    assert fast.take_raw(pack(["level_ups", six[:5]]), NOW) is not None
 
 
 # --------------------------------------------------------------------------- through the server

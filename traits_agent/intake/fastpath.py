@@ -188,6 +188,9 @@ class FastPath:
 _StreamTime = _Time | tuple[_Time, dict[Any, Any] | None]
 
 
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
 class StreamValue(NamedTuple):
     """A stream value the fast path took apart: all its events are typed pairs."""
 
@@ -238,6 +241,7 @@ class StreamFastPath:
         self._by_tag: dict[str, Resource | None] = {}
         # resource name → (the pair struct, a msgpack decoder of a list of them)
         self._types: dict[str, tuple[Any, msgspec.msgpack.Decoder]] = {}
+        self._entries: dict[str, msgspec.msgpack.Decoder] = {}
 
     def _resource(self, tag: Any) -> Resource | None:
         if type(tag) is not str:
@@ -269,6 +273,71 @@ class StreamFastPath:
             )
             types = self._types[resource.name] = (list[pair], msgspec.msgpack.Decoder(list[pair]))
         return types
+
+    def _entry_decoder(self, resource: Resource) -> msgspec.msgpack.Decoder:
+        """A decoder of a whole `[tag, events | bin, option?]` value of `resource`."""
+        decoder = self._entries.get(resource.name)
+        if decoder is None:
+            list_type = self._pair_types(resource)[0]
+            entry = msgspec.defstruct(
+                f"{resource.name}_stream_entry",
+                [
+                    ("tag", str),
+                    ("body", list_type | bytes),  # a raw str (old Fluentd): `take`
+                    ("option", dict[str, Any] | None, None),
+                ],
+                array_like=True,
+                forbid_unknown_fields=True,
+            )
+            decoder = self._entries[resource.name] = msgspec.msgpack.Decoder(entry)
+        return decoder
+
+    def take_raw(self, raw: bytes, now: float) -> StreamValue | None:
+        """`take` for a value still in its msgpack bytes (as the connection's `_Decoder`
+        yields it): the envelope and a Forward array's events are decoded by msgspec straight
+        from the bytes, with no Python object per event. None: the caller unpacks the bytes
+        and goes on as with any value (`take`, then the general path)."""
+        if len(raw) < 3:
+            return None
+        head, size = raw[0], raw[1]
+        if head != _FIXARRAY_3 and head != _FIXARRAY_2:
+            return None
+        if 0xA0 <= size <= 0xBF:  # fixstr tag
+            end = 2 + size - 0xA0
+        elif size == _STR8:
+            end = 3 + raw[2]
+        else:
+            return None
+        try:
+            resource = self._resource(raw[2 if size != _STR8 else 3 : end].decode())
+        except UnicodeDecodeError:
+            return None
+        if resource is None:
+            return None
+        try:
+            entry = self._entry_decoder(resource).decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        option = entry.option
+        if option is not None and type(option.get("chunk", "")) not in _PLAIN:
+            return None  # an ack echoes the chunk id: leave exotic ones to msgpack
+        body = entry.body
+        try:
+            if type(body) is list:
+                if len(body) > self.max_entries:
+                    return None
+                events = body
+            else:
+                stream = self._packed(body, option)
+                if not stream:
+                    return None
+                events = self._decode_packed(self._pair_types(resource)[1], stream, option)
+                if events is None:
+                    return None
+            times = [_event_time(e.time, now) for e in events]
+        except (msgspec.DecodeError, msgspec.ValidationError, WireError, _NotFast):
+            return None
+        return StreamValue(resource, FAST_SCHEMAS[resource.name], events, times, option)
 
     def take(self, value: list[Any], now: float) -> StreamValue | None:
         """The typed events of one unpacked stream value (`[tag, events-or-bin, option?]`),

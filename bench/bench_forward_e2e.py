@@ -459,7 +459,8 @@ def main() -> None:
                     f"of the fake API; received at {n / sunk.stored:,.0f}/s)"
                 )
             print(
-                f"  ratio (c)/(a) {rate / ref:.2f} (CPU/event {bare_cpu / cpu:.2f}); "
+                f"  ratio stored/(a) {n / run.stored / ref:.2f}; "
+                f"ratio (c)/(a) {rate / ref:.2f} (CPU/event {bare_cpu / cpu:.2f}); "
                 f"vs the {TARGET:,}/s target {rate / TARGET:.2f}; vs issue 12's Fluent Bit "
                 f"figure {rate / ISSUE_FLUENT_BIT:.2f}",
                 flush=True,

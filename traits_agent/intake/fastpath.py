@@ -271,7 +271,8 @@ class StreamFastPath:
                 forbid_unknown_fields=True,
                 gc=False,
             )
-            types = self._types[resource.name] = (list[pair], msgspec.msgpack.Decoder(list[pair]))
+            pairs: Any = list[pair]  # type: ignore[valid-type]
+            types = self._types[resource.name] = (pairs, msgspec.msgpack.Decoder(pairs))
         return types
 
     def _entry_decoder(self, resource: Resource) -> msgspec.msgpack.Decoder:
@@ -326,14 +327,14 @@ class StreamFastPath:
             if type(body) is list:
                 if len(body) > self.max_entries:
                     return None
-                events = body
+                events: list[Any] | None = body
             else:
                 stream = self._packed(body, option)
                 if not stream:
                     return None
                 events = self._decode_packed(self._pair_types(resource)[1], stream, option)
-                if events is None:
-                    return None
+            if events is None:
+                return None
             times = [_event_time(e.time, now) for e in events]
         except (msgspec.DecodeError, msgspec.ValidationError, WireError, _NotFast):
             return None
@@ -378,14 +379,14 @@ class StreamFastPath:
 
     def _packed(self, body: bytes | str, option: dict[Any, Any] | None) -> bytes:
         """The PackedForward stream of `body` (inflated); raises WireError as wire does."""
-        if type(body) is str:  # old Fluentd: raw str; surrogateescape gives the bytes back
-            body = body.encode("utf-8", "surrogateescape")
+        # old Fluentd: raw str; surrogateescape gives the bytes back
+        data = body.encode("utf-8", "surrogateescape") if isinstance(body, str) else body
         compressed = option.get("compressed") if option else None
         if compressed == "gzip":
-            return gunzip(body, self.max_inflated)
+            return gunzip(data, self.max_inflated)
         if compressed not in (None, "text"):
             raise WireError("bad_compressed")
-        return body  # type: ignore[return-value]
+        return data
 
     def _decode_packed(
         self, decoder: msgspec.msgpack.Decoder, stream: bytes, option: dict[Any, Any] | None

@@ -8,6 +8,14 @@ also with Fluent Bit's `[[time, metadata], record]` events); a nil value is a he
 ignored. Entries go through the same validation and queues as datagrams
 (`Ingest.store_entries`).
 
+Speed: the connection's decoder frames values with a skipping Unpacker (no objects) and yields
+each as its bytes; a Forward or PackedForward value of a JSON resource whose events all fit the
+typed schema is decoded, validated and JSON-encoded by msgspec (`fastpath.StreamFastPath`) and
+appended with per-message, not per-event, bookkeeping (`Ingest.store_payloads`). Anything else,
+and any slice of events the fast path refuses, is unpacked and takes the general path, which
+alone rejects, strips and counts: what is stored, acked and counted is the same either way
+(tests/intake/test_fastpath_stream.py).
+
 JSON: a connection whose first byte is `[` or `{` is read as concatenated JSON entries and
 answered in JSON, as Fluentd's in_forward does (fluent-logger-golang's `MarshalAsJSON`). In
 msgpack those bytes are small integers, never an entry, so the rule cannot misread a client.

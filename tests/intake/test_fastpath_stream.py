@@ -283,3 +283,35 @@ async def test_a_clean_packed_chunk_never_takes_the_general_path(tmp_path, monke
         assert rig.counters.get("received_events") == 500
     finally:
         rig.close()
+
+
+async def test_chunks_cut_anywhere_are_stored_whole_and_in_order(tmp_path) -> None:
+    """Forward and PackedForward chunks of 1,000 events, a Message and heartbeats between
+    them, written in pieces that end anywhere inside a value: every event stored once, in
+    order, every chunk acked (the decoder holds a value's bytes across reads)."""
+    rig = Rig(tmp_path)
+    data, expected = b"", []
+    for c in range(4):
+        events = [[1546355045, level_up(1000 * c + i)] for i in range(1000)]
+        expected += [e[1] for e in events]
+        if c % 2:
+            body: Any = b"".join(pack(e) for e in events)
+        else:
+            body = events
+        data += pack(None) + pack(["level_ups", body, {"chunk": f"c{c}", "size": 1000}])
+        data += pack(["level_ups", 1546355045, level_up(-c)])
+        expected.append(level_up(-c))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rig.autosync)
+            _, connect = await start_server(nursery, rig, "tcp", tmp_path)
+            async with await connect() as stream:
+                for i in range(0, len(data), 4099):
+                    await stream.send_all(data[i : i + 4099])
+                assert await acks(stream, 4) == [{"ack": f"c{c}"} for c in range(4)]
+            nursery.cancel_scope.cancel()
+        batch = rig.queues["level_ups"].read_batch(10_000, 1 << 26)
+        assert [json.loads(p) for p in batch.payloads] == expected
+        assert rig.counters.get("accepted_events", resource="level_ups") == 4004
+    finally:
+        rig.close()

@@ -24,11 +24,22 @@ frame carries `chunk` and the client keeps at most N frames un-acked (Fluentd's
 require_ack_response); the default (0) is Fluentd's default, no acks. Frames are encoded before
 the clock starts; all clients start on one signal.
 
-Prints events/s, the agent's CPU per event (utime + stime of the agent process over the run)
-and the ratio (c)/(a), and (c) against the 300k/s target. Asserts nothing.
+(c') the same agent delivering to a counting HTTP sink (a child process that answers 201 and
+    counts items without validating them) instead of the fake API, whose per-item validation
+    in Python costs more CPU than the agent and bounds (c) on a 2-core host (`--no-sink` skips).
+
+Prints events/s, the agent's CPU per event (utime + stime of the agent process over the run),
+the rate at which the agent received (stored) the events, the ratios stored/(a) and (c)/(a),
+and (c) against the 300k/s target. Asserts nothing.
+
+`--backlog N` first runs issue 12's backlog scenario: N events as PackedForward frames while
+the API is down, then the counting sink comes up and the agent drains to it; prints the agent's
+peak RSS, the queue's bytes per event on disk (and the share of the 24-byte frame header) and
+the drain rate.
 
     python bench/bench_forward_e2e.py [--events 300000] [--per-message 1000] [--clients 1]
-                                      [--modes packed,forward] [--ack-window 0]
+                                      [--modes packed,forward] [--ack-window 0] [--no-sink]
+                                      [--backlog 0]
 """
 
 from __future__ import annotations
@@ -49,7 +60,7 @@ import msgpack
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_intake import cpu_of
-from bench_pipeline import _ok, fake_count, free_port, peak_rss_kib, wait_for
+from bench_pipeline import _ok, disk_usage, fake_count, free_port, peak_rss_kib, wait_for
 
 from traits_agent.intake.wire import pack_time
 from traits_agent.observe.control import request_status
@@ -257,7 +268,7 @@ def run_bare(work: Path, blobs: list[Path], args: argparse.Namespace) -> tuple[f
 # --------------------------------------------------------------------------- a counting sink
 
 
-def sink_main(port_file: str) -> None:
+def sink_main(port_file: str, port: int = 0) -> None:
     """A counting stand-in for the API (run as its own process): answers every POST 201 and
     counts its items (`{"<key>": [items]}`, the items not looked at), so that (c') measures
     the agent and not the fake API's validation; `GET /_fake/received` as the fake API."""
@@ -290,7 +301,7 @@ def sink_main(port_file: str) -> None:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     Path(port_file).write_text(str(server.server_address[1]))
     server.serve_forever()
 
@@ -301,13 +312,17 @@ def sink_main(port_file: str) -> None:
 class Agent:
     """The agent (Forward on loopback TCP, default fsync) and the fake API as subprocesses."""
 
-    def __init__(self, work: Path, sink: bool = False) -> None:
-        """`sink`: the counting sink instead of the fake API."""
+    def __init__(self, work: Path, sink: bool = False, down_port: int = 0) -> None:
+        """`sink`: the counting sink instead of the fake API; `down_port`: no API at all, the
+        agent posts to this port (refused) and retries every 50 to 200 ms."""
         self.port = free_port()
         self.control = work / "control.sock"
         self.queue = work / "queue"
         env = dict(os.environ, TRAITS_API_KEY="bench-key")
-        if sink:
+        self.api: subprocess.Popen | None = None
+        if down_port:
+            api_port = down_port
+        elif sink:
             port_file = work / "sink.port"
             self.api = subprocess.Popen([sys.executable, __file__, "--sink", str(port_file)])
             api_port = int(wait_for(lambda: port_file.exists() and port_file.read_text()))
@@ -327,6 +342,7 @@ class Agent:
             f'forward = "127.0.0.1:{self.port}"\n'
             f'[queue]\ndir = "{self.queue}"\nmax_bytes = 8589934592\n'
             f"[batch]\nlinger_ms = 200\n"
+            f"[retry]\ninitial_backoff_ms = 50\nmax_backoff_ms = 200\n"
             f'[control]\nsocket = "{self.control}"\n'
             f'[log]\nlevel = "warning"\n'
         )
@@ -336,11 +352,14 @@ class Agent:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for(lambda: _ok(lambda: fake_count(self.url) >= 0), timeout=60)
+        if self.api is not None:
+            wait_for(lambda: _ok(lambda: fake_count(self.url) >= 0), timeout=60)
         wait_for(lambda: _ok(lambda: request_status(self.control)), timeout=60)
 
     def stop(self) -> None:
         for p in (self.agent, self.api):
+            if p is None:
+                continue
             p.terminate()
             try:
                 p.wait(timeout=20)
@@ -386,6 +405,69 @@ def run_agent(
     return AgentRun(stored, wall, cpu, api_cpu, rss)
 
 
+# --------------------------------------------------------------------------- (B) a backlog
+
+
+def sink_count(url: str) -> int:
+    """Items the counting sink has; 0 while it is not up yet."""
+    try:
+        return fake_count(url)
+    except OSError:
+        return 0
+
+
+def backlog(work: Path, args: argparse.Namespace) -> None:
+    """Issue 12's backlog target (peak RSS <= 64 MiB, <= 150 B/event on disk, drain): the
+    API is down (nothing listens on its port) while `--backlog` events arrive as PackedForward
+    frames; then the counting sink starts on that port and the agent drains to it."""
+    sub = work / "backlog"
+    sub.mkdir()
+    n = args.backlog
+    spec = argparse.Namespace(**{**vars(args), "events": n, "clients": 1, "ack_window": 0})
+    blobs = write_blobs(sub, "packed", spec)
+    port = free_port()
+    agent = Agent(sub, down_port=port)
+    sink = None
+    try:
+        rss_idle = peak_rss_kib(agent.agent.pid)
+        clients = Clients(sub, blobs, f"127.0.0.1:{agent.port}", 0)
+        t0 = clients.go()
+        wait_for(
+            lambda: request_status(agent.control)["received"]["events"] >= n,
+            interval=0.01,
+            timeout=900,
+        )
+        stored = time.perf_counter() - t0
+        time.sleep(0.5)  # the last fsync round
+        rss_backlog = peak_rss_kib(agent.agent.pid)
+        disk = disk_usage(agent.queue, n)
+        port_file = sub / "sink.port"
+        c0, t1 = cpu_of(agent.agent.pid), time.perf_counter()
+        sink = subprocess.Popen([sys.executable, __file__, "--sink", str(port_file), str(port)])
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: sink_count(url) >= n, interval=0.02, timeout=900)
+        drain, cpu = time.perf_counter() - t1, cpu_of(agent.agent.pid) - c0
+        rss_peak = peak_rss_kib(agent.agent.pid)
+        for p in clients.procs:
+            p.kill()
+        clients.wait()
+    finally:
+        agent.stop()
+        if sink is not None:
+            sink.terminate()
+            sink.wait()
+    print(
+        f"backlog: {n:,} events (PackedForward, {args.per_message} per message) while the API "
+        f"is down, stored at {n / stored:,.0f}/s\n"
+        f"  agent RSS: idle {rss_idle / 1024:.1f} MiB, whole backlog queued "
+        f"{rss_backlog / 1024:.1f} MiB, after draining {rss_peak / 1024:.1f} MiB (target <= 64)\n"
+        f"  on disk:   {disk} (target <= 150 B/event)\n"
+        f"  drain:     {n / drain:,.0f} events/s to the counting sink once it is up "
+        f"(includes up to 200 ms of retry backoff), {cpu / n * 1e6:.2f} µs agent CPU/event",
+        flush=True,
+    )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -410,7 +492,8 @@ def main() -> None:
     parser.add_argument(
         "--no-sink", dest="sink", action="store_false", help="skip (c'): the counting sink"
     )
-    parser.add_argument("--sink", dest="sink_port_file", help=argparse.SUPPRESS)
+    parser.add_argument("--backlog", type=int, default=0, help="(B): backlog size, 0 skips")
+    parser.add_argument("--sink", dest="sink_port_file", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--bare", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -418,7 +501,8 @@ def main() -> None:
         client_main(args.client[0], args.client[1], int(args.client[2]))
         return
     if args.sink_port_file:
-        sink_main(args.sink_port_file)
+        port_file, *port = args.sink_port_file
+        sink_main(port_file, int(port[0]) if port else 0)
         return
     if args.bare:
         bare_main(args.bare[0], int(args.bare[1]), int(args.bare[2]), args.bare[3] == "1")
@@ -431,7 +515,9 @@ def main() -> None:
             f"ack window {args.ack_window or 'none'}"
         )
         print(fluent_bit_line(args.fluent_bit))
-        for mode in args.modes.split(","):
+        if args.backlog:
+            backlog(work, args)
+        for mode in [m for m in args.modes.split(",") if m]:
             blobs = write_blobs(work, mode, args)
             size = sum(b.stat().st_size for b in blobs)
             bare_wall, bare_cpu = run_bare(work, blobs, args)

@@ -107,8 +107,9 @@ def _event_times(events: list[Any], now: float) -> list[float]:
     append = out.append
     for event in events:
         value = event.time
-        if type(value) is _Ext and value.code == 0 and len(value.data) == 8:
-            seconds, nanoseconds = _unpack_event_time(value.data)
+        data = value.data if type(value) is _Ext else None
+        if data is not None and value.code == 0 and len(data) == 8:  # type: ignore[arg-type]
+            seconds, nanoseconds = _unpack_event_time(data)
             if nanoseconds >= 1_000_000_000:
                 raise _NotFast
             append(seconds + nanoseconds / 1e9)

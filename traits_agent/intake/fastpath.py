@@ -14,12 +14,16 @@ return None, and the caller takes the general path (`wire.decode_datagram` +
 path never rejects, and never stores part of a datagram: it only has to agree with the general
 path on what it takes (tests/intake/test_fastpath.py checks that on generated datagrams).
 
-The stream fast path (`StreamFastPath`, for the Forward listeners) takes whole stream values:
-a Forward `[tag, [[time, record], ...], option?]` already unpacked by the connection's
-Unpacker is converted into typed structs in one `msgspec.convert` call, and a PackedForward
-`[tag, bin, option?]` (gzip too) has its `bin` decoded straight from bytes by msgspec, never
-becoming Python dicts. The same rule holds: all of the value's events or None, and the general
-path (`wire.decode_value` + `Ingest.store_entries`) takes whatever it refuses, whole.
+The stream fast path (`StreamFastPath`, for the Forward listeners) takes whole stream values,
+as the bytes the connection's decoder framed (`take_raw`): a Forward `[tag, [[time, record],
+...], option?]` is decoded into typed structs by msgspec straight from its bytes, and a
+PackedForward `[tag, bin, option?]` (gzip too) has its `bin` decoded the same way, as one
+array; no Python dict is built per event. A value it refuses there (a raw-str PackedForward,
+say) is unpacked and offered again as objects (`take`: one `msgspec.convert` for a Forward
+array). Either way everything `wire.decode_value` checks is checked for the whole value first;
+then `payloads` encodes slices of its events, and a slice holding an event the schema would
+not take whole (rejected, stripped, too large) goes to the general path (`wire.decode_value` +
+`Ingest.store_entries`), which alone decides, counts and explains.
 """
 
 from __future__ import annotations

@@ -134,11 +134,11 @@ from traits_agent.intake.handshake import Security, Session, is_ping
 from traits_agent.intake.jsonstream import JsonStream, JsonStreamError, starts_json
 from traits_agent.intake.unixsock import bind_unix
 from traits_agent.intake.wire import (
-    _UNPACK_OPTIONS,
     STREAM_BOUNDS,
     WireError,
     decode_value,
     event_count,
+    unpack_value,
 )
 from traits_agent.observe.log import sample as log_sample
 
@@ -375,7 +375,7 @@ def _unpack(raw: bytes) -> Any:
     datagrams (EventTime as float seconds, surrogateescape, any map keys); not_msgpack for
     what the skipping Unpacker framed but cannot be built (a map key that is an array)."""
     try:
-        return msgpack.unpackb(raw, **_UNPACK_OPTIONS)
+        return unpack_value(raw)
     except Exception as e:
         raise _ProtocolError("not_msgpack", f"{type(e).__name__}: {e}") from None
 

@@ -206,6 +206,20 @@ def test_a_tag_that_is_not_utf8_takes_the_general_path() -> None:
     assert fast_path().take_raw(data, NOW) is None
 
 
+def test_a_string_with_a_lone_surrogate_takes_the_general_path() -> None:
+    """Found by the Forward fuzz target: a record (or field) that is a str the Unpacker read
+    with surrogateescape made `msgspec.convert` raise UnicodeEncodeError, which closed the
+    connection as internal_error."""
+    raw = b"\x92\xa9level_ups\x91\x92\xce\x00\x00\x00\x00\xa7\x00\x00\x00\x00\x00\x00\x80"
+    value = unpack(raw)
+    assert fast_path().take_raw(raw, NOW) is None
+    assert fast_path().take(value, NOW) is None
+    field = msgpack.unpackb(pack(["level_ups", [[1, level_up(1)]]]))
+    field[1][0][1]["user_id"] = "a\udc80"  # a field: taken, but the slice is not fast
+    taken = fast_path().take(field, NOW)
+    assert taken is not None and fast_path().payloads(taken, 0, 1) is None
+
+
 def test_more_events_than_the_bound_take_the_general_path() -> None:
     fast = StreamFastPath(max_entries=5, max_inflated=1 << 20)
     six = [[1, level_up(i)] for i in range(6)]

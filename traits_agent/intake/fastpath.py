@@ -362,7 +362,7 @@ class StreamFastPath:
             if events is None:
                 return None
             times = _event_times(events, now)
-        except (msgspec.DecodeError, msgspec.ValidationError, WireError, _NotFast):
+        except (msgspec.DecodeError, msgspec.ValidationError, WireError, _NotFast, UnicodeError):
             return None
         return StreamValue(resource, FAST_SCHEMAS[resource.name], events, times, option)
 
@@ -399,7 +399,7 @@ class StreamFastPath:
             else:  # a Message, or not an entry
                 return None
             times = _event_times(events, now)
-        except (msgspec.DecodeError, msgspec.ValidationError, WireError, _NotFast):
+        except (msgspec.DecodeError, msgspec.ValidationError, WireError, _NotFast, UnicodeError):
             return None
         return StreamValue(resource, FAST_SCHEMAS[resource.name], events, times, option)
 

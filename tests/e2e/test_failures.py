@@ -95,7 +95,7 @@ async def test_quota_drops_are_counted_and_logged(workdir, api, on_full):
         for i in range(100)
     ]
     await trio.to_thread.run_sync(send_blocking, agent.unix_socket, actions)
-    n = 15000
+    n = 25000  # past the quota, however compactly the queue frames them
     await trio.to_thread.run_sync(send_blocking, agent.unix_socket, level_up_datagrams(n))
     # received is counted before the events reach the queue: wait until every level-up is
     # either queued or counted as dropped, so `kept` below is final

@@ -60,13 +60,15 @@ def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> None:
 
 
 def record_offsets(path: Path) -> list[tuple[int, int]]:
-    """(offset, frame size) of each record (not seal) in an undamaged segment file."""
+    """(offset, frame size) of each frame of records (not seal) in an undamaged segment file
+    (a several-records frame has a 28-byte header)."""
     data = path.read_bytes()
     out, pos = [], 0
     while pos < len(data):
+        header = 28 if data[pos + 3] == 2 else 24
         length = int.from_bytes(data[pos + 4 : pos + 8], "little")
         seq = int.from_bytes(data[pos + 8 : pos + 16], "little")
         if seq:
-            out.append((pos, 24 + length))
-        pos += 24 + length
+            out.append((pos, header + length))
+        pos += header + length
     return out

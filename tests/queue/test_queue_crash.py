@@ -87,6 +87,36 @@ while True:
 """
 
 
+# The writer appending bursts with append_many (several-records frames), delivering batches
+# whose limits fall inside frames (so checkpoints land inside frames), now and then cut short.
+CHILD_MANY = r"""
+import random, sys
+from queue_helpers import payload_for
+from traits_agent.queue import DiskQueue
+
+directory, seed = sys.argv[1], int(sys.argv[2])
+rng = random.Random(seed)
+q = DiskQueue.open(directory, segment_bytes=16384, max_bytes=1 << 30, fsync="always")
+print("OPEN", q.next_seq, flush=True)
+while True:
+    first = q.next_seq
+    n = rng.choice([1, rng.randint(2, 60), rng.randint(100, 400)])
+    assert q.append_many([payload_for(s) for s in range(first, first + n)]) == n
+    if rng.random() < 0.3:
+        q.flush()
+        continue
+    q.sync()
+    print("A", q.durable_seq, flush=True)
+    if rng.random() < 0.3:
+        batch = q.read_batch(rng.randint(1, 300), rng.choice([1 << 20, rng.randint(1, 8000)]))
+        if batch is not None:
+            print("D", ",".join(map(str, batch.seqs)), flush=True)
+            print("R", batch.last_seq, flush=True)
+            q.commit(batch)
+            print("C", batch.last_seq, flush=True)
+"""
+
+
 def _run_and_kill(directory: Path, rng: random.Random, child: str = CHILD) -> list[str]:
     """Start the writer, SIGKILL it after a random number of acks; its complete lines."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HELPERS)]))
@@ -129,7 +159,7 @@ def _check(directory: Path, lines: list[str], state: dict) -> None:
         acked_to = max(acks) if acks else start - 1
         state["acked"].update(range(start, acked_to + 1))
         # appended after the last ack: flushed maybe, never acknowledged; a short run
-        state["possible"].update(range(acked_to + 1, acked_to + 64))
+        state["possible"].update(range(acked_to + 1, acked_to + state.get("run", 64)))
     with DiskQueue.open(directory, segment_bytes=4096, max_bytes=1 << 30) as q:
         batch = q.read_batch(1 << 30, 1 << 40)
         got = [] if batch is None else [seq_of(p) for p in batch.payloads]
@@ -153,6 +183,8 @@ def _crash_loop(tmp_path: Path, iterations: int, seed: int, child: str = CHILD) 
     state = {"acked": set(), "committed": 0, "possible": set()}
     if child is not CHILD:
         state["delivered"] = set()
+    if child is CHILD_MANY:
+        state["run"] = 64 * 400  # bursts of up to 400, several unacknowledged in a row
     for _ in range(iterations):
         lines = _run_and_kill(tmp_path / "q", rng, child)
         _check(tmp_path / "q", lines, state)
@@ -168,6 +200,17 @@ def test_sigkill_loses_no_acknowledged_record(tmp_path):
 def test_sigkill_loses_no_acknowledged_record_100(tmp_path):
     """The same, 100 kills."""
     _crash_loop(tmp_path, 100, seed=99)
+
+
+def test_sigkill_with_several_records_frames(tmp_path):
+    """10 kills of a writer appending bursts (several-records frames) and delivering batches
+    cut inside frames: acknowledged records survive exactly once, in order."""
+    _crash_loop(tmp_path, 10, seed=2468, child=CHILD_MANY)
+
+
+@pytest.mark.slow
+def test_sigkill_with_several_records_frames_100(tmp_path):
+    _crash_loop(tmp_path, 100, seed=1357, child=CHILD_MANY)
 
 
 def test_sigkill_while_rotating_drained_segments_and_starved_of_fds(tmp_path):

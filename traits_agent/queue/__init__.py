@@ -32,15 +32,25 @@ Files (one queue directory)
 
 Records
 -------
-Frames back to back from offset 0 of each segment, no padding. Little-endian::
+Frames back to back from offset 0 of each segment, no padding. Little-endian. A frame holds
+one record::
 
     magic F5 74 71 01 | length u32 | seq u64 | header_crc u32 | crc u32 | payload
 
-``header_crc`` = crc32 of the first 16 bytes; ``crc`` = crc32 of those 16 bytes + payload.
-A frame is valid only if magic, both CRCs and ``length <= 1 MiB`` check. After an invalid
-frame, readers scan forward for the next valid frame (resync), so a corrupted length never
-hides the records behind it. Seqs start at 1, increase by one per record and never repeat,
-across restarts too. Payloads are opaque bytes (the caller's compact JSON events).
+or several (2 to 128, written by ``append_many`` for a run of records appended together)::
+
+    magic F5 74 71 02 | length u32 | seq u64 | count u32 | header_crc u32 | crc u32 |
+    record b"\n" record ... b"\n" record | crc32 of each record, u32 each
+
+``header_crc`` = crc32 of the header up to it; ``crc`` = crc32 of those bytes + payload.
+A frame is valid only if magic, both CRCs and ``length <= 1 MiB`` check (and the count of
+newlines). After an invalid frame, readers scan forward for the next valid frame (resync), so
+a corrupted length never hides the records behind it. A several-records frame whose payload
+fails while its header checks gives up the records whose own CRC fails and no others
+(salvage); one whose header fails costs its records (at most 128). A record holding a newline
+byte is framed on its own. Seqs start at 1, increase by one per record and never repeat,
+across restarts too. Payloads are opaque bytes (the caller's compact JSON events). Segments
+written before several-records frames existed hold one-record frames only and read as ever.
 
 Every directory the queue creates is 0700 and every file 0600, whatever the umask (the
 mode is set again with chmod after creating: the umask can only take bits away).
@@ -65,7 +75,8 @@ Checkpoint
 ----------
 ``tq-checkpoint v1 segment=S offset=O next_seq=N seq_lease=L crc=XXXXXXXX``: every record
 before byte O of segment S (and every seq below N) has been delivered or dropped; no seq at or
-above L has been written. Replaced atomically: write ``checkpoint.tmp`` (fsync it when durable),
+above L has been written. O is the start of a frame; when a batch ended inside a
+several-records frame, O is that frame's start and N its first record not delivered. Replaced atomically: write ``checkpoint.tmp`` (fsync it when durable),
 rename over ``checkpoint`` (then fsync the directory when durable).
 
 * A commit inside a segment rewrites the checkpoint without fsync; the next ``sync()`` makes it

@@ -302,10 +302,21 @@ class DiskQueue:
         `append` (which starts the next segment, makes room or drops, as it always does).
         Raises ValueError, before taking any, if a payload is over MAX_PAYLOAD.
         """
-        sizes = [HEADER_SIZE + len(p) for p in payloads]
-        if sizes and max(sizes) > HEADER_SIZE + MAX_PAYLOAD:
+        if payloads and max(map(len, payloads)) > MAX_PAYLOAD:
             raise ValueError(f"a payload is over the {MAX_PAYLOAD} limit")
-        ends = list(accumulate(sizes))  # ends[j]: bytes of payloads[:j + 1]
+        whole = sum(map(len, payloads)) + HEADER_SIZE * len(payloads)
+        with self._lock:  # the common case: all of it fits (checked as one-record frames)
+            if self._closed:
+                raise QueueClosedError("append on a closed queue")
+            seg = self._segs[-1]
+            if payloads and whole <= min(
+                self._max_buffer - self._writer.buffered,
+                self.max_bytes - self._total,
+                self.segment_bytes - SEAL_FRAME_SIZE - seg.size,
+            ):
+                self._took_run(seg, payloads)
+                return len(payloads)
+        ends = list(accumulate(HEADER_SIZE + len(p) for p in payloads))  # of payloads[:j + 1]
         taken = i = 0
         while i < len(payloads):
             with self._lock:
@@ -319,22 +330,26 @@ class DiskQueue:
                 )
                 before = ends[i - 1] if i else 0
                 j = bisect_right(ends, before + room, i)  # payloads[i:j] fit
-                if j > i:
-                    size, n, seq = ends[j - 1] - before, j - i, self._next_seq
-                    self._next_seq = seq + n
-                    self._writer.add_many(seg, seg.size, seq, payloads[i:j])
-                    seg.size += size
-                    seg.count += n
-                    seg.last_seq = seq + n - 1
-                    self._total += size
-                    self._records += n
-                    self.appended_total += n
-                    taken += n
+                if j > i:  # (sized as one-record frames: what they take is never more)
+                    self._took_run(seg, payloads[i:j])
+                    taken += j - i
                     i = j
                     continue
             taken += self.append(payloads[i])
             i += 1
         return taken
+
+    def _took_run(self, seg: SegmentInfo, payloads: list[bytes]) -> None:
+        """Frame `payloads` (known to fit) at the end of `seg`, the lock held."""
+        n, seq = len(payloads), self._next_seq
+        self._next_seq = seq + n
+        size = self._writer.add_many(seg, seg.size, seq, payloads)
+        seg.size += size
+        seg.count += n
+        seg.last_seq = seq + n - 1
+        self._total += size
+        self._records += n
+        self.appended_total += n
 
     def _seal(self, seg: SegmentInfo) -> None:
         """End `seg` with its summary, so a restart reads 56 bytes of it instead of all."""
@@ -628,7 +643,7 @@ class DiskQueue:
                 self._undrop_delivered(batch_or_end)
             if end <= cur:
                 return
-            if end > Position(self._segs[-1].number, self._segs[-1].readable, 0):
+            if (end.segment, end.offset) > (self._segs[-1].number, self._segs[-1].readable):
                 raise ValueError(f"{end} is beyond the end of the queue")
             before = self.pending_items
             self._cursor = end

@@ -181,6 +181,11 @@ class LogReader:
                     taken += n
                     if first < 0:
                         first = f
+                    if reader.salvaged:  # damaged frames whose intact records were taken
+                        self.corrupt_skipped += sum(
+                            1 for p in reader.salvaged if (seg.number, p) >= scanned
+                        )
+                        reader.salvaged.clear()
                     if status == FULL:
                         return self._stop(segs, idx, offset, after), True, taken, first
                     if status != DAMAGED:

@@ -20,7 +20,7 @@ from traits_agent.queue.checkpoint import (
     CheckpointFile,
     remove_stale_temp,
 )
-from traits_agent.queue.framing import HEADER_SIZE, SEAL_SEQ, FrameReader
+from traits_agent.queue.framing import SEAL_SEQ, FrameReader
 from traits_agent.queue.segments import (
     Position,
     ScanResult,
@@ -333,7 +333,9 @@ def _place_cursor(
             try:
                 reader = FrameReader(fd, oldest.readable)
                 head = reader.header(pos.offset)
-                if head is not None and head[1] in (pos.next_seq, SEAL_SEQ):
+                if head is not None and (
+                    head.seq == SEAL_SEQ or head.seq <= pos.next_seq <= head.last_seq
+                ):
                     return pos
                 offset = _first_at_or_after(reader, pos.next_seq)
             finally:
@@ -350,14 +352,15 @@ def _place_cursor(
 
 
 def _first_at_or_after(reader: FrameReader, seq: int) -> int:
-    """Offset of the first valid frame with a seq >= `seq` (or the end): one segment scan."""
+    """Offset of the first valid frame holding a seq >= `seq` (or the end): one segment
+    scan. (A several-records frame holding `seq` and earlier ones: readers step over those.)"""
     pos = 0
     while pos < reader.end:
         frame = reader.frame(pos)
         if frame is None:
             pos = reader.resync(pos + 1)
             continue
-        if frame[0] >= seq:
+        if frame.last_seq >= seq:
             return pos
-        pos += HEADER_SIZE + len(frame[1])
+        pos += frame.size
     return reader.end

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from traits_agent.queue.framing import (
-    HEADER_SIZE,
     SEAL_FRAME_SIZE,
     SEAL_SEQ,
     FrameReader,
@@ -43,13 +42,16 @@ def list_segments(directory: str) -> list[int]:
 class Position:
     """A place in the log: byte `offset` in segment `segment`, and the seq expected there.
 
-    Opaque to callers (they get one in `Batch.end` and hand it back to `commit`). Ordered by
-    (segment, offset); `next_seq` says every record with a smaller seq is before this point.
+    Opaque to callers (they get one in `Batch.end` and hand it back to `commit`). `offset` is
+    the start of a frame (or the end of the data); `next_seq` says every record with a smaller
+    seq is before this point, so a position can fall inside a several-records frame: at its
+    start, with `next_seq` naming the first record not yet passed. Ordered by (segment,
+    offset, next_seq).
     """
 
     segment: int
     offset: int
-    next_seq: int = field(compare=False)
+    next_seq: int
 
 
 @dataclass(slots=True)
@@ -101,6 +103,19 @@ def scan_segment(fd: int, size: int) -> ScanResult:
     pos = 0
     while pos < reader.end:
         frame = reader.frame(pos)
+        if frame is None and (found := reader.salvage(pos)) is not None:
+            size, seqs, _ = found  # a damaged payload, its header intact: keep what checks
+            head = reader.header(pos)
+            assert head is not None
+            result.damaged_regions += 1
+            if result.first_seq is None:
+                result.first_seq = head.seq
+            result.last_seq = head.last_seq
+            result.records += len(seqs)
+            result.sealed = False
+            pos += size
+            result.end = pos
+            continue
         if frame is None:
             nxt = reader.resync(pos + 1)
             if nxt >= reader.end:
@@ -109,14 +124,13 @@ def scan_segment(fd: int, size: int) -> ScanResult:
             result.damaged_bytes += nxt - pos
             pos = nxt
             continue
-        seq, payload = frame
-        result.sealed = seq == SEAL_SEQ
-        if seq != SEAL_SEQ:
+        result.sealed = frame.seq == SEAL_SEQ
+        if frame.seq != SEAL_SEQ:
             if result.first_seq is None:
-                result.first_seq = seq
-            result.last_seq = seq
-            result.records += 1
-        pos += HEADER_SIZE + len(payload)
+                result.first_seq = frame.seq
+            result.last_seq = frame.last_seq
+            result.records += frame.last_seq - frame.seq + 1
+        pos += frame.size
         result.end = pos
     return result
 
@@ -125,8 +139,8 @@ def summarize(fd: int, size: int) -> ScanResult:
     """A complete segment's summary: from its seal (one small read), else by a full scan."""
     if size >= SEAL_FRAME_SIZE:
         frame = FrameReader(fd, size).frame(size - SEAL_FRAME_SIZE)
-        if frame is not None and frame[0] == SEAL_SEQ:
-            seal = decode_seal(frame[1])
+        if frame is not None and frame.seq == SEAL_SEQ:
+            seal = decode_seal(frame.payload)
             if seal is not None:
                 count, first_seq, last_seq = seal
                 return ScanResult(

@@ -12,16 +12,21 @@ they can be written again if that fsync fails. Each stage is bounded by the queu
 from __future__ import annotations
 
 import os
-import struct
 from collections import deque
 from typing import NamedTuple
 
 from traits_agent.queue.errors import QueueWriteError
 from traits_agent.queue.files import open_private
-from traits_agent.queue.framing import HEADER_SIZE, SEAL_SEQ, encode_frames, encode_header
+from traits_agent.queue.framing import (
+    HEADER_SIZE,
+    SEAL_SEQ,
+    encode_frames,
+    encode_header,
+    frame_span,
+    trim_frames,
+)
 from traits_agent.queue.segments import SegmentInfo, segment_name
 
-_LENGTH_SEQ = struct.Struct("<IQ")
 _WRITE_FLAGS = os.O_WRONLY | os.O_APPEND
 
 
@@ -57,20 +62,6 @@ class SyncTicket(NamedTuple):
     seq: int
     dir_dirty: bool
     mark: int
-
-
-def _from_seq(data: bytes, seq: int) -> tuple[bytes, int]:
-    """The frames of `data` from the first whose seq is `seq` or more, and that seq.
-
-    Walks the headers only (the frames are ours, whole, back to back); seals (seq 0) and
-    delivered frames before it are dropped. (b"", 0) if there is none."""
-    pos = 0
-    while pos + HEADER_SIZE <= len(data):
-        length, frame_seq = _LENGTH_SEQ.unpack_from(data, pos + 4)
-        if frame_seq >= seq:
-            return (data[pos:] if pos else data), frame_seq
-        pos += HEADER_SIZE + length
-    return b"", 0
 
 
 class SegmentWriter:
@@ -119,14 +110,17 @@ class SegmentWriter:
         chunk.last_seq = seq
         self.buffered += HEADER_SIZE + len(payload)
 
-    def add_many(self, seg: SegmentInfo, start: int, first_seq: int, payloads: list[bytes]) -> None:
-        """`add` for consecutive seqs from `first_seq`, framed in one pass."""
+    def add_many(self, seg: SegmentInfo, start: int, first_seq: int, payloads: list[bytes]) -> int:
+        """Buffer `payloads` as consecutive seqs from `first_seq`, in several-records frames
+        (see `framing`). Returns the frame bytes added: never more than one `add` each."""
         chunk = self._pending[-1] if self._pending else None
         if chunk is None or chunk.seg is not seg:
             chunk = _Chunk(seg, start, first_seq)
             self._pending.append(chunk)
-        self.buffered += encode_frames(first_seq, payloads, chunk.parts)
+        size = encode_frames(first_seq, payloads, chunk.parts)
+        self.buffered += size
         chunk.last_seq = first_seq + len(payloads) - 1
+        return size
 
     def add_seal(self, seg: SegmentInfo, start: int, payload: bytes) -> None:
         """Buffer the seal record that closes `seg` (it carries no seq of its own)."""
@@ -191,12 +185,12 @@ class SegmentWriter:
     def _whole_frames(self, blob: _Blob) -> None:
         """After a short write: how much of `blob` is whole frames (readers stop there)."""
         pos, data = blob.whole, blob.data
-        while pos + HEADER_SIZE <= blob.written:
-            length, seq = _LENGTH_SEQ.unpack_from(data, pos + 4)
-            if pos + HEADER_SIZE + length > blob.written:
+        while (span := frame_span(data, pos)) is not None:
+            size, _, last_seq = span
+            if pos + size > blob.written:
                 break
-            pos += HEADER_SIZE + length
-            self.written_seq = max(self.written_seq, seq)
+            pos += size
+            self.written_seq = max(self.written_seq, last_seq)
         blob.whole = pos
         blob.seg.readable = blob.start + pos
 
@@ -279,7 +273,7 @@ class SegmentWriter:
             # a blob can hold delivered frames before undelivered ones (a big write cut
             # short by a full disk): rewrite from the first undelivered one only, or the
             # copies alone may fill the disk again
-            data, seq = _from_seq(blob.data, keep_from)
+            data, seq = trim_frames(blob.data, keep_from)
             if data:
                 parts.append(data)
                 firsts.append(seq)

@@ -34,8 +34,8 @@ and (c) against the 300k/s target. Asserts nothing.
 
 `--backlog N` first runs issue 12's backlog scenario: N events as PackedForward frames while
 the API is down, then the counting sink comes up and the agent drains to it; prints the agent's
-peak RSS, the queue's bytes per event on disk (and the share of the 24-byte frame header) and
-the drain rate.
+peak RSS, the queue's bytes per event on disk (and how much of it is framing rather than
+payload) and the drain rate.
 
     python bench/bench_forward_e2e.py [--events 300000] [--per-message 1000] [--clients 1]
                                       [--modes packed,forward] [--ack-window 0] [--no-sink]
@@ -45,6 +45,7 @@ the drain rate.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -52,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,7 +62,7 @@ import msgpack
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_intake import cpu_of
-from bench_pipeline import _ok, disk_usage, fake_count, free_port, peak_rss_kib, wait_for
+from bench_pipeline import _ok, fake_count, free_port, peak_rss_kib, wait_for
 
 from traits_agent.intake.wire import pack_time
 from traits_agent.observe.control import request_status
@@ -277,7 +279,7 @@ def sink_main(port_file: str, port: int = 0) -> None:
     import msgspec
 
     decode = msgspec.json.Decoder(dict[str, list[msgspec.Raw]]).decode
-    total = 0
+    total = size = 0
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -289,14 +291,15 @@ def sink_main(port_file: str, port: int = 0) -> None:
             self.wfile.write(head.encode() + body)
 
         def do_POST(self) -> None:
-            nonlocal total
+            nonlocal total, size
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            n = sum(len(v) for v in decode(body).values())
-            total += n
+            for items in decode(body).values():
+                total += len(items)
+                size += sum(len(item) for item in items)
             self._answer(201, b'{"code":201,"message":"ingested","data":null}')
 
         def do_GET(self) -> None:
-            self._answer(200, b'{"total": %d}' % total)
+            self._answer(200, b'{"total": %d, "bytes": %d}' % (total, size))
 
         def log_message(self, *args: object) -> None:
             pass
@@ -440,7 +443,7 @@ def backlog(work: Path, args: argparse.Namespace) -> None:
         stored = time.perf_counter() - t0
         time.sleep(0.5)  # the last fsync round
         rss_backlog = peak_rss_kib(agent.agent.pid)
-        disk = disk_usage(agent.queue, n)
+        files = [f.stat() for f in agent.queue.rglob("*") if f.is_file()]
         port_file = sub / "sink.port"
         c0, t1 = cpu_of(agent.agent.pid), time.perf_counter()
         sink = subprocess.Popen([sys.executable, __file__, "--sink", str(port_file), str(port)])
@@ -448,6 +451,15 @@ def backlog(work: Path, args: argparse.Namespace) -> None:
         wait_for(lambda: sink_count(url) >= n, interval=0.02, timeout=900)
         drain, cpu = time.perf_counter() - t1, cpu_of(agent.agent.pid) - c0
         rss_peak = peak_rss_kib(agent.agent.pid)
+        with urllib.request.urlopen(f"{url}/_fake/received?items=0", timeout=10) as r:
+            payloads = json.loads(r.read())["bytes"]  # the items' JSON, as the agent stored it
+        size = sum(f.st_size for f in files)
+        framing = (size - payloads) / n
+        disk = (
+            f"{size / n:.1f} B/event ({sum(f.st_blocks * 512 for f in files) / n:.1f} "
+            f"allocated, {len(files)} files): payload {payloads / n:.1f} B/event, framing and "
+            f"metadata {framing:.1f} B/event ({framing / (size / n):.0%})"
+        )
         for p in clients.procs:
             p.kill()
         clients.wait()

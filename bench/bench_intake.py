@@ -25,9 +25,18 @@ Then UDP: a Python sender sends `--udp-events` one-event datagrams as fast as it
 UDP, once to a bare receiver (a child process) and once to the agent, each with the receive
 buffer the package gives it (`listen.receive_buffer`, capped by the `net.core.rmem_max` the
 package's sysctl file installs; SO_RCVBUFFORCE when run as root, else capped by this host's
-rmem_max, as printed). Prints the share lost.
+rmem_max, as printed; `--udp-rcvbuf` tries other sizes). Prints the share lost, and the
+agent's resident memory before the burst and at its peak.
+
+`--hold` prints how many one-event datagrams a UDP receive buffer of each size holds on
+loopback (the kernel charges each its socket buffer's truesize, not its length) against what
+the agent's in-memory backlog holds; `--drain` the CPU cost per datagram of reading a full
+socket with `recv` per datagram and with `recvmmsg` (`intake/mmsg.py`), same run;
+`--reuseport` how the kernel spreads one sender's datagrams over two SO_REUSEPORT sockets
+(why worker processes would not share a burst).
 
     python bench/bench_intake.py [--events 200000] [--batch 50] [--udp-events 300000]
+    python bench/bench_intake.py --udp-only [--udp-rcvbuf 8388608 ...] [--hold] [--drain]
 
 Prints figures; asserts nothing.
 """
@@ -58,9 +67,11 @@ from bench_pipeline import _ok, fake_count, free_port, wait_for
 
 from traits_agent.config import Config, ListenConfig, QueueConfig
 from traits_agent.delivery.lane import Lane
+from traits_agent.intake import datagram as datagram_module
 from traits_agent.intake.datagram import serve_datagrams, set_receive_buffer
 from traits_agent.intake.durability import Syncer
 from traits_agent.intake.ingest import Ingest
+from traits_agent.intake.mmsg import BATCH, Reader
 from traits_agent.intake.wire import encode_event, encode_forward
 from traits_agent.observe.control import request_status
 from traits_agent.observe.metrics import Counters
@@ -412,8 +423,17 @@ def send_udp(datagrams: list[bytes], port: int) -> float:
     return rate
 
 
-def udp_loss(work: Path, count: int) -> None:
-    rcvbuf = package_rcvbuf()
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, KiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def udp_loss(work: Path, count: int, rcvbuf: int) -> None:
     datagrams = make_datagrams(count, 1)
     ctx = multiprocessing.get_context("fork")
     port_r, port_w = ctx.Pipe(False)
@@ -431,11 +451,13 @@ def udp_loss(work: Path, count: int) -> None:
     )
     print(f"  bare receiver: sent at {rate:>9,.0f}/s, lost {1 - got / count:6.2%}")
 
-    sub = work / "udp"
+    sub = work / f"udp-{rcvbuf}"
     sub.mkdir()
     port = free_port()
     agent = AgentProcess(sub, udp=f"127.0.0.1:{port}", receive_buffer=rcvbuf)
     try:
+        before = memory_kib(agent.agent.pid)
+        c0 = cpu_of(agent.agent.pid)
         rate = send_udp(datagrams, port)
         last, still = -1, 0
         while still < 10:  # stable for a second: the agent has drained what it got
@@ -443,9 +465,115 @@ def udp_loss(work: Path, count: int) -> None:
             now = agent.status()["received"]["datagrams"]
             still = still + 1 if now == last else 0
             last = now
+        after = memory_kib(agent.agent.pid)
+        cpu = cpu_of(agent.agent.pid) - c0
     finally:
         agent.stop()
-    print(f"  agent:         sent at {rate:>9,.0f}/s, lost {1 - last / count:6.2%}")
+    print(
+        f"  agent:         sent at {rate:>9,.0f}/s, lost {1 - last / count:6.2%}"
+        f"  ({last / max(cpu, 1e-9):,.0f} datagrams/CPU-s; RSS {before['VmRSS'] / 1024:.0f} MiB"
+        f" before, peak {after['VmHWM'] / 1024:.0f} MiB)"
+    )
+
+
+def hold(sizes: list[int]) -> None:
+    """How many one-event datagrams a loopback UDP receive buffer of each size holds."""
+    datagram = make_datagrams(1, 1)[0]
+    per_datagram = (
+        len(datagram) + datagram_module._PER_DATAGRAM + datagram_module._PER_CHUNK / BATCH
+    )
+    in_backlog = int(datagram_module.BACKLOG_BYTES // per_datagram)
+    print(
+        f"UDP receive buffer on loopback, {len(datagram)}-byte datagrams (root={os.geteuid() == 0}"
+        f"; the agent's backlog, {datagram_module.BACKLOG_BYTES >> 20} MiB, holds {in_backlog:,}):"
+    )
+    for size in sizes:
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender,
+        ):
+            receiver.bind(("127.0.0.1", 0))
+            with contextlib.redirect_stdout(None):
+                granted = set_receive_buffer(receiver, size, "hold")
+            sender.connect(receiver.getsockname())
+            charged = receiver.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            for _ in range(charged // len(datagram) + 1):
+                sender.send(datagram)
+            receiver.setblocking(False)
+            held = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    receiver.recv(65537)
+                    held += 1
+        print(
+            f"  asked {size:>11,}  granted {granted:>11,}  holds {held:>7,} datagrams"
+            f"  ({charged / max(held, 1):,.0f} B of buffer each)"
+        )
+
+
+def reuseport_spread(count: int = 2000) -> None:
+    """Datagrams from 1 and from 8 sender sockets over two SO_REUSEPORT receivers."""
+    receivers: list[socket.socket] = []
+    for _ in range(2):
+        r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        r.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        r.bind(("127.0.0.1", receivers[0].getsockname()[1] if receivers else 0))
+        r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        r.setblocking(False)
+        receivers.append(r)
+    address = receivers[0].getsockname()
+    for n in (1, 8):
+        senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+        for i in range(count):
+            senders[i % n].sendto(b"x" * 100, address)
+        got = []
+        for r in receivers:
+            k = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    r.recv(128)
+                    k += 1
+            got.append(k)
+        for s in senders:
+            s.close()
+        print(f"SO_REUSEPORT, {count} datagrams from {n} sender socket(s): per receiver {got}")
+    for r in receivers:
+        r.close()
+
+
+def drain_cost(count: int) -> None:
+    """CPU per datagram to read a full socket: recv per datagram vs recvmmsg."""
+    datagram = make_datagrams(1, 1)[0]
+    results = {}
+    for batch in (False, True):
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender,
+        ):
+            receiver.bind(("127.0.0.1", 0))
+            with contextlib.redirect_stdout(None):
+                set_receive_buffer(receiver, 1 << 30, "drain")
+            sender.connect(receiver.getsockname())
+            receiver.setblocking(False)
+            reader = Reader(receiver, batch=batch)
+            total = cpu = 0.0
+            for _ in range(5):
+                for _ in range(count):
+                    sender.send(datagram)
+                c0 = time.process_time()
+                while True:
+                    got, _ = reader.read(BATCH)
+                    if not got:
+                        break
+                    total += len(got)
+                cpu += time.process_time() - c0
+            reader.close()
+        results[batch] = (cpu / total * 1e6, total)
+    (one, n1), (many, n2) = results[False], results[True]
+    print(
+        f"Reading a full UDP socket, CPU per datagram: recv {one:.2f} µs ({n1:,.0f} read), "
+        f"recvmmsg x{BATCH} {many:.2f} µs ({n2:,.0f} read): {one / many:.1f} x"
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -458,6 +586,16 @@ def main() -> None:
     parser.add_argument("--udp-events", type=int, default=300_000, help="0 skips UDP")
     parser.add_argument("--python-sender", action="store_true")
     parser.add_argument("--no-e2e", action="store_true", help="skip (c)")
+    parser.add_argument("--udp-only", action="store_true", help="only the UDP loss part")
+    parser.add_argument(
+        "--udp-rcvbuf",
+        type=int,
+        action="append",
+        help="receive buffer(s) to try (default: the package's)",
+    )
+    parser.add_argument("--hold", action="store_true", help="datagrams a UDP buffer holds")
+    parser.add_argument("--drain", action="store_true", help="recv vs recvmmsg cost")
+    parser.add_argument("--reuseport", action="store_true", help="one sender over 2 sockets")
     parser.add_argument("--send", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.send:
@@ -467,10 +605,12 @@ def main() -> None:
     try:
         sender = Sender(work, args.python_sender)
         print(f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {sender.kind} sender")
-        print(
-            f"{'':26}{'events/s':>10} {'ev/CPU-s':>10}   {'ratio (wall)':>12} {'ratio (CPU)':>12}"
-        )
-        for per in (1, args.batch):
+        if not args.udp_only:
+            print(
+                f"{'':26}{'events/s':>10} {'ev/CPU-s':>10}   "
+                f"{'ratio (wall)':>12} {'ratio (CPU)':>12}"
+            )
+        for per in () if args.udp_only else (1, args.batch):
             datagrams = make_datagrams(args.events, per)
             rows = [("(a) bare receiver", bare(work, datagrams, args.events, sender))]
             rows.append(("(b) intake → queue", intake(work, datagrams, args.events, sender)))
@@ -483,8 +623,15 @@ def main() -> None:
                     f"  {label:24}{r.rate:>10,.0f} {r.cpu_rate:>10,.0f}   "
                     f"{r.rate / ref.rate:>12.2f} {r.cpu_rate / ref.cpu_rate:>12.2f}"
                 )
+        if args.hold:
+            hold([106496, 1 << 20, 4 << 20, 8 << 20, 16 << 20, 32 << 20])
+        if args.drain:
+            drain_cost(10_000)
+        if args.reuseport:
+            reuseport_spread()
         if args.udp_events:
-            udp_loss(work, args.udp_events)
+            for rcvbuf in args.udp_rcvbuf or [package_rcvbuf()]:
+                udp_loss(work, args.udp_events, rcvbuf)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

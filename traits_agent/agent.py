@@ -293,6 +293,8 @@ async def _run_pipeline(agent: Agent, base_url: str, task_status) -> None:
         request_prompt_sync=syncer.prompt,
     )
     syncer.on_synced = ack_gate.synced
+    for queue in agent.queues.values():  # commits never fsync in the event loop: the syncer does
+        queue.sync_requested = syncer.settle
     ingest = Ingest(
         agent.lanes,
         agent.counters,

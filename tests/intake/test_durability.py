@@ -157,3 +157,39 @@ async def test_a_failing_disk_is_retried_slowly_even_with_acks_waiting(autojump_
     await wait_all_tasks_blocked()
     assert syncer.rounds == 4  # at 0, ~1, ~2, ~3 s
     assert counters.get("queue_write_errors", resource="level_ups", errno="5") == 4
+
+
+def _deliver_two_segments(queue: DiskQueue) -> None:
+    """Append past two small segments and commit all of it, as a lane does."""
+    for _ in range(400):
+        assert queue.append(b'{"user_id":"1","level":1}' * 4)
+    queue.flush()
+    while (batch := queue.read_batch(1000, 1 << 20)) is not None:
+        queue.commit(batch)
+
+
+@pytest.mark.parametrize("policy", ["interval", "never"])
+async def test_delivered_segments_are_deleted_by_a_syncer_round(
+    autojump_clock, nursery, tmp_path, policy
+):
+    """With `sync_requested` wired to `Syncer.settle` (as the agent wires it), a commit that
+    completes segments leaves them to the syncer's next round, which deletes them behind a
+    durable checkpoint, within one interval; with fsync="never" too (a checkpoint-only
+    round: segment data is still never fsynced)."""
+    queue = DiskQueue.open(tmp_path / "q", fsync=policy, segment_bytes=4096, max_bytes=1 << 30)
+    try:
+        syncer = Syncer(
+            {"q": queue}, Counters(), policy=policy, interval_s=INTERVAL_S, run_sync=slow_inline
+        )
+        queue.sync_requested = syncer.settle
+        nursery.start_soon(syncer.run)
+        await wait_all_tasks_blocked()
+        durable = queue.durable_seq
+        _deliver_two_segments(queue)
+        assert len(list((tmp_path / "q").glob("*.seg"))) > 2  # not deleted by commit
+        await trio.sleep(INTERVAL_S + FSYNC_S)
+        assert len(list((tmp_path / "q").glob("*.seg"))) == 1
+        if policy == "never":
+            assert queue.durable_seq == durable
+    finally:
+        queue.close()

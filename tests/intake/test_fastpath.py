@@ -63,6 +63,31 @@ def test_the_fast_path_takes_only_what_the_general_path_stores_whole() -> None:
     assert taken > 3000 and handed_over > 10_000 and several > 100, (taken, handed_over, several)
 
 
+def test_the_one_message_shortcut_agrees_with_payloads() -> None:
+    """`FastPath.message` (what `Ingest.handle` tries first) gives, for every generated
+    datagram, exactly what `payloads` gives for a one-Message datagram, or hands over: None
+    (ask `payloads`) or False (only when `payloads` refuses it too)."""
+    fast, reference = FastPath(), FastPath()
+    outcomes = {"taken": 0, "ask payloads": 0, "general": 0}
+    for data in [
+        *datagrams(seed=13, count=20_000),
+        encode_event("level_ups", EXAMPLES["level_ups"]) * 2,  # two entries: `payloads` splits
+        encode_event("level_ups", {**EXAMPLES["level_ups"], "user_id": 1001}),  # refused
+    ]:
+        one = fast.message(data, NOW)
+        expected = reference.payloads(data, NOW)
+        if one is None:
+            outcomes["ask payloads"] += 1
+        elif one is False:
+            outcomes["general"] += 1
+            assert expected is None, data
+        else:
+            outcomes["taken"] += 1
+            resource, payload = one
+            assert expected == [(resource, [payload])], data
+    assert min(outcomes.values()) > 100, outcomes
+
+
 def event_time(seconds: int, nanoseconds: int) -> msgpack.ExtType:
     return msgpack.ExtType(0, struct.pack(">II", seconds, nanoseconds))
 

@@ -46,6 +46,11 @@ class PoisonedFastPath:
             raise RuntimeError("a bug")
         return self.real.payloads(data, now)
 
+    def message(self, data: bytes, now: float):
+        if self.poison in data:
+            raise RuntimeError("a bug")
+        return self.real.message(data, now)
+
 
 class Lane:
     def __init__(self, queue: ListQueue) -> None:

@@ -72,3 +72,11 @@ def record_offsets(path: Path) -> list[tuple[int, int]]:
             out.append((pos, header + length))
         pos += header + length
     return out
+
+
+def stored_checkpoint(directory: Path):  # -> Checkpoint | None
+    """The checkpoint a restart would read from `directory` (the newest valid slot of a v2
+    file, or a v1 line), as the queue's own loader reads it."""
+    from traits_agent.queue.checkpoint import CheckpointFile
+
+    return CheckpointFile(str(directory), -1).load()[0]

@@ -117,6 +117,46 @@ while True:
 """
 
 
+# Checkpoint v2 as the agent drives it: commits only pwrite the checkpoint and ask for a sync
+# (`sync_requested`); a second thread syncs all the time (the group-commit Syncer), so its
+# durable checkpoint stores, fdatasyncs and segment deletions overlap the commits.
+CHILD_SYNCER = r"""
+import random, sys, threading
+from queue_helpers import payload_for
+from traits_agent.queue import DiskQueue
+
+directory, seed = sys.argv[1], int(sys.argv[2])
+rng = random.Random(seed)
+q = DiskQueue.open(
+    directory, segment_bytes=4096, max_bytes=1 << 30, fsync="always", rotate_drained_bytes=1
+)
+q.sync_requested = lambda: None  # the thread below syncs anyway
+print("OPEN", q.next_seq, flush=True)
+
+def syncer():
+    while True:
+        q.sync()
+
+threading.Thread(target=syncer, daemon=True).start()
+while True:
+    seq = q.next_seq
+    assert q.append(payload_for(seq))
+    if rng.random() < 0.3:
+        q.flush()
+        continue
+    q.sync()
+    print("A", q.durable_seq, flush=True)
+    if rng.random() < 0.15:
+        limit = rng.choice([rng.randint(1, 40), rng.randint(1, 200), 1 << 20])
+        batch = q.read_batch(limit, 1 << 20)
+        if batch is not None:
+            print("D", ",".join(map(str, batch.seqs)), flush=True)  # delivered: every seq
+            print("R", batch.last_seq, flush=True)
+            q.commit(batch)
+            print("C", batch.last_seq, flush=True)
+"""
+
+
 def _run_and_kill(directory: Path, rng: random.Random, child: str = CHILD) -> list[str]:
     """Start the writer, SIGKILL it after a random number of acks; its complete lines."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HELPERS)]))
@@ -222,3 +262,16 @@ def test_sigkill_while_rotating_drained_segments_and_starved_of_fds(tmp_path):
 @pytest.mark.slow
 def test_sigkill_while_rotating_drained_segments_and_starved_of_fds_100(tmp_path):
     _crash_loop(tmp_path, 100, seed=77, child=CHILD_DRAINING)
+
+
+def test_sigkill_with_checkpoint_stores_in_a_sync_thread(tmp_path):
+    """Checkpoint v2 driven as the agent drives it (commits pwrite; a sync thread stores
+    durably, fdatasyncs and deletes segments meanwhile), killed at random moments:
+    acknowledged records survive exactly once, in order; nothing delivered comes back past
+    a commit, nothing undelivered is skipped."""
+    _crash_loop(tmp_path, 10, seed=2468, child=CHILD_SYNCER)
+
+
+@pytest.mark.slow
+def test_sigkill_with_checkpoint_stores_in_a_sync_thread_100(tmp_path):
+    _crash_loop(tmp_path, 100, seed=1357, child=CHILD_SYNCER)

@@ -16,6 +16,7 @@ from queue_helpers import (
     record_offsets,
     segment_files,
     seq_of,
+    stored_checkpoint,
 )
 
 from traits_agent.queue import DiskQueue
@@ -356,7 +357,7 @@ def test_seq_lease_is_raised_durably_before_seqs_pass_it(tmp_path, monkeypatch):
     q = DiskQueue.open(tmp_path, **SMALL)
     for _ in range(10):
         fill(q, 25)
-        lease = int((tmp_path / "checkpoint").read_text().split("seq_lease=")[1].split()[0])
+        lease = stored_checkpoint(tmp_path).seq_lease
         assert lease > q.written_seq
     _crash(q)
     with DiskQueue.open(tmp_path, **SMALL) as q:

@@ -263,10 +263,17 @@ def _last_seq_of(path: Path) -> int:
     return last
 
 
-def test_full_disk_without_reserve_empties_delivered_segments_for_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("checkpoint_file", ["to_create", "in_place"])
+def test_full_disk_without_reserve_empties_delivered_segments_for_the_checkpoint(
+    tmp_path, checkpoint_file
+):
     """The reserve is gone (the writer's retries ate the space it freed) and the disk is
     100 % full: the checkpoint that lets the delivered segment go cannot be written. The
-    delivered segment is emptied first, then the checkpoint fits. Before: it stayed full."""
+    delivered segment is emptied first, then the checkpoint fits. Before: it stayed full.
+
+    A v2 checkpoint is overwritten in place and needs no room ("in_place": the segment goes
+    without emptying); one that must be written as a new file does ("to_create": the file
+    was deleted, as when a v1 file is upgraded or a damaged one replaced)."""
     mnt = tmp_path / "mnt"
     if not _mount_tmpfs(mnt, "1m"):
         pytest.skip("needs root and mount(2) to make a tiny tmpfs")
@@ -289,8 +296,13 @@ def test_full_disk_without_reserve_empties_delivered_segments_for_the_checkpoint
                 pass
             finally:
                 os.close(fd)
+            if checkpoint_file == "to_create":
+                (mnt / "q" / "checkpoint").unlink()
             delivered = drain(q)
-            assert q.emptied_for_space >= 1
+            if checkpoint_file == "to_create":
+                assert q.emptied_for_space >= 1
+            else:
+                assert q.emptied_for_space == 0 and q.segments <= 1  # the delivered one went
             q.flush()  # room again: the records held in memory go out
             delivered += drain(q)
             assert delivered == appended

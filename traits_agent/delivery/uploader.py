@@ -120,6 +120,8 @@ class Uploader:
             client, counters=counters, backoff=backoff, request_deadline_s=request_deadline_s
         )
         self.states: dict[str, UpstreamState] = {}
+        #: each resource's URL, joined to the client's base URL once (not parsed per request)
+        self._urls: dict[str, httpx.URL] = {}
         #: per resource, the last seq ranges dead-lettered (first, last, status, message):
         #: `traits-agent send --wait` tells "rejected by the API" from "delivered" with it
         self.dead_lettered_seqs: dict[str, collections.deque] = {}
@@ -320,9 +322,12 @@ class Uploader:
             "User-Agent": USER_AGENT,
             "Idempotency-Key": key,
         }
+        url = self._urls.get(resource.path)
+        if url is None:  # what the client makes of the path, as it would for every request
+            url = self._urls[resource.path] = self.client.build_request("POST", resource.path).url
         async with self.limiter:
             request = self.client.build_request(
-                "POST", resource.path, content=body, headers=headers, params=params
+                "POST", url, content=body, headers=headers, params=params
             )
             answer = await self.policy.exchange(request, label=resource.name)
         log.debug(

@@ -34,6 +34,8 @@ class SyncableQueue(Protocol):
 
     def sync(self) -> None: ...
 
+    def settle(self) -> None: ...
+
 
 class _Queue(Protocol):
     @property
@@ -130,6 +132,8 @@ class Syncer:
         self._run_sync = run_sync
         self._dirty = trio.Event()
         self._prompt = trio.Event()
+        #: fsync="never": delivered segments wait for a durable checkpoint (`settle`)
+        self._settle = trio.Event()
         #: when the next round is due if nobody prompts (trio time)
         self._due = -math.inf
         #: called after every round of fsyncs (the Forward source's acks wait for it)
@@ -140,6 +144,15 @@ class Syncer:
     def dirty(self) -> None:
         """Records were written: have them fsynced within the interval."""
         self._dirty.set()
+
+    def settle(self) -> None:
+        """Delivery completed segments (`DiskQueue.sync_requested`): they are deleted behind
+        a durable checkpoint, written in a round off the event loop, within the interval.
+        With fsync="never" that round stores the checkpoints only (`DiskQueue.settle`)."""
+        if self.policy == "never":
+            self._settle.set()
+        else:
+            self._dirty.set()
 
     def prompt(self) -> None:
         """Someone waits for a round (a Forward ack): start one now, or right after the one
@@ -175,9 +188,25 @@ class Syncer:
                 failures.append((name, e))
         return failures
 
+    def _settle_each(self) -> None:
+        for name, queue in self.queues.items():
+            try:
+                queue.settle()
+            except OSError as e:  # (counted in the queue's checkpoint_errors; never raised)
+                self.write_failed(name, e)
+
+    async def _settle_rounds(self) -> None:
+        """fsync="never": no fsync of segment data, but the checkpoints that let delivered
+        segments go are stored durably (in a worker thread), at most once per interval."""
+        while True:
+            await self._settle.wait()
+            self._settle = trio.Event()
+            await self._run_sync(self._settle_each)
+            await trio.sleep(self.interval)
+
     async def run(self) -> None:
         if self.policy == "never":
-            await trio.sleep_forever()
+            await self._settle_rounds()
         while True:
             await self._dirty.wait()
             if self.policy == "interval" and not self._prompt.is_set():

@@ -110,11 +110,21 @@ class Ingest:
         held: dict[str, tuple[Resource, list[bytes]]] = {}
         taken = events = 0
         fast = self._fast.payloads
+        message = self._fast.message
         for data in datagrams:
             taken += 1
             try:
-                got = fast(data, now)
-                if got is not None:
+                one = message(data, now)
+                got = None if one is not None else fast(data, now)
+                if one:  # the common datagram: one Message, fast (see FastPath.message)
+                    resource, payload = one  # type: ignore[misc]
+                    run = held.get(resource.name)
+                    if run is None:
+                        held[resource.name] = (resource, [payload])
+                    else:
+                        run[1].append(payload)
+                    events += 1
+                elif got is not None:
                     for resource, payloads in got:
                         events += len(payloads)
                         self._hold(held, resource, payloads)

@@ -189,6 +189,7 @@ RATE_LIMITS: dict[str, Limit] = {
     # hostile peers (issue 7): a flood of bad input must not become a flood of log lines
     "datagram_failed": Limit(10.0),
     "datagram_burst_failed": Limit(10.0, ("source",)),
+    "datagram_backlog_full": Limit(10.0, ("source",)),
     "forward_connection_evicted": Limit(10.0, ("source",)),
     "forward_read_paused": Limit(10.0, ("source",)),
     "forward_ack_unencodable": Limit(10.0, ("source",)),

@@ -21,8 +21,10 @@ Files (one queue directory)
 ---------------------------
 ``NNNNNNNNNNNNNNNNNNNN.seg``  segments: the segment number, zero-padded to 20 digits; numbers
                              increase by one. Only the newest is appended to.
-``checkpoint``               the delivered position and the seq lease (one text line + crc32)
-``checkpoint.tmp``           a checkpoint being written; ignored and removed at open
+``checkpoint``               the delivered position and the seq lease (v2: three slots, each
+                             a text line + crc32, overwritten in place; see Checkpoint)
+``checkpoint.tmp``           a fresh checkpoint file being written (once per open: upgrade
+                             from v1, or a missing/damaged file); ignored and removed at open
 ``lock``                     held with an exclusive ``flock`` while open (a second opener gets
                              QueueLockedError: two writers would interleave records)
 ``<name>.stray-N``           something that was not a regular file where ``checkpoint``,
@@ -73,18 +75,29 @@ within a segment seqs are consecutive: record counts are exact from (count, firs
 
 Checkpoint
 ----------
-``tq-checkpoint v1 segment=S offset=O next_seq=N seq_lease=L crc=XXXXXXXX``: every record
-before byte O of segment S (and every seq below N) has been delivered or dropped; no seq at or
-above L has been written. O is the start of a frame; when a batch ended inside a
-several-records frame, O is that frame's start and N its first record not delivered. Replaced atomically: write ``checkpoint.tmp`` (fsync it when durable),
-rename over ``checkpoint`` (then fsync the directory when durable).
+Three 4 KiB blocks, each starting with a 256-byte slot: the line
+``tq-checkpoint v2 gen=G segment=S offset=O next_seq=N seq_lease=L crc=XXXXXXXX`` padded with
+NULs. Every record before byte O of segment S (and every seq below N) has been delivered or
+dropped; no seq at or above L has been written. O is the start of a frame; when a batch ended
+inside a several-records frame, O is that frame's start and N its first record not delivered.
+The checkpoint is the valid slot (it parses, its crc32 checks) with the highest G; none valid
+is a corrupt checkpoint. A store is one ``pwrite`` of one slot on a descriptor kept open (a
+durable one adds ``fdatasync``); it never overwrites the slot of the newest durable checkpoint
+nor the slot being fsynced, so a torn write can only lose positions newer than the durable one
+(re-delivery). The first store of each open writes a fresh file (``checkpoint.tmp``, fsync,
+rename, fsync the directory). The v1 format (one line ``tq-checkpoint v1 segment=S offset=O
+next_seq=N seq_lease=L crc=X``, replaced by rename) is still read, and so upgraded at open.
+Details: ``checkpoint`` module.
 
-* A commit inside a segment rewrites the checkpoint without fsync; the next ``sync()`` makes it
+* A commit inside a segment rewrites a slot without fsync; the next ``sync()`` makes it
   durable. So a process crash re-delivers at most the batch in flight, and a power cut at most
   the batches committed in one sync interval (with fsync="never": since the last segment
   boundary). Re-delivery is acceptable; loss is not.
 * When a commit completes one or more segments, the checkpoint is written durably *first*,
-  then those segments are deleted. Whole segments only, never a part of a file. One
+  then those segments are deleted: by ``commit`` itself, or, when the owner sets
+  ``DiskQueue.sync_requested`` (the agent does), by the next ``sync()``/``settle()`` in the
+  owner's worker thread, so that ``commit`` never fsyncs. Whole segments only, never a part of
+  a file. One
   exception, on a full disk (ENOSPC even after the reserve): the delivered segments are
   truncated to 0 bytes first, to make room for that checkpoint. Their records are all
   delivered, so a crash in between can only skip re-delivering them.
@@ -100,10 +113,11 @@ When segments are deleted
    past them; their undelivered records are counted in ``dropped_oldest``;
 3. at open: segments wholly before a valid checkpoint (a crash between checkpoint and unlink).
 
-The durable checkpoint of cases 1 and 2 is written by ``commit``/``append`` on the caller's
-thread: two small fsyncs once per segment delivered or dropped (not per batch), kept inline
-so that deletion never depends on ``sync()`` being called. Everything else that fsyncs
-segment data runs in ``sync()``, which the caller runs in a worker thread.
+The durable checkpoint of case 1 is written by ``commit`` on the caller's thread unless
+``sync_requested`` is set (then by ``sync()``/``settle()``, whose caller runs them in a worker
+thread); that of case 2 by ``append`` on the caller's thread (only when the quota is full).
+Everything that fsyncs segment data runs in ``sync()``, which also raises the seq lease ahead
+of need so that ``flush`` practically never has to store it durably itself.
 
 Recovery (``DiskQueue.open``; never refuses to start on bad data)
 ----------------------------------------------------------------

@@ -13,6 +13,7 @@ import fcntl
 import os
 import threading
 from bisect import bisect_right
+from collections.abc import Callable
 from enum import StrEnum
 from itertools import accumulate
 from types import TracebackType
@@ -146,6 +147,12 @@ class DiskQueue:
         self.rotated_drained = 0
         """Active segments replaced because all they held was delivered (space returned)."""
         self._rotate_bytes = rotate_drained_bytes
+        self.sync_requested: Callable[[], None] | None = None
+        """Set by the owner (the agent: its group-commit Syncer) to have `commit` keep every
+        fsync out of the caller's thread: segments that a commit completes are then deleted
+        by the next `sync()` or `settle()`, behind the durable checkpoint they wait for, and
+        `commit` calls this (on the owner thread) to ask for one soon. None (the default):
+        `commit` stores that checkpoint durably and deletes them itself."""
 
         # The lease and the (possibly adjusted) position must be durable before any append.
         self._cp.store(Checkpoint(self._cursor, self._lease), durable=True)
@@ -243,6 +250,7 @@ class DiskQueue:
                     self._cp.store(Checkpoint(self._cursor, lease), durable=True, final=True)
                 except OSError as e:
                     error = error or QueueWriteError.wrap("checkpoint", e)
+                self._cp.close()
                 self._reader.close()
                 self._writer.close()
                 os.close(self._dir_fd)
@@ -395,7 +403,7 @@ class DiskQueue:
                 self._recreate_dir()
             if self._drained_active():  # a commit could not rotate while we were syncing
                 self._rotate_locked()
-                self._delete_delivered()
+                # (the segment it leaves is deleted by _settle below, behind its checkpoint)
             try:
                 self._flush_locked()
             except QueueWriteError as e:
@@ -415,17 +423,60 @@ class DiskQueue:
         with self._lock:
             self._writer.end_sync(ticket)
             self._durable_seq = max(self._durable_seq, ticket.seq)
-            if self._segs[0].number < self._cursor.segment:
-                self._delete_delivered()  # a commit could not store the checkpoint: retry
-            cp = Checkpoint(self._cursor, self._lease)
-        if self._cp.dirty:
+        self._settle()
+        if error is not None:
+            raise error
+
+    def settle(self) -> None:
+        """Store the checkpoint durably if it is not, then delete the segments it has passed
+        (what `sync()` does after its fsyncs, without fsyncing segment data: for
+        fsync="never"). Blocking, like `sync()`: run it in a worker thread. A no-op after
+        close."""
+        with self._sync_lock:
+            if self._closed:
+                return
+            self._settle()
+
+    def _settle(self) -> None:
+        """The checkpoint work of a sync (sync lock held, queue lock not): one durable store
+        if needed, with the queue lock released so that appends and commits go on meanwhile;
+        then the segments wholly before the stored position are deleted. Also raises the seq
+        lease ahead of need, so that `flush` (the caller's thread) practically never has to."""
+        with self._lock:
+            if self._next_seq > self._lease - (3 * SEQ_LEASE) // 4:
+                lease = self._next_seq + SEQ_LEASE
+            else:
+                lease = self._lease
+            cp = Checkpoint(self._cursor, lease)
+            deletable = self._segs[0].number < cp.position.segment
+            if not (deletable or lease != self._lease or self._cp.dirty):
+                return
+            checkpoint = self._cp
+        try:
+            checkpoint.store(cp, durable=True)
+        except OSError as e:
+            with self._lock:
+                # a full disk without reserve: the delivered segments hold the space the
+                # checkpoint needs; empty them first (see _delete_delivered)
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not (
+                    deletable and checkpoint is self._cp and self._empty_delivered()
+                ):
+                    self.checkpoint_errors += 1
+                    return
             try:
-                self._cp.store(cp, durable=True)
+                checkpoint.store(cp, durable=True)
             except OSError:
                 with self._lock:
                     self.checkpoint_errors += 1
-        if error is not None:
-            raise error
+                return
+        with self._lock:
+            if checkpoint is not self._cp:  # the directory was made again meanwhile
+                return
+            self._lease = max(self._lease, lease)
+            while len(self._segs) > 1 and self._segs[0].number < cp.position.segment:
+                self._delete_segment(self._segs[0])
+        if deletable:
+            checkpoint.ensure_reserve()
 
     def _dir_gone(self) -> bool:
         """The queue directory was deleted (or replaced) behind our back: writes would go to
@@ -481,6 +532,7 @@ class DiskQueue:
         self._cursor = Position(fresh.number, 0, self._cursor.next_seq)
         self.dropped_dir_deleted += max(0, before - self.pending_items)
         self.dir_recreated += 1
+        self._cp.close()
         self._cp = CheckpointFile(self.directory, dir_fd)
         try:
             self._cp.store(Checkpoint(self._cursor, self._lease), durable=True)
@@ -651,13 +703,16 @@ class DiskQueue:
             self._reader.invalidate()
             if self._drained_active():
                 self._rotate_drained()
-            if self._segs[0].number < self._cursor.segment:
+            deletable = self._segs[0].number < self._cursor.segment
+            if deletable and self.sync_requested is None:
                 self._delete_delivered()
-            else:
-                try:
-                    self._cp.store(Checkpoint(end, self._lease), durable=False)
-                except OSError:
-                    self.checkpoint_errors += 1
+                return
+            try:  # one pwrite: a process crash resumes here (the next sync makes it durable)
+                self._cp.store(Checkpoint(self._cursor, self._lease), durable=False)
+            except OSError:
+                self.checkpoint_errors += 1
+        if deletable and self.sync_requested is not None:
+            self.sync_requested()  # deleted by that sync, behind a durable checkpoint
 
     def _drained_active(self) -> bool:
         """Everything the OS holds of the active segment is delivered, and it is worth

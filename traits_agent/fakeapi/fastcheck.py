@@ -1,0 +1,122 @@
+"""The fake API's fast path: parse a batch body and accept a valid batch in C (msgspec).
+
+The fake API's answers are defined by ``json.loads`` and ``schema.check_api_item``. Both are
+pure Python per item and made the fake API the biggest CPU consumer of an end-to-end bench
+(~10 ms per 1000-item batch, on the cores the agent needs). This module only ever answers
+"valid, here are the items" or "don't know"; on "don't know" the caller runs the original
+code, which alone produces every error and every lenient decision. So it must be *sound*
+(whatever it accepts, the slow path accepts with the same items), not complete:
+
+* `decode_body`: ``msgspec.json.decode``. Where it succeeds it returns what ``json.loads``
+  returns (same dicts, key order, duplicate keys last-wins, big ints, floats); everything
+  ``json.loads`` is lenient about (NaN/Infinity, lone surrogate escapes, ``1e400`` → inf, a
+  BOM, UTF-16/32) is an error here, and the caller then uses ``json.loads``.
+  tests/fakeapi/test_fakeapi_fastcheck.py holds the two to that.
+* `batch_is_valid`: ``msgspec.convert`` of the items into a strict struct per resource, built
+  from the same field table: a string field takes a ``str`` of at most 2048 characters (so at
+  most 8192 UTF-8 bytes; msgspec never produces lone surrogates), non-empty when required; an
+  int field an int in the signed 64-bit range (never a bool or a float); a float field a
+  finite float or an int that fits one; choices a ``Literal``; a country two ASCII letters;
+  ``action_params`` a list of objects with string ``key`` and ``value``. Unknown fields are
+  ignored, as ``check_api_item`` ignores them. Dates and times are typed ``str`` and then
+  checked by the field's own validator, once per distinct value in the batch.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from traits_agent.errors import Rejected
+from traits_agent.schema import (
+    DATE,
+    FLOAT,
+    INT,
+    JSON_RESOURCES,
+    MAX_STRING_BYTES,
+    PARAMS,
+    TIMESTAMP,
+    Field,
+    Resource,
+)
+
+_STR_CHARS = MAX_STRING_BYTES // 4
+"""At most this many characters is at most MAX_STRING_BYTES of UTF-8 (longer: slow path)."""
+_FLOAT_MAX = 1.7976931348623157e308
+
+_decode = msgspec.json.Decoder().decode
+
+
+def decode_body(body: bytes) -> Any:
+    """``json.loads(body)``, or raises ``msgspec.DecodeError`` (the caller then asks
+    ``json.loads``, which decides and explains)."""
+    return _decode(body)
+
+
+def _str(min_length: int = 0) -> Any:
+    return Annotated[str, Meta(min_length=min_length, max_length=_STR_CHARS)]
+
+
+class _Param(msgspec.Struct, gc=False):
+    """One ``action_params`` entry, strictly: string ``key`` and ``value``; other keys are
+    ignored (``check_api_item`` ignores them too)."""
+
+    key: _str()  # type: ignore[valid-type]
+    value: _str()  # type: ignore[valid-type]
+
+
+def _strict_type(f: Field) -> Any:
+    if f.type == PARAMS:
+        return list[_Param]
+    if f.type == INT:
+        return Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+    if f.type == FLOAT:
+        return Annotated[float, Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]
+    if f.choices:
+        return Literal[f.choices]
+    if f.alpha2:
+        return Annotated[str, Meta(pattern=r"\A[A-Za-z]{2}\Z")]
+    return _str(1 if f.required else 0)  # a required "" is "is required"
+
+
+class _Strict:
+    """A resource's strict item struct (as a list type) and its date and time fields."""
+
+    def __init__(self, resource: Resource) -> None:
+        fields: list[Any] = [
+            (f.name, _strict_type(f)) if f.required else (f.name, _strict_type(f) | None, None)
+            for f in resource.fields
+        ]
+        struct = msgspec.defstruct(f"{resource.name}_api_item", fields, kw_only=True, gc=False)
+        self.items_type: Any = list[struct]  # type: ignore[valid-type]
+        self.post = tuple(
+            (f, attrgetter(f.name)) for f in resource.fields if f.type in (TIMESTAMP, DATE)
+        )
+
+
+_STRICT = {name: _Strict(r) for name, r in JSON_RESOURCES.items()}
+
+
+def batch_is_valid(resource: Resource, items: list[Any]) -> bool:
+    """True if ``check_api_item`` finds nothing wrong with any of ``items``; False means
+    "maybe not": ask it."""
+    strict = _STRICT.get(resource.name)
+    if strict is None:
+        return False
+    try:
+        structs = msgspec.convert(items, strict.items_type)
+    except msgspec.ValidationError:
+        return False
+    no_strip: list[str] = []
+    for f, get in strict.post:
+        for value in set(map(get, structs)):  # one check per distinct value
+            if value is None:
+                continue
+            try:
+                f.validate(value, True, no_strip)
+            except Rejected:
+                return False
+    return True

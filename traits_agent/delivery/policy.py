@@ -342,9 +342,11 @@ async def read_body(response: httpx.Response) -> bytes:
     except httpx.HTTPError:
         pass
     finally:
-        # shielded: an abandoned (deadline) response must still give its connection back
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
-            await response.aclose()
+        # shielded: an abandoned (deadline) response must still give its connection back.
+        # A body read to its end was closed by httpx already: no scopes to set up then.
+        if not response.is_closed:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                await response.aclose()
     return b"".join(chunks)[:MAX_ANSWER_BYTES]
 
 

@@ -68,13 +68,20 @@ PLAYFAB_CONCURRENCY = 8
 
 
 def build_body(resource: Resource, payloads: list[bytes], playfab_arrays: bool = True) -> bytes:
-    """The JSON body, assembled from the stored JSON documents without re-encoding them."""
+    """The JSON body, assembled from the stored JSON documents without re-encoding them, in
+    one copy (a 1000-item body is ~150 KB: each extra concatenation of it cost ~15 µs)."""
     if resource.payload_key is None and not playfab_arrays and len(payloads) == 1:
         return payloads[0]  # playfab, one event per request: the event object itself
-    items = b"[" + b",".join(payloads) + b"]"
     if resource.payload_key is None:  # playfab: a JSON array of events
-        return items
-    return b'{"' + resource.payload_key.encode() + b'":' + items + b"}"
+        head, tail = b"[", b"]"
+    else:
+        head, tail = b'{"' + resource.payload_key.encode() + b'":[', b"]}"
+    if not payloads:
+        return head + tail
+    if len(payloads) == 1:
+        return head + payloads[0] + tail
+    # the wrapper rides on the first and last payloads (small copies): one join of the rest
+    return b",".join([head + payloads[0], *payloads[1:-1], payloads[-1] + tail])
 
 
 def idempotency_key(agent_id: str, resource: str, seqs: Sequence[int]) -> str:
@@ -325,11 +332,19 @@ class Uploader:
         url = self._urls.get(resource.path)
         if url is None:  # what the client makes of the path, as it would for every request
             url = self._urls[resource.path] = self.client.build_request("POST", resource.path).url
-        async with self.limiter:
+        # a free slot is taken without `async with`'s extra trip through the scheduler (the
+        # request itself yields at every socket operation); a full limiter waits as before
+        try:
+            self.limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await self.limiter.acquire()
+        try:
             request = self.client.build_request(
                 "POST", url, content=body, headers=headers, params=params
             )
             answer = await self.policy.exchange(request, label=resource.name)
+        finally:
+            self.limiter.release()
         log.debug(
             "upload_answered",
             resource=resource.name,

@@ -192,7 +192,7 @@ class LogReader:
                         break
                     if (seg.number, offset) >= scanned:
                         self.corrupt_skipped += 1
-                    offset = reader.resync(offset + 1)
+                    offset = reader.after_damage(offset)
             except OSError as e:
                 # EMFILE, EACCES, EIO...: says nothing about the bytes. Stop before them (the
                 # batch ends here, the checkpoint cannot pass them) and read again later.

@@ -117,7 +117,7 @@ def scan_segment(fd: int, size: int) -> ScanResult:
             result.end = pos
             continue
         if frame is None:
-            nxt = reader.resync(pos + 1)
+            nxt = reader.after_damage(pos)
             if nxt >= reader.end:
                 break
             result.damaged_regions += 1

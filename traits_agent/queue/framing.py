@@ -512,7 +512,10 @@ class FrameReader:
             out += records
             seqs += numbers
             self.salvaged.append(pos)
-            last = numbers[-1] if numbers else after_seq
+            # passed: its lost records too (else a position after it names one of them as
+            # next to deliver, and the pending count never reaches 0)
+            head = self.header(pos)
+            last = max(after_seq, head.last_seq) if head is not None else after_seq
             return END, pos + size, last, nbytes, numbers[0] if numbers else -1
         return self._take_some(pos, after_seq, numbers, records, max_items, max_bytes, out, seqs)
 

@@ -132,7 +132,7 @@ class LogReader:
             payloads=payloads,
             seqs=seqs,
             first_seq=first if first >= 0 else first_new,
-            last_seq=end.next_seq - 1,
+            last_seq=seqs[-1],
             start=cursor,
             end=end,
             nbytes=nbytes + taken,

@@ -129,6 +129,15 @@ def run(events: int, per_datagram: int, fsync: str, outage: bool = False) -> Non
         )
         t_ingested = time.perf_counter()
         rss_backlog = peak_rss_kib(agent.pid)
+        disk = None
+        if outage:
+            payloads = payload_size(
+                [
+                    ("level_ups", {"user_id": str(i), "level": 1 + i % 99}, 1.7e9)
+                    for i in range(events)
+                ]
+            )
+            disk = disk_usage(work / "queue", events, payloads)
         if outage:
             fake_admin(url, "DELETE", "/_fake/faults")
             t0 = time.perf_counter()  # from here: draining the backlog
@@ -143,7 +152,8 @@ def run(events: int, per_datagram: int, fsync: str, outage: bool = False) -> Non
                 f"  backlog drain: {events / (t_delivered - t0):>10,.0f} events/s after the API "
                 f"came back ({t_delivered - t0:.2f} s)\n"
                 f"  agent RSS: idle peak {rss_idle / 1024:.1f} MiB, with the whole backlog queued "
-                f"{rss_backlog / 1024:.1f} MiB, after draining {rss_peak / 1024:.1f} MiB"
+                f"{rss_backlog / 1024:.1f} MiB, after draining {rss_peak / 1024:.1f} MiB\n"
+                f"  on disk:   {disk}"
             )
             return
         print(
@@ -165,6 +175,32 @@ def run(events: int, per_datagram: int, fsync: str, outage: bool = False) -> Non
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def disk_usage(queue_dir: Path, events: int, payload_bytes: int | None = None) -> str:
+    """The queue's files with the whole backlog queued: bytes per event (apparent size and
+    allocated blocks) and, given the payloads' total, how many of them are framing (headers,
+    CRCs, seals) rather than payload."""
+    files = [f for f in queue_dir.rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    blocks = sum(f.stat().st_blocks * 512 for f in files)
+    text = (
+        f"{size / events:.1f} B/event ({blocks / events:.1f} B/event allocated, {len(files)} files)"
+    )
+    if payload_bytes is not None:
+        framing = (size - payload_bytes) / events
+        text += (
+            f"; payload {payload_bytes / events:.1f} B/event, framing and metadata "
+            f"{framing:.1f} B/event ({framing / (size / events):.0%})"
+        )
+    return text
+
+
+def payload_size(records: list[tuple[str, dict, float]]) -> int:
+    """The bytes the agent stores for these events: their JSON payloads, as Ingest makes them."""
+    from traits_agent.schema import RESOURCES, encode_record
+
+    return sum(len(encode_record(RESOURCES[r], rec, t).item) for r, rec, t in records)
 
 
 def _ok(fn):

@@ -153,10 +153,10 @@ class Backlog:
     def take(self) -> list[bytes]:
         """The oldest datagrams, at most a slice's worth ([] when empty)."""
         if self._front:
-            out, self._front = self._front, []
+            front, self._front = self._front, []
             self.bytes -= self._front_bytes
             self._front_bytes = 0
-            return out
+            return front
         out: list[bytes] = []
         room, nbytes, counted = DRAIN_MAX, 0, 0
         chunks = self._chunks

@@ -13,6 +13,17 @@ return None, and the caller takes the general path (`wire.decode_datagram` +
 `schema.normalize`) for the whole datagram, which alone decides, counts and explains. The fast
 path never rejects, and never stores part of a datagram: it only has to agree with the general
 path on what it takes (tests/intake/test_fastpath.py checks that on generated datagrams).
+
+The stream fast path (`StreamFastPath`, for the Forward listeners) takes whole stream values,
+as the bytes the connection's decoder framed (`take_raw`): a Forward `[tag, [[time, record],
+...], option?]` is decoded into typed structs by msgspec straight from its bytes, and a
+PackedForward `[tag, bin, option?]` (gzip too) has its `bin` decoded the same way, as one
+array; no Python dict is built per event. A value it refuses there (a raw-str PackedForward,
+say) is unpacked and offered again as objects (`take`: one `msgspec.convert` for a Forward
+array). Either way everything `wire.decode_value` checks is checked for the whole value first;
+then `payloads` encodes slices of its events, and a slice holding an event the schema would
+not take whole (rejected, stripped, too large) goes to the general path (`wire.decode_value` +
+`Ingest.store_entries`), which alone decides, counts and explains.
 """
 
 from __future__ import annotations
@@ -20,11 +31,23 @@ from __future__ import annotations
 import math
 import re
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
+import msgpack
 import msgspec
 
-from traits_agent.schema import FAST_SCHEMAS, Rejected, Resource, encode_fast, resolve_tag
+from traits_agent.errors import WireError
+from traits_agent.intake.wire import check_tag, gunzip
+from traits_agent.queue import MAX_PAYLOAD
+from traits_agent.schema import (
+    FAST_SCHEMAS,
+    FastSchema,
+    Rejected,
+    Resource,
+    encode_fast,
+    encode_fast_many,
+    resolve_tag,
+)
 
 _Time = int | float | None | msgspec.msgpack.Ext
 _EVENT_TIME = struct.Struct(">II")
@@ -68,11 +91,35 @@ def _event_time(value: Any, now: float) -> float:
         return float(value)
     elif value is None:
         return now
+    elif kind is tuple:  # the stream's [time, metadata] form: the metadata is ignored
+        return _event_time(value[0], now)
     elif value.code == 0 and len(value.data) == 8:  # EventTime
         seconds, nanoseconds = _EVENT_TIME.unpack(value.data)
         if nanoseconds < 1_000_000_000:
             return seconds + nanoseconds / 1e9
     raise _NotFast
+
+
+_Ext = msgspec.msgpack.Ext
+_unpack_event_time = _EVENT_TIME.unpack
+
+
+def _event_times(events: list[Any], now: float) -> list[float]:
+    """`_event_time` of every event's time, the EventTime case (what Fluentd and Fluent Bit
+    send) inline: this runs once per event."""
+    out: list[float] = []
+    append = out.append
+    for event in events:
+        value = event.time
+        data = value.data if type(value) is _Ext else None
+        if data is not None and value.code == 0 and len(data) == 8:  # type: ignore[arg-type]
+            seconds, nanoseconds = _unpack_event_time(data)
+            if nanoseconds >= 1_000_000_000:
+                raise _NotFast
+            append(seconds + nanoseconds / 1e9)
+        else:
+            append(_event_time(value, now))
+    return out
 
 
 class FastPath:
@@ -193,3 +240,244 @@ class FastPath:
         except (msgspec.DecodeError, msgspec.ValidationError, Rejected, _NotFast):
             return None
         return None
+
+
+# --------------------------------------------------------------------------- stream values
+
+#: a stream event's time: as a datagram's, or Fluent Bit's `[time, metadata]` (wire's
+#: "metadata form"); what `_event_time` cannot read makes the value take the general path
+_StreamTime = _Time | tuple[_Time, dict[Any, Any] | None]
+
+
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+class StreamValue(NamedTuple):
+    """A stream value the fast path took apart: all its events are typed pairs."""
+
+    resource: Resource
+    fast: FastSchema
+    #: typed (time, record) pairs, in order
+    events: list[Any]
+    #: each event's time as seconds (the receive time for nil), all valid
+    times: list[float]
+    option: dict[Any, Any] | None
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _count_values(stream: bytes, limit: int) -> int | None:
+    """How many whole msgpack values `stream` holds exactly (skipped in C, nothing built), or
+    None: malformed, a partial tail, or more than `limit`."""
+    unpacker = msgpack.Unpacker(max_buffer_size=len(stream))
+    unpacker.feed(stream)
+    skip = unpacker.skip
+    n = 0
+    try:
+        while n <= limit:
+            skip()
+            n += 1
+    except msgpack.OutOfData:
+        pass
+    except Exception:  # malformed: the general path says which
+        return None
+    if n > limit or unpacker.tell() != len(stream):
+        return None
+    return n
+
+
+class StreamFastPath:
+    """Per-process cache of per-resource pair types, and of tags; see the module docstring."""
+
+    def __init__(self, max_entries: int, max_inflated: int) -> None:
+        #: a value's bounds, as `wire.STREAM_BOUNDS`: past them the general path refuses it
+        self.max_entries = max_entries
+        self.max_inflated = max_inflated
+        self._by_tag: dict[str, Resource | None] = {}
+        # resource name → (the pair struct, a msgpack decoder of a list of them)
+        self._types: dict[str, tuple[Any, msgspec.msgpack.Decoder]] = {}
+        self._entries: dict[str, msgspec.msgpack.Decoder] = {}
+
+    def _resource(self, tag: Any) -> Resource | None:
+        if type(tag) is not str:
+            return None
+        try:
+            return self._by_tag[tag]
+        except KeyError:
+            pass
+        try:
+            resource = resolve_tag(check_tag(tag))
+        except WireError:
+            resource = None
+        if resource is not None and resource.name not in FAST_SCHEMAS:
+            resource = None
+        if len(self._by_tag) >= _CACHE_MAX:
+            self._by_tag.clear()
+        self._by_tag[tag] = resource
+        return resource
+
+    def _pair_types(self, resource: Resource) -> tuple[Any, msgspec.msgpack.Decoder]:
+        types = self._types.get(resource.name)
+        if types is None:
+            pair = msgspec.defstruct(
+                f"{resource.name}_stream_pair",
+                [("time", _StreamTime), ("record", FAST_SCHEMAS[resource.name].type)],
+                array_like=True,
+                forbid_unknown_fields=True,
+                gc=False,
+            )
+            pairs: Any = list[pair]  # type: ignore[valid-type]
+            types = self._types[resource.name] = (pairs, msgspec.msgpack.Decoder(pairs))
+        return types
+
+    def _entry_decoder(self, resource: Resource) -> msgspec.msgpack.Decoder:
+        """A decoder of a whole `[tag, events | bin, option?]` value of `resource`."""
+        decoder = self._entries.get(resource.name)
+        if decoder is None:
+            list_type = self._pair_types(resource)[0]
+            entry = msgspec.defstruct(
+                f"{resource.name}_stream_entry",
+                [
+                    ("tag", str),
+                    ("body", list_type | bytes),  # a raw str (old Fluentd): `take`
+                    ("option", dict[str, Any] | None, None),
+                ],
+                array_like=True,
+                forbid_unknown_fields=True,
+            )
+            decoder = self._entries[resource.name] = msgspec.msgpack.Decoder(entry)
+        return decoder
+
+    def take_raw(self, raw: bytes, now: float) -> StreamValue | None:
+        """`take` for a value still in its msgpack bytes (as the connection's `_Decoder`
+        yields it): the envelope and a Forward array's events are decoded by msgspec straight
+        from the bytes, with no Python object per event. None: the caller unpacks the bytes
+        and goes on as with any value (`take`, then the general path)."""
+        if len(raw) < 3:
+            return None
+        head, size = raw[0], raw[1]
+        if head != _FIXARRAY_3 and head != _FIXARRAY_2:
+            return None
+        if 0xA0 <= size <= 0xBF:  # fixstr tag
+            end = 2 + size - 0xA0
+        elif size == _STR8:
+            end = 3 + raw[2]
+        else:
+            return None
+        try:
+            resource = self._resource(raw[2 if size != _STR8 else 3 : end].decode())
+        except UnicodeDecodeError:
+            return None
+        if resource is None:
+            return None
+        try:
+            entry = self._entry_decoder(resource).decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        option = entry.option
+        if option is not None and type(option.get("chunk", "")) not in _PLAIN:
+            return None  # an ack echoes the chunk id: leave exotic ones to msgpack
+        body = entry.body
+        try:
+            if type(body) is list:
+                if len(body) > self.max_entries:
+                    return None
+                events: list[Any] | None = body
+            else:
+                stream = self._packed(body, option)
+                if not stream:
+                    return None
+                events = self._decode_packed(self._pair_types(resource)[1], stream, option)
+            if events is None:
+                return None
+            times = _event_times(events, now)
+        except (msgspec.DecodeError, msgspec.ValidationError, WireError, _NotFast, UnicodeError):
+            return None
+        return StreamValue(resource, FAST_SCHEMAS[resource.name], events, times, option)
+
+    def take(self, value: list[Any], now: float) -> StreamValue | None:
+        """The typed events of one unpacked stream value (`[tag, events-or-bin, option?]`),
+        or None: then the general path takes it.
+
+        Everything `wire.decode_value` checks is checked here, for all the events, before
+        anything is stored (the times too): what can still fail afterwards (`payloads`) is
+        the schema's verdict on one event, which the general path gives event by event."""
+        if not 2 <= len(value) <= 3:
+            return None
+        resource = self._resource(value[0])
+        if resource is None:
+            return None
+        option = value[2] if len(value) == 3 else None
+        if option is not None and type(option) is not dict:
+            return None
+        body = value[1]
+        kind = type(body)
+        list_type, decoder = self._pair_types(resource)
+        try:
+            if kind is list:  # Forward
+                if len(body) > self.max_entries:
+                    return None
+                events = msgspec.convert(body, list_type)
+            elif kind is bytes or kind is str:  # PackedForward, maybe compressed
+                stream = self._packed(body, option)
+                if not stream:
+                    return None
+                events = self._decode_packed(decoder, stream, option)
+                if events is None:
+                    return None
+            else:  # a Message, or not an entry
+                return None
+            times = _event_times(events, now)
+        except (msgspec.DecodeError, msgspec.ValidationError, WireError, _NotFast, UnicodeError):
+            return None
+        return StreamValue(resource, FAST_SCHEMAS[resource.name], events, times, option)
+
+    def _packed(self, body: bytes | str, option: dict[Any, Any] | None) -> bytes:
+        """The PackedForward stream of `body` (inflated); raises WireError as wire does."""
+        # old Fluentd: raw str; surrogateescape gives the bytes back
+        data = body.encode("utf-8", "surrogateescape") if isinstance(body, str) else body
+        compressed = option.get("compressed") if option else None
+        if compressed == "gzip":
+            return gunzip(data, self.max_inflated)
+        if compressed not in (None, "text"):
+            raise WireError("bad_compressed")
+        return data
+
+    def _decode_packed(
+        self, decoder: msgspec.msgpack.Decoder, stream: bytes, option: dict[Any, Any] | None
+    ) -> list[Any] | None:
+        """The pairs of a PackedForward stream, decoded as one msgpack array: the count is
+        the option's `size` (Fluentd and Fluent Bit send it) when it is right, else counted."""
+        size = option.get("size") if option else None
+        if type(size) is int and 0 < size <= self.max_entries:
+            try:
+                return decoder.decode(_array_header(size) + stream)
+            except msgspec.DecodeError:
+                pass  # a wrong size (trailing or truncated): count them
+        count = _count_values(stream, self.max_entries)
+        if not count:
+            return None
+        return decoder.decode(_array_header(count) + stream)
+
+    @staticmethod
+    def payloads(taken: StreamValue, start: int, stop: int) -> list[bytes] | None:
+        """The JSON payloads of `taken.events[start:stop]`, or None: one of them is not fast
+        (the general path then takes these events, and decides for each). Mutates the events
+        (fills timestamps)."""
+        try:
+            out = encode_fast_many(
+                taken.fast,
+                [e.record for e in taken.events[start:stop]],
+                taken.times[start:stop],
+            )
+        except (Rejected, UnicodeEncodeError):
+            return None
+        if out and max(map(len, out)) > MAX_PAYLOAD:
+            return None
+        return out

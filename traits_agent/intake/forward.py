@@ -8,6 +8,14 @@ also with Fluent Bit's `[[time, metadata], record]` events); a nil value is a he
 ignored. Entries go through the same validation and queues as datagrams
 (`Ingest.store_entries`).
 
+Speed: the connection's decoder frames values with a skipping Unpacker (no objects) and yields
+each as its bytes; a Forward or PackedForward value of a JSON resource whose events all fit the
+typed schema is decoded, validated and JSON-encoded by msgspec (`fastpath.StreamFastPath`) and
+appended with per-message, not per-event, bookkeeping (`Ingest.store_payloads`). Anything else,
+and any slice of events the fast path refuses, is unpacked and takes the general path, which
+alone rejects, strips and counts: what is stored, acked and counted is the same either way
+(tests/intake/test_fastpath_stream.py).
+
 JSON: a connection whose first byte is `[` or `{` is read as concatenated JSON entries and
 answered in JSON, as Fluentd's in_forward does (fluent-logger-golang's `MarshalAsJSON`). In
 msgpack those bytes are small integers, never an entry, so the rule cannot misread a client.
@@ -121,10 +129,17 @@ import structlog
 import trio
 
 from traits_agent.intake.durability import AckGate, Mark
+from traits_agent.intake.fastpath import StreamFastPath
 from traits_agent.intake.handshake import Security, Session, is_ping
 from traits_agent.intake.jsonstream import JsonStream, JsonStreamError, starts_json
 from traits_agent.intake.unixsock import bind_unix
-from traits_agent.intake.wire import WireError, decode_value, event_count, stream_unpacker
+from traits_agent.intake.wire import (
+    STREAM_BOUNDS,
+    WireError,
+    decode_value,
+    event_count,
+    unpack_value,
+)
 from traits_agent.observe.log import sample as log_sample
 
 log = structlog.get_logger(__name__)
@@ -224,6 +239,7 @@ class _Ingest(Protocol):
     counters: Any
 
     def store_entries(self, entries: Iterable[Any], now: float) -> set[str]: ...
+    def store_payloads(self, resource: Any, payloads: list[bytes]) -> set[str]: ...
     def flush(self, names: set[str]) -> None: ...
     def reject(
         self, reason: str, sample: object = None, events: int = 1, **context: object
@@ -278,47 +294,53 @@ class _Limited:
 
 
 class _Decoder(_Limited):
-    """msgpack values out of a byte stream, holding at most `limit` bytes of an unfinished
-    value (from its first byte, including what msgpack already parsed of it).
+    """msgpack values out of a byte stream, each as the bytes it came in: holding at most
+    `limit` bytes of an unfinished value (from its first byte).
+
+    The values are framed by an Unpacker that only skips (`Unpacker.skip`: it parses as the
+    bytes come, incrementally, and builds no object), while the bytes of the unfinished value
+    are kept here; each whole value is yielded as its bytes, for the stream fast path to
+    decode with msgspec (`StreamFastPath.take_raw`) or the general path to unpack
+    (`_unpack`). Building the Python objects of a 1000-event Forward array cost ~3 µs an
+    event; msgspec decodes and validates it in ~0.6 µs.
 
     `limit` starts at `small`; bytes that do not fit wait in the decoder (`starved`) until the
     caller raises the limit to `large` (`grow`: it holds a big-value slot) — past `large` a
     value is `too_large`, and the values before it still come out. `shrink` goes back to
-    `small` with a fresh Unpacker: msgpack never gives its buffer back, so a connection that
-    once sent a 32 MiB value would otherwise keep 32 MiB for good.
+    `small`, with a fresh buffer and Unpacker as soon as no value is in progress: neither gives
+    its memory back, so a connection that once sent a 32 MiB value would otherwise keep it.
     """
+
+    raw = True  # yields bytes, not objects
 
     def __init__(self, small: int, large: int) -> None:
         super().__init__(small, large)
-        self._unpacker = stream_unpacker(large, read_size=self.small)
-        self._fed = 0
-        self._value_start = 0  # tell() where the unfinished value began
-        self._stale = False  # the Unpacker's buffer grew for a big value
+        self._renew()
+
+    def _renew(self) -> None:
+        self._skipper = msgpack.Unpacker(max_buffer_size=self.large, read_size=self.small)
+        self._held = bytearray()  # the unfinished value's bytes
+        self._base = 0  # the skipper's tell() at the first byte of `_held`
+        self._stale = False  # the buffers grew for a big value
 
     @property
     def unfinished(self) -> int:
-        return self._fed - self._value_start
+        return len(self._held)
 
     def grow(self) -> None:
         super().grow()
         self._stale = True
 
     def shrink(self) -> None:
-        """Back to `small` (call when `unfinished <= small`); the Unpacker is renewed as soon
+        """Back to `small` (call when `unfinished <= small`); the buffers are renewed as soon
         as no value is in progress."""
         super().shrink()
-        self._renew()
+        if self._stale and not self._held:
+            self._renew()
 
-    def _renew(self) -> None:
-        if self._stale and self._fed == self._value_start:
-            self._unpacker = stream_unpacker(self.large, read_size=self.small)
-            self._fed = self._value_start = 0
-            self._stale = False
-
-    def values(self, data: bytes) -> Iterator[Any]:
+    def values(self, data: bytes) -> Iterator[bytes]:
         if data:
             self._pending = bytes(self._pending) + data if self._pending else data
-        unpacker = self._unpacker
         while self._pending:
             room = self._room()
             if room <= 0:
@@ -326,17 +348,36 @@ class _Decoder(_Limited):
             view = memoryview(self._pending)
             piece = view[:room]
             self._pending = view[len(piece) :] if len(piece) < len(view) else b""
-            unpacker.feed(piece)
-            self._fed += len(piece)
+            skipper, held = self._skipper, self._held
+            skipper.feed(piece)
+            held += piece
+            start = 0
             try:
-                for value in unpacker:
-                    self._value_start = unpacker.tell()
+                while True:
+                    skipper.skip()
+                    end = skipper.tell() - self._base
+                    value = bytes(held[start:end])
+                    start = end
                     yield value
+            except msgpack.OutOfData:
+                pass
             except Exception as e:  # malformed msgpack: the stream cannot be resynchronised
                 raise _ProtocolError("not_msgpack", f"{type(e).__name__}: {e}") from None
-            if self.limit == self.small:
+            finally:
+                del held[:start]
+                self._base += start
+            if self.limit == self.small and self._stale and not held:
                 self._renew()
-                unpacker = self._unpacker
+
+
+def _unpack(raw: bytes) -> Any:
+    """One whole value (as `_Decoder` yields it) as Python objects, read as `wire` reads
+    datagrams (EventTime as float seconds, surrogateescape, any map keys); not_msgpack for
+    what the skipping Unpacker framed but cannot be built (a map key that is an array)."""
+    try:
+        return unpack_value(raw)
+    except Exception as e:
+        raise _ProtocolError("not_msgpack", f"{type(e).__name__}: {e}") from None
 
 
 class _JsonDecoder(_Limited):
@@ -345,6 +386,7 @@ class _JsonDecoder(_Limited):
     until the caller grows the limit to `large` (a big-value slot); past `large`, too_large."""
 
     _pending: bytes
+    raw = False  # yields objects
 
     def __init__(self, small: int, large: int) -> None:
         super().__init__(small, large)
@@ -461,6 +503,7 @@ class ForwardServer:
         #: each listener's open connections, by name
         self.listeners: dict[str, dict[_Connection, None]] = {}
         self._slots = trio.Semaphore(limits.big_value_slots)
+        self._fast = StreamFastPath(STREAM_BOUNDS.max_entries, STREAM_BOUNDS.max_inflated)
 
     async def serve(
         self,
@@ -716,26 +759,52 @@ class ForwardServer:
         touched: set[str] = set()
         work = 0
         try:
-            for value in decoder.values(data):
-                if value is None:  # heartbeat
-                    continue
-                if conn.session is not None:
-                    acks.append(self._handshake(conn, value))
-                    if conn.stopped:
-                        break
-                    continue
-                if type(value) is not list:
-                    raise _ProtocolError("not_an_entry", _sample(value))
-                conn.completed()
-                try:
-                    entries, option = decode_value(value)
-                except WireError as e:
-                    acks.extend(self._refuse(conn, value, e.reason, e.events))
-                    break
+            for item in decoder.values(data):
+                fast = None
+                if decoder.raw and conn.session is None:
+                    fast = self._fast.take_raw(item, now)
+                if fast is None:
+                    value = _unpack(item) if decoder.raw else item
+                    if value is None:  # heartbeat
+                        continue
+                    if conn.session is not None:
+                        acks.append(self._handshake(conn, value))
+                        if conn.stopped:
+                            break
+                        continue
+                    if type(value) is not list:
+                        raise _ProtocolError("not_an_entry", _sample(value))
+                    conn.completed()
+                    fast = self._fast.take(value, now)
+                    if fast is None:
+                        try:
+                            entries, option = decode_value(value)
+                        except WireError as e:
+                            acks.extend(self._refuse(conn, value, e.reason, e.events))
+                            break
+                else:  # taken from its bytes: unpacked only if a slice needs the general path
+                    conn.completed()
+                    value = item
+                if fast is not None:  # Forward / PackedForward of well-formed events
+                    entries, option = fast.events, fast.option
                 chunk = option.get("chunk") if option else None
                 names: set[str] = set()
+                general: list[Any] | None = None
                 for start in range(0, len(entries), SLICE_ENTRIES):
-                    names |= ingest.store_entries(entries[start : start + SLICE_ENTRIES], now)
+                    stop = start + SLICE_ENTRIES
+                    got = None if fast is None else self._fast.payloads(fast, start, stop)
+                    if fast is not None and got is not None:
+                        names |= ingest.store_payloads(fast.resource, got)
+                    else:
+                        # the general path, for the events of this slice (one the fast path
+                        # took whole decodes whole: `take` checked what decode_value checks)
+                        if general is None:
+                            if fast is None:
+                                general = entries
+                            else:
+                                whole = _unpack(value) if type(value) is bytes else value
+                                general = decode_value(whole)[0]
+                        names |= ingest.store_entries(general[start:stop], now)
                     work += min(SLICE_ENTRIES, len(entries) - start)
                     if work >= SLICE_ENTRIES:
                         work = 0

@@ -165,6 +165,12 @@ class Ingest:
         held: dict[str, tuple[Resource, list[bytes]]] = {}
         return self._append_held(held, self._store_entries(entries, now, held))
 
+    def store_payloads(self, resource: Resource, payloads: list[bytes]) -> set[str]:
+        """Append payloads the stream fast path already validated and encoded (each at most
+        `MAX_PAYLOAD`) to `resource`'s queue (buffered: `flush` after), counted as
+        `store_entries` counts them; the names of the queues that took any."""
+        return self._append_held({resource.name: (resource, payloads)}, len(payloads))
+
     @staticmethod
     def _hold(
         held: dict[str, tuple[Resource, list[bytes]]], resource: Resource, payloads: list[bytes]

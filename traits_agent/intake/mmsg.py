@@ -109,7 +109,7 @@ class Reader:
         ([], 0): the socket is empty. Raises OSError for any other receive error."""
         if not self.batched:
             return self._read_one()
-        n = _recvmmsg(self._fd, self._msgs, min(limit, BATCH), _MSG_DONTWAIT, None)  # type: ignore[misc]
+        n = _recvmmsg(self._fd, self._msgs, min(limit, BATCH), _MSG_DONTWAIT, None)
         if n <= 0:
             code = ctypes.get_errno()
             if n == 0 or code in _RETRY:

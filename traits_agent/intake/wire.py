@@ -133,6 +133,12 @@ def stream_unpacker(max_buffer_size: int, read_size: int = 0) -> msgpack.Unpacke
     )
 
 
+def unpack_value(data: bytes) -> Any:
+    """The one msgpack value `data` holds (a stream value framed elsewhere), read as
+    `stream_unpacker` reads values; raises what msgpack raises for bytes that are not one."""
+    return msgpack.unpackb(data, **_UNPACK_OPTIONS)
+
+
 def _failure(exc: Exception) -> str:
     if type(exc) is ValueError and "incomplete" in str(exc):
         return "truncated"
@@ -262,6 +268,11 @@ def event_count(obj: Any) -> int:
     if type(second) in (bytes, str):
         return 0  # the stream itself was unusable (else the error would say which event)
     return 1 if len(obj) >= 3 else 0
+
+
+def check_tag(tag: Any) -> str:
+    """`tag` as a valid tag (a bytes tag decoded); raises `WireError("bad_tag")`."""
+    return _tag(tag)
 
 
 def _tag(tag: Any) -> str:

@@ -192,6 +192,11 @@ class LogReader:
                         break
                     if (seg.number, offset) >= scanned:
                         self.corrupt_skipped += 1
+                    head = reader.header(offset)
+                    if head is not None and offset + head.header_size + head.length <= reader.end:
+                        # a whole frame whose payload fails: its records are passed too (else
+                        # the position names one of them next, and pending_items stays > 0)
+                        after = max(after, head.last_seq)
                     offset = reader.after_damage(offset)
             except OSError as e:
                 # EMFILE, EACCES, EIO...: says nothing about the bytes. Stop before them (the

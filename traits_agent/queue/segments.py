@@ -122,6 +122,12 @@ def scan_segment(fd: int, size: int) -> ScanResult:
             nxt = reader.after_damage(pos)
             if nxt >= reader.end:
                 break
+            head = reader.header(pos)
+            if head is not None and head.seq != SEAL_SEQ:  # whole, its payload fails: its
+                if result.first_seq is None:  # seqs are known, count them (as above)
+                    result.first_seq = head.seq
+                result.last_seq = head.last_seq
+                result.records += head.last_seq - head.seq + 1
             result.damaged_regions += 1
             result.damaged_bytes += nxt - pos
             pos = nxt

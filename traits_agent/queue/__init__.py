@@ -46,8 +46,11 @@ or several (2 to 128, written by ``append_many`` for a run of records appended t
 
 ``header_crc`` = crc32 of the header up to it; ``crc`` = crc32 of those bytes + payload.
 A frame is valid only if magic, both CRCs and ``length <= 1 MiB`` check (and the count of
-newlines). After an invalid frame, readers scan forward for the next valid frame (resync), so
-a corrupted length never hides the records behind it. A several-records frame whose payload
+newlines, and ``seq < 2**60``). After an invalid frame, readers look for the next valid frame
+(resync): from its end if its header checks (a torn frame at the tail ends the data), else
+from the next byte, so a corrupted length never hides the records behind it. (Never scanning
+inside a frame whose header checks matters: a several-records frame's CRC table holds CRC32s
+that a sender can steer to spell a valid frame.) A several-records frame whose payload
 fails while its header checks gives up the records whose own CRC fails and no others
 (salvage); one whose header fails costs its records (at most 128). A record holding a newline
 byte is framed on its own. Seqs start at 1, increase by one per record and never repeat,

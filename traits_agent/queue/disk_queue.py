@@ -282,6 +282,10 @@ class DiskQueue:
             if self._writer.buffered + size > self._max_buffer and not self._flush_quietly():
                 self.dropped_write_error += 1
                 return False
+            if self._total + size > self.max_bytes and self._segs[0].number < self._cursor.segment:
+                # delivered segments that wait for the syncer's round (`sync_requested`) hold
+                # part of the quota: let them go now, before making room or dropping
+                self._delete_delivered()
             if self._total + size > self.max_bytes and not self._make_room(size):
                 self.dropped_newest += 1
                 return False

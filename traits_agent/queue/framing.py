@@ -39,7 +39,9 @@ a length field cannot make it swallow the records behind it; `crc` then proves t
 A frame is *valid* only if both check (and, for several records, the payload holds `count`
 of them). After an invalid frame the reader scans forward for the next magic whose header and
 payload both check (a false match needs the magic and two CRC32s to agree by chance), so
-damage costs the damaged frame only.
+damage costs the damaged frame only. It starts scanning at the invalid frame's end if its
+header checks, and inside it only if not: the per-record CRC table is not chance, a sender
+can steer it (see `FrameReader.after_damage`).
 
 The reader works through a sliding block of the file read with `os.pread`, so its memory is
 one block (or one frame, if bigger) however long the file is.
@@ -66,6 +68,12 @@ MANY_MAX_RECORDS = 128
 MANY_TARGET_BYTES = 64 * 1024
 """A several-records frame is closed once its payload reaches this (one record bigger than
 it is framed on its own)."""
+
+MAX_SEQ = 1 << 60
+"""A header with a seq at or above this does not check: far beyond any real seq (a million
+records a second for 36,000 years), and far enough below the checkpoint's limit (2**62) that
+a lease above it still stores. A frame a sender forged (see `FrameReader.after_damage`) can
+then not move the queue's seqs where it cannot go on (u64 overflow, a corrupt checkpoint)."""
 
 BLOCK_SIZE = 256 * 1024
 """How much the reader fetches per `pread`: big enough to amortise the syscall."""
@@ -267,11 +275,13 @@ class FrameReader:
             _, length, seq, count, header_crc, crc = _MANY_HEADER.unpack_from(buf, rel)
             if length > MAX_PAYLOAD or not 2 <= count <= MANY_MAX_RECORDS or length < 5 * count - 1:
                 return None
+            if seq >= MAX_SEQ:
+                return None
             if crc32(buf[rel + 4 : rel + 20], _MAGIC_MANY_CRC) != header_crc:
                 return None
             return Head(length, seq, seq + count - 1, MANY_HEADER_SIZE, header_crc, crc)
         magic, length, seq, header_crc, crc = _HEADER.unpack_from(buf, rel)
-        if magic != MAGIC or length > MAX_PAYLOAD:
+        if magic != MAGIC or length > MAX_PAYLOAD or seq >= MAX_SEQ:
             return None
         if crc32(buf[rel + 4 : rel + 16], _MAGIC_CRC) != header_crc:
             return None
@@ -331,6 +341,22 @@ class FrameReader:
             pieces = pieces[:i] + pieces[len(pieces) - len(back) :]
             return size, [head.seq + n for n in keep], pieces
         return size, [head.seq + n for n in keep], [pieces[n] for n in keep]
+
+    def after_damage(self, pos: int) -> int:
+        """Position of the first valid frame after the invalid one at `pos` (a frame start
+        reached by walking valid frames), or `end`.
+
+        If its header checks, the search starts at its end: `header_crc` vouches for its
+        length, so a frame torn at the tail ends the data there. Scanning its bytes instead
+        would be unsafe: the CRC table of a several-records frame holds the CRC32s of records
+        a sender wrote, and CRC32 is affine, so a sender who controls ~40 characters of six
+        records can make their CRCs spell a whole valid frame, with a seq of its choosing.
+        Only a frame whose header is damaged is scanned from `pos + 1` (and `MAX_SEQ` bounds
+        what a forged frame found there can do)."""
+        head = self.header(pos)
+        if head is None:
+            return self.resync(pos + 1)
+        return self.resync(pos + head.header_size + head.length)
 
     def resync(self, pos: int) -> int:
         """Position of the first valid frame at or after `pos`, or `end` if there is none."""
@@ -486,7 +512,10 @@ class FrameReader:
             out += records
             seqs += numbers
             self.salvaged.append(pos)
-            last = numbers[-1] if numbers else after_seq
+            # passed: its lost records too (else a position after it names one of them as
+            # next to deliver, and the pending count never reaches 0)
+            head = self.header(pos)
+            last = max(after_seq, head.last_seq) if head is not None else after_seq
             return END, pos + size, last, nbytes, numbers[0] if numbers else -1
         return self._take_some(pos, after_seq, numbers, records, max_items, max_bytes, out, seqs)
 

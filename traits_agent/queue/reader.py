@@ -132,7 +132,7 @@ class LogReader:
             payloads=payloads,
             seqs=seqs,
             first_seq=first if first >= 0 else first_new,
-            last_seq=end.next_seq - 1,
+            last_seq=seqs[-1],
             start=cursor,
             end=end,
             nbytes=nbytes + taken,
@@ -192,7 +192,12 @@ class LogReader:
                         break
                     if (seg.number, offset) >= scanned:
                         self.corrupt_skipped += 1
-                    offset = reader.resync(offset + 1)
+                    head = reader.header(offset)
+                    if head is not None and offset + head.header_size + head.length <= reader.end:
+                        # a whole frame whose payload fails: its records are passed too (else
+                        # the position names one of them next, and pending_items stays > 0)
+                        after = max(after, head.last_seq)
+                    offset = reader.after_damage(offset)
             except OSError as e:
                 # EMFILE, EACCES, EIO...: says nothing about the bytes. Stop before them (the
                 # batch ends here, the checkpoint cannot pass them) and read again later.

@@ -358,7 +358,7 @@ def _first_at_or_after(reader: FrameReader, seq: int) -> int:
     while pos < reader.end:
         frame = reader.frame(pos)
         if frame is None:
-            pos = reader.resync(pos + 1)
+            pos = reader.after_damage(pos)
             continue
         if frame.last_seq >= seq:
             return pos

@@ -104,22 +104,30 @@ def scan_segment(fd: int, size: int) -> ScanResult:
     while pos < reader.end:
         frame = reader.frame(pos)
         if frame is None and (found := reader.salvage(pos)) is not None:
-            size, seqs, _ = found  # a damaged payload, its header intact: keep what checks
+            size, _, _ = found  # a damaged payload, its header intact: keep what checks
             head = reader.header(pos)
             assert head is not None
             result.damaged_regions += 1
             if result.first_seq is None:
                 result.first_seq = head.seq
             result.last_seq = head.last_seq
-            result.records += len(seqs)
+            # all of its records, as a seal or `append` counts them: the queue's pending count
+            # is seq-based (`DiskQueue.pending_items`), and readers pass the lost ones
+            result.records += head.last_seq - head.seq + 1
             result.sealed = False
             pos += size
             result.end = pos
             continue
         if frame is None:
-            nxt = reader.resync(pos + 1)
+            nxt = reader.after_damage(pos)
             if nxt >= reader.end:
                 break
+            head = reader.header(pos)
+            if head is not None and head.seq != SEAL_SEQ:  # whole, its payload fails: its
+                if result.first_seq is None:  # seqs are known, count them (as above)
+                    result.first_seq = head.seq
+                result.last_seq = head.last_seq
+                result.records += head.last_seq - head.seq + 1
             result.damaged_regions += 1
             result.damaged_bytes += nxt - pos
             pos = nxt

@@ -86,7 +86,9 @@ Limits (`ForwardLimits`), so that no peer can starve the others (issue 7):
   is closed (`idle_timeout`).
 * Memory: each connection holds at most `small_value_bytes` of an unfinished value on its own.
   A larger value (up to `max_buffer_size`; past it `too_large`) needs one of the server's
-  big-value slots (`max_buffered_bytes` / `max_buffer_size`); without a free slot the
+  big-value slots (`max_buffered_bytes` / (2 * `max_buffer_size`): the decoder holds an
+  unfinished value twice, in its framing Unpacker and in the copy it hands on, so the
+  default 64 MiB is one 32 MiB value at a time); without a free slot the
   connection stops reading (TCP back-pressure on the client, `forward_buffer_waits`) until one
   is released. A value holding a slot must be complete within `big_value_timeout_s`
   (`too_slow`). Measured: 64 connections each sending an unfinished 32 MiB value took the
@@ -193,8 +195,14 @@ class ForwardLimits:
 
     @property
     def big_value_slots(self) -> int:
-        return max(1, self.max_buffered_bytes // self.max_buffer_size)
+        """Big values at once: each slot is charged `HELD_COPIES` times `max_buffer_size`,
+        since `_Decoder` holds an unfinished value twice (the skipping Unpacker's buffer and
+        the copy it hands on), so the slots together stay within `max_buffered_bytes`."""
+        return max(1, self.max_buffered_bytes // (HELD_COPIES * self.max_buffer_size))
 
+
+HELD_COPIES = 2
+"""How many times `_Decoder` holds an unfinished value's bytes (see `big_value_slots`)."""
 
 DEFAULT_LIMITS = ForwardLimits()
 

@@ -97,3 +97,14 @@ def test_an_empty_socket_reads_nothing(pair) -> None:
         assert reader.read(BATCH) == ([], 0)
     finally:
         reader.close()
+
+
+def test_udp_reads_in_batches_and_unix_one_datagram_a_call(tmp_path) -> None:
+    """The measured choice (serve_datagrams' docstring): recvmmsg pays where bursts queue
+    thousands (UDP), recv where the kernel queue holds a few (Unix, max_dgram_qlen)."""
+    from traits_agent.intake.datagram import reads_batched
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        assert reads_batched(udp)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unix:
+        assert not reads_batched(unix)

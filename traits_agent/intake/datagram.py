@@ -200,6 +200,12 @@ class Backlog:
             self.bytes += self._front_bytes
 
 
+def reads_batched(sock: socket.socket) -> bool:
+    """Whether `serve_datagrams` reads `sock` with `recvmmsg` by default: UDP yes, Unix no
+    (see `serve_datagrams` for the figures)."""
+    return sock.family != socket.AF_UNIX
+
+
 async def serve_datagrams(
     sock: socket.socket,
     sink: Sink,
@@ -207,7 +213,7 @@ async def serve_datagrams(
     name: str,
     on_error: Callable[[str], None],
     backlog: Backlog | None = None,
-    batch: bool = True,
+    batch: bool | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Read datagrams from a bound socket until cancelled, handing slices to `sink`.
@@ -217,10 +223,16 @@ async def serve_datagrams(
     kernel drops, which UDP reports in /proc/net/snmp (RcvbufErrors); `on_error(reason)` counts
     datagrams we threw away ourselves (`too_large`, and `internal_error` when the sink raised:
     the source logs `datagram_burst_failed` and goes on, so no datagram can stop it).
-    `batch=False` reads one datagram per `recv` (the reference the tests compare against).
+    `batch` reads with `recvmmsg` (True) or one datagram per `recv` (False, the reference the
+    tests compare against); by default UDP sockets read with `recvmmsg` and Unix ones with
+    `recv`. Measured on this machine class, 200,000 one-event datagrams from a C sender into
+    a Unix socket at `max_dgram_qlen` 10: 44-45k events per CPU-second with `recvmmsg`
+    against 62-68k with `recv` (the queue never holds more than a few datagrams, so a call
+    returns few, and costs more than `recv`); a UDP burst queues thousands, and there
+    `recvmmsg` costs ~1.1 µs a datagram against ~1.8 (`bench_intake.py --drain`).
     """
     sock.setblocking(False)
-    reader = Reader(sock, batch=batch)
+    reader = Reader(sock, batch=reads_batched(sock) if batch is None else batch)
     held = Backlog() if backlog is None else backlog
     task_status.started(sock.getsockname())
     try:

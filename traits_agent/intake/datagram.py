@@ -314,10 +314,8 @@ def _fill(reader: Reader, held: Backlog, name: str, on_error: Callable[[str], No
             on_error("too_large")
         if got:
             added += held.add(got)
-        if reader.batched and len(got) + too_large < BATCH:
-            return added  # recvmmsg returned what there was: the socket is empty
-        if not got and not too_large:
-            return added
+        if len(got) + too_large < BATCH:
+            return added  # a read returns fewer only when the socket is empty
     log.warning(
         "datagram_backlog_full",
         source=name,

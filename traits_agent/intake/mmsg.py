@@ -108,7 +108,7 @@ class Reader:
         worth), and how many more were read but thrown away as larger than `MAX_DATAGRAM`.
         ([], 0): the socket is empty. Raises OSError for any other receive error."""
         if not self.batched:
-            return self._read_one()
+            return self._read_each(limit)
         n = _recvmmsg(self._fd, self._msgs, min(limit, BATCH), _MSG_DONTWAIT, None)
         if n <= 0:
             code = ctypes.get_errno()
@@ -124,14 +124,22 @@ class Reader:
         kept = [d for d in out if len(d) <= MAX_DATAGRAM]
         return kept, len(out) - len(kept)
 
-    def _read_one(self) -> tuple[list[bytes], int]:
-        try:
-            data = self._sock.recv(_SLOT)
-        except (BlockingIOError, InterruptedError):
-            return [], 0
-        if len(data) > MAX_DATAGRAM:
-            return [], 1
-        return [data], 0
+    def _read_each(self, limit: int) -> tuple[list[bytes], int]:
+        """`read` with one `recv` per datagram, up to `limit` (one list for all of them: the
+        caller's per-read costs are paid once, as for a `recvmmsg` call)."""
+        out: list[bytes] = []
+        too_large = 0
+        recv = self._sock.recv
+        for _ in range(min(limit, BATCH)):
+            try:
+                data = recv(_SLOT)
+            except (BlockingIOError, InterruptedError):
+                break
+            if len(data) > MAX_DATAGRAM:
+                too_large += 1
+            else:
+                out.append(data)
+        return out, too_large
 
     def close(self) -> None:
         """Release the slots (the socket is the caller's)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 from traits_agent.queue import DiskQueue
@@ -80,3 +82,19 @@ def stored_checkpoint(directory: Path):  # -> Checkpoint | None
     from traits_agent.queue.checkpoint import CheckpointFile
 
     return CheckpointFile(str(directory), -1).load()[0]
+
+
+def fail_segment_fsyncs(monkeypatch) -> dict[str, int]:
+    """Make the next `failures["left"]` fdatasyncs of regular files (segments are synced with
+    fdatasync: appends only) fail with EIO. Only the result is faked; the files are real."""
+    real_fdatasync = os.fdatasync
+    failures = {"left": 0}
+
+    def flaky_fdatasync(fd: int) -> None:
+        if failures["left"] and stat.S_ISREG(os.fstat(fd).st_mode):
+            failures["left"] -= 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", flaky_fdatasync)
+    return failures

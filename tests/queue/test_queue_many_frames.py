@@ -8,17 +8,16 @@ or a rewrite of part of it never duplicates, skips or reorders a record.
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import shutil
-import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 from queue_helpers import (
     drain,
+    fail_segment_fsyncs,
     flip_byte,
     payload_for,
     record_offsets,
@@ -293,16 +292,7 @@ def test_failed_fsync_rewrites_from_inside_a_frame(tmp_path, monkeypatch) -> Non
     """Records delivered from part of a frame, then an fsync fails: the rewrite starts at the
     first undelivered record (the frame is framed again without the delivered ones), and
     every record is delivered once, before and after a restart."""
-    real_fdatasync = os.fdatasync
-    failures = {"left": 0}
-
-    def flaky_fdatasync(fd: int) -> None:
-        if failures["left"] and stat.S_ISREG(os.fstat(fd).st_mode):
-            failures["left"] -= 1
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", flaky_fdatasync)
+    failures = fail_segment_fsyncs(monkeypatch)
     with DiskQueue.open(tmp_path, **BIG) as q:
         seqs = fill_many(q, 300)
         delivered = drain_some(q, 150)  # the checkpoint inside the second frame

@@ -5,13 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from queue_helpers import drain, fill, payload_for
+from queue_helpers import drain, fail_segment_fsyncs, fill, payload_for
 
 from traits_agent.queue import DiskQueue, QueueWriteError
 
@@ -92,16 +91,7 @@ def test_failed_fsync_rewrites_what_it_covered(tmp_path, monkeypatch):
 
     Fault injection: only the result of fsync on segment files is faked; files are real.
     """
-    real_fdatasync = os.fdatasync  # segments are synced with fdatasync (appends only)
-    failures = {"left": 0}
-
-    def flaky_fdatasync(fd: int) -> None:
-        if failures["left"] and stat.S_ISREG(os.fstat(fd).st_mode):
-            failures["left"] -= 1
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", flaky_fdatasync)
+    failures = fail_segment_fsyncs(monkeypatch)
     opts = {"segment_bytes": 1 << 20, "max_bytes": 1 << 30}
     with DiskQueue.open(tmp_path, **opts) as q:
         fill(q, 100)
@@ -126,16 +116,7 @@ def test_failed_fsync_rewrites_what_it_covered(tmp_path, monkeypatch):
 
 def test_failed_fsync_copies_are_skipped_after_reopen(tmp_path, monkeypatch):
     """The old copies left by a rewrite are not delivered twice after a restart either."""
-    real_fdatasync = os.fdatasync  # segments are synced with fdatasync (appends only)
-    failures = {"left": 0}
-
-    def flaky_fdatasync(fd: int) -> None:
-        if failures["left"] and stat.S_ISREG(os.fstat(fd).st_mode):
-            failures["left"] -= 1
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", flaky_fdatasync)
+    failures = fail_segment_fsyncs(monkeypatch)
     with DiskQueue.open(tmp_path) as q:
         fill(q, 40)
         failures["left"] = 1

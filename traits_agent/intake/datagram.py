@@ -178,7 +178,7 @@ class Backlog:
                 if not room or (out and nbytes + size > DRAIN_MAX_BYTES):
                     room = 0
                     break
-                out.append(blob[at : at + size])  # the whole blob: the same object, no copy
+                out.append(blob[at : at + size])  # a copy (the same object if it is the whole blob)
                 at += size
                 nbytes += size
                 i += 1

@@ -190,6 +190,7 @@ RATE_LIMITS: dict[str, Limit] = {
     "datagram_failed": Limit(10.0),
     "datagram_burst_failed": Limit(10.0, ("source",)),
     "datagram_backlog_full": Limit(10.0, ("source",)),
+    "datagram_receive_failed": Limit(10.0, ("source",)),
     "forward_connection_evicted": Limit(10.0, ("source",)),
     "forward_read_paused": Limit(10.0, ("source",)),
     "forward_ack_unencodable": Limit(10.0, ("source",)),

@@ -872,6 +872,14 @@ class DiskQueue:
         return self._total
 
     @property
+    def held_bytes(self) -> int:
+        """`disk_bytes` but for segments wholly delivered that wait for the syncer's round to
+        delete them (`sync_requested`): what the other queues of a shared quota must leave
+        room for (those bytes go within one sync interval, and are no backlog)."""
+        cur = self._cursor.segment
+        return self._total - sum(seg.size for seg in self._segs if seg.number < cur)
+
+    @property
     def segments(self) -> int:
         """Segment files (a segment is created when its first bytes are flushed)."""
         n = len(self._segs)

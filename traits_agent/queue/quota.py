@@ -23,6 +23,9 @@ class Sized(Protocol):
     @property
     def disk_bytes(self) -> int: ...
 
+    @property
+    def held_bytes(self) -> int: ...
+
 
 class SharedQuota:
     def __init__(self, queues: Mapping[str, Sized], max_bytes: int, floor: int) -> None:
@@ -31,8 +34,13 @@ class SharedQuota:
         self.floor = floor
 
     def rebalance(self) -> None:
-        """Give each queue room for what the others leave free (O(queues): runs per burst)."""
-        sizes = {name: q.disk_bytes for name, q in self.queues.items()}
+        """Give each queue room for what the others leave free (O(queues): runs per burst).
+
+        The others count what they hold undelivered (`held_bytes`): their delivered segments
+        waiting for the syncer's round to delete them must not make this queue drop its own
+        oldest undelivered events. (The disk may then pass the quota by those delivered
+        bytes, for at most one sync interval.)"""
+        sizes = {name: q.held_bytes for name, q in self.queues.items()}
         total = sum(sizes.values())
         for name, queue in self.queues.items():
             others = total - sizes[name]

@@ -109,3 +109,32 @@ def test_udp_reads_in_batches_and_unix_one_datagram_a_call(tmp_path) -> None:
         assert reads_batched(udp)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unix:
         assert not reads_batched(unix)
+
+
+def test_an_error_after_some_datagrams_loses_none_of_them() -> None:
+    """recv path: datagrams read before an error in the same call are handed over, and the
+    error is raised by the next call. On Linux a pending error (ECONNREFUSED after an ICMP
+    port unreachable) is reported before queued data, so only a race puts it behind some;
+    a stand-in socket plays that race (the kernel cannot be made to, on demand)."""
+
+    class Racing:
+        def __init__(self) -> None:
+            self.script: list[bytes | OSError] = [b"a", b"b", ConnectionRefusedError(111, "x")]
+            self.script += [b"c"]
+
+        def fileno(self) -> int:
+            return -1
+
+        def recv(self, size: int) -> bytes:
+            if not self.script:
+                raise BlockingIOError
+            step = self.script.pop(0)
+            if isinstance(step, OSError):
+                raise step
+            return step
+
+    reader = Reader(Racing(), batch=False)  # type: ignore[arg-type]
+    assert reader.read(BATCH) == ([b"a", b"b"], 0)
+    with pytest.raises(ConnectionRefusedError):
+        reader.read(BATCH)
+    assert reader.read(BATCH) == ([b"c"], 0)

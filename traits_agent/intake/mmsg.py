@@ -83,6 +83,9 @@ class Reader:
         self._sock = sock
         self._fd = sock.fileno()
         self.batched = batch and _recvmmsg is not None
+        #: an error `recv` raised after some datagrams of a call (the kernel reports it
+        #: once): raised by the next call, after those datagrams were handed over
+        self._deferred: OSError | None = None
         if not self.batched:
             return
         # lazily faulted, never zero-filled by us: see the module docstring
@@ -127,6 +130,9 @@ class Reader:
     def _read_each(self, limit: int) -> tuple[list[bytes], int]:
         """`read` with one `recv` per datagram, up to `limit` (one list for all of them: the
         caller's per-read costs are paid once, as for a `recvmmsg` call)."""
+        if self._deferred is not None:
+            error, self._deferred = self._deferred, None
+            raise error
         out: list[bytes] = []
         too_large = 0
         recv = self._sock.recv
@@ -135,6 +141,11 @@ class Reader:
                 data = recv(_SLOT)
             except (BlockingIOError, InterruptedError):
                 break
+            except OSError as e:
+                if out or too_large:  # hand over what was read; the next call raises it
+                    self._deferred = e
+                    break
+                raise
             if len(data) > MAX_DATAGRAM:
                 too_large += 1
             else:

@@ -227,9 +227,11 @@ async def serve_datagrams(
     tests compare against); by default UDP sockets read with `recvmmsg` and Unix ones with
     `recv`. Measured on this machine class, 200,000 one-event datagrams from a C sender into
     a Unix socket at `max_dgram_qlen` 10: 44-45k events per CPU-second with `recvmmsg`
-    against 62-68k with `recv` (the queue never holds more than a few datagrams, so a call
-    returns few, and costs more than `recv`); a UDP burst queues thousands, and there
-    `recvmmsg` costs ~1.1 µs a datagram against ~1.8 (`bench_intake.py --drain`).
+    against 62-68k with `recv`; at `max_dgram_qlen` 512 (the package's sysctl, measured in a
+    network namespace) the two are within noise of each other (recv 145-159k, recvmmsg
+    119-171k), and reading by depth (recv until a read finds 64, then recvmmsg) did no better
+    than recvmmsg at 10. A UDP burst queues thousands, and there `recvmmsg` costs ~1.1 µs a
+    datagram against ~1.8 (`bench_intake.py --drain`).
     """
     sock.setblocking(False)
     reader = Reader(sock, batch=reads_batched(sock) if batch is None else batch)

@@ -282,11 +282,7 @@ class DiskQueue:
             if self._writer.buffered + size > self._max_buffer and not self._flush_quietly():
                 self.dropped_write_error += 1
                 return False
-            if self._total + size > self.max_bytes and self._segs[0].number < self._cursor.segment:
-                # delivered segments that wait for the syncer's round (`sync_requested`) hold
-                # part of the quota: let them go now, before making room or dropping
-                self._delete_delivered()
-            if self._total + size > self.max_bytes and not self._make_room(size):
+            if self._total + size > self.max_bytes and not self._room_past_delivered(size):
                 self.dropped_newest += 1
                 return False
             seg = self._segs[-1]
@@ -578,6 +574,20 @@ class DiskQueue:
                 raise QueueWriteError.wrap("checkpoint", e) from e
             return
         self._lease = lease
+
+    def _room_past_delivered(self, size: int) -> bool:
+        """The quota is reached: whether `size` more bytes may go in (making room per
+        `on_full`). Delivered segments that wait for the syncer's round (`sync_requested`)
+        are no backlog: they do not count, and the round is asked for (their deletion needs
+        a durable checkpoint: an fsync, kept off the caller's thread); the disk holds them
+        past the quota until then. Without a syncer they are deleted here."""
+        if self._segs[0].number < self._cursor.segment:
+            if self.sync_requested is None:
+                self._delete_delivered()
+            elif self.held_bytes + size <= self.max_bytes:
+                self.sync_requested()
+                return True
+        return self._total + size <= self.max_bytes or self._make_room(size)
 
     def _make_room(self, size: int) -> bool:
         """drop_oldest: delete whole oldest segments until `size` more bytes fit the quota.

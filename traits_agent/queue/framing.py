@@ -305,9 +305,9 @@ class FrameReader:
                 return None  # CRC-valid but not what the header says: never written by us
         return Frame(head.seq, head.last_seq, payload, size)
 
-    def salvage(self, pos: int) -> tuple[int, list[int], list[bytes]] | None:
+    def salvage(self, pos: int) -> tuple[Head, list[int], list[bytes]] | None:
         """The records still intact in a several-records frame at `pos` whose header checks
-        but whose payload does not: (frame size, their seqs, their bytes). None if there is
+        but whose payload does not: (its header, their seqs, their bytes). None if there is
         no such frame there (a bad header, a one-record frame, or not all of it in the file).
 
         A record is kept only if its own CRC matches its entry in the frame's table. If the
@@ -339,8 +339,8 @@ class FrameReader:
                 k += 1
             keep += reversed(back)
             pieces = pieces[:i] + pieces[len(pieces) - len(back) :]
-            return size, [head.seq + n for n in keep], pieces
-        return size, [head.seq + n for n in keep], [pieces[n] for n in keep]
+            return head, [head.seq + n for n in keep], pieces
+        return head, [head.seq + n for n in keep], [pieces[n] for n in keep]
 
     def after_damage(self, pos: int) -> int:
         """Position of the first valid frame after the invalid one at `pos` (a frame start
@@ -504,7 +504,7 @@ class FrameReader:
         found = self.salvage(pos)
         if found is None:
             return DAMAGED, pos, after_seq, 0, -1
-        size, numbers, records = found
+        head, numbers, records = found
         keep = [i for i, seq in enumerate(numbers) if seq > after_seq]
         numbers, records = [numbers[i] for i in keep], [records[i] for i in keep]
         nbytes = sum(map(len, records))
@@ -514,8 +514,8 @@ class FrameReader:
             self.salvaged.append(pos)
             # passed: its lost records too (else a position after it names one of them as
             # next to deliver, and the pending count never reaches 0)
-            head = self.header(pos)
-            last = max(after_seq, head.last_seq) if head is not None else after_seq
+            size = head.header_size + head.length
+            last = max(after_seq, head.last_seq)
             return END, pos + size, last, nbytes, numbers[0] if numbers else -1
         return self._take_some(pos, after_seq, numbers, records, max_items, max_bytes, out, seqs)
 

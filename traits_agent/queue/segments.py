@@ -104,18 +104,16 @@ def scan_segment(fd: int, size: int) -> ScanResult:
     while pos < reader.end:
         frame = reader.frame(pos)
         if frame is None and (found := reader.salvage(pos)) is not None:
-            size, _, _ = found  # a damaged payload, its header intact: keep what checks
-            head = reader.header(pos)
-            assert head is not None
+            kept = found[0]  # a damaged payload, its header intact: keep what checks
             result.damaged_regions += 1
             if result.first_seq is None:
-                result.first_seq = head.seq
-            result.last_seq = head.last_seq
+                result.first_seq = kept.seq
+            result.last_seq = kept.last_seq
             # all of its records, as a seal or `append` counts them: the queue's pending count
             # is seq-based (`DiskQueue.pending_items`), and readers pass the lost ones
-            result.records += head.last_seq - head.seq + 1
+            result.records += kept.last_seq - kept.seq + 1
             result.sealed = False
-            pos += size
+            pos += kept.header_size + kept.length
             result.end = pos
             continue
         if frame is None:

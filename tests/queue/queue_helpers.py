@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 from traits_agent.queue import DiskQueue
@@ -98,3 +99,15 @@ def fail_segment_fsyncs(monkeypatch) -> dict[str, int]:
 
     monkeypatch.setattr(os, "fdatasync", flaky_fdatasync)
     return failures
+
+
+def mount_tmpfs(path: Path, size: str) -> bool:
+    """Mount a tmpfs of `size` at `path` (made here) for a real full disk; False without
+    root or mount(2). The caller umounts it."""
+    if os.geteuid() != 0:
+        return False
+    path.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    return result.returncode == 0

@@ -19,6 +19,7 @@ from queue_helpers import (
     drain,
     fail_segment_fsyncs,
     flip_byte,
+    mount_tmpfs,
     payload_for,
     record_offsets,
     segment_files,
@@ -315,21 +316,11 @@ def drain_some(q: DiskQueue, n: int) -> list[int]:
     return batch.seqs
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
-    if os.geteuid() != 0:
-        return False
-    path.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
-    )
-    return result.returncode == 0
-
-
 def test_a_write_cut_short_by_a_full_disk_inside_frames(tmp_path) -> None:
     """One big write of several-records frames cut short by a full disk: the whole frames
     written are readable, the rest waits in memory and follows once there is room."""
     mnt = tmp_path / "mnt"
-    if not _mount_tmpfs(mnt, "1m"):
+    if not mount_tmpfs(mnt, "1m"):
         pytest.skip("needs root and mount(2) to make a tiny tmpfs")
     try:
         opts = {"segment_bytes": 8 << 20, "max_bytes": 1 << 30}

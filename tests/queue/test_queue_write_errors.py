@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from queue_helpers import drain, fail_segment_fsyncs, fill, payload_for
+from queue_helpers import drain, fail_segment_fsyncs, fill, mount_tmpfs, payload_for
 
 from traits_agent.queue import DiskQueue, QueueWriteError
 
@@ -128,16 +128,6 @@ def test_failed_fsync_copies_are_skipped_after_reopen(tmp_path, monkeypatch):
         assert drain(q) == list(range(1, 41))
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
-    if os.geteuid() != 0:
-        return False
-    path.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
-    )
-    return result.returncode == 0
-
-
 def _fill_until_enospc(q: DiskQueue, appended: list[int]) -> None:
     """Append (flushing every 100) until the full filesystem refuses: ENOSPC, and within
     100 000 records. `appended` gets each record's seq, the refused one's included."""
@@ -154,7 +144,7 @@ def test_real_disk_full_on_tmpfs(tmp_path):
     """ENOSPC on a real (tiny) filesystem: the queue keeps delivering and deleting thanks to
     the reserve, and takes writes again once delivery has freed space. Needs root to mount."""
     mnt = tmp_path / "mnt"
-    if not _mount_tmpfs(mnt, "1m"):
+    if not mount_tmpfs(mnt, "1m"):
         pytest.skip("needs root and mount(2) to make a tiny tmpfs")
     try:
         opts = {"segment_bytes": 64 * 1024, "max_bytes": 1 << 30}
@@ -182,7 +172,7 @@ def test_space_of_delivered_records_comes_back_on_a_disk_smaller_than_a_segment(
     Once everything written is delivered, the active segment must give its space back.
     Before: the one segment held the whole disk for good; no new record was ever stored."""
     mnt = tmp_path / "mnt"
-    if not _mount_tmpfs(mnt, "1m"):
+    if not mount_tmpfs(mnt, "1m"):
         pytest.skip("needs root and mount(2) to make a tiny tmpfs")
     try:
         opts = {"segment_bytes": segment_bytes, "max_bytes": 1 << 30}
@@ -256,7 +246,7 @@ def test_full_disk_without_reserve_empties_delivered_segments_for_the_checkpoint
     without emptying); one that must be written as a new file does ("to_create": the file
     was deleted, as when a v1 file is upgraded or a damaged one replaced)."""
     mnt = tmp_path / "mnt"
-    if not _mount_tmpfs(mnt, "1m"):
+    if not mount_tmpfs(mnt, "1m"):
         pytest.skip("needs root and mount(2) to make a tiny tmpfs")
     try:
         opts = {"segment_bytes": 8 << 20, "max_bytes": 1 << 30}
@@ -301,7 +291,7 @@ def test_rotation_rewrites_only_undelivered_frames_of_a_write_cut_short(tmp_path
     delivered; before, the whole write went again (copies of delivered records included)
     and filled the disk again for good."""
     mnt = tmp_path / "mnt"
-    if not _mount_tmpfs(mnt, "1m"):
+    if not mount_tmpfs(mnt, "1m"):
         pytest.skip("needs root and mount(2) to make a tiny tmpfs")
     try:
         opts = {"segment_bytes": 8 << 20, "max_bytes": 1 << 30}

@@ -62,7 +62,15 @@ import msgpack
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_intake import cpu_of
-from bench_pipeline import _ok, fake_count, free_port, peak_rss_kib, wait_for
+from bench_pipeline import (
+    _ok,
+    fake_count,
+    free_port,
+    peak_rss_kib,
+    start_agent,
+    start_fake_api,
+    wait_for,
+)
 
 from traits_agent.intake.wire import pack_time
 from traits_agent.observe.control import request_status
@@ -321,7 +329,6 @@ class Agent:
         self.port = free_port()
         self.control = work / "control.sock"
         self.queue = work / "queue"
-        env = dict(os.environ, TRAITS_API_KEY="bench-key")
         self.api: subprocess.Popen | None = None
         if down_port:
             api_port = down_port
@@ -331,29 +338,13 @@ class Agent:
             api_port = int(wait_for(lambda: port_file.exists() and port_file.read_text()))
         else:
             api_port = free_port()
-            api = ["fake-api", "--listen", f"127.0.0.1:{api_port}", "--api-key", "bench-key"]
-            self.api = subprocess.Popen(
-                [sys.executable, "-m", "traits_agent", *api],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            self.api = start_fake_api(api_port)
         self.url = f"http://127.0.0.1:{api_port}"
-        config = work / "agent.toml"
-        config.write_text(
-            f'[api]\nendpoint = "{self.url}"\n'
-            f'[listen]\nunix = ""\nudp = ""\nforward_unix = ""\n'
-            f'forward = "127.0.0.1:{self.port}"\n'
-            f'[queue]\ndir = "{self.queue}"\nmax_bytes = 8589934592\n'
-            f"[batch]\nlinger_ms = 200\n"
-            f"[retry]\ninitial_backoff_ms = 50\nmax_backoff_ms = 200\n"
-            f'[control]\nsocket = "{self.control}"\n'
-            f'[log]\nlevel = "warning"\n'
-        )
-        self.agent = subprocess.Popen(
-            [sys.executable, "-m", "traits_agent", "run", "--config", str(config)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.agent = start_agent(
+            work,
+            self.url,
+            f'unix = ""\nudp = ""\nforward_unix = ""\nforward = "127.0.0.1:{self.port}"\n',
+            extra="[retry]\ninitial_backoff_ms = 50\nmax_backoff_ms = 200\n",
         )
         if self.api is not None:
             wait_for(lambda: _ok(lambda: fake_count(self.url) >= 0), timeout=60)

@@ -63,7 +63,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_pipeline import _ok, fake_count, free_port, wait_for
+from bench_pipeline import _ok, fake_count, free_port, start_agent, start_fake_api, wait_for
 
 from traits_agent.config import Config, ListenConfig, QueueConfig
 from traits_agent.delivery.lane import Lane
@@ -325,28 +325,13 @@ class AgentProcess:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.control = work / "control.sock"
-        env = dict(os.environ, TRAITS_API_KEY="bench-key")
-        api = ["fake-api", "--listen", f"127.0.0.1:{port}", "--api-key", "bench-key"]
-        self.api = subprocess.Popen(
-            [sys.executable, "-m", "traits_agent", *api],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        config = work / "agent.toml"
-        config.write_text(
-            f'[api]\nendpoint = "{self.url}"\n'
-            f'[listen]\nunix = "{unix}"\nudp = "{udp}"\nforward_unix = ""\n'
-            f"receive_buffer = {receive_buffer}\n"
-            f'[queue]\ndir = "{work}/queue"\nfsync = "interval"\nmax_bytes = 8589934592\n'
-            f"[batch]\nlinger_ms = 200\n"
-            f'[control]\nsocket = "{self.control}"\n'
-            f'[log]\nlevel = "warning"\n'
-        )
-        self.agent = subprocess.Popen(
-            [sys.executable, "-m", "traits_agent", "run", "--config", str(config)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.api = start_fake_api(port)
+        self.agent = start_agent(
+            work,
+            self.url,
+            f'unix = "{unix}"\nudp = "{udp}"\nforward_unix = ""\n'
+            f"receive_buffer = {receive_buffer}\n",
+            queue='fsync = "interval"\n',
         )
         wait_for(lambda: _ok(lambda: fake_count(self.url) >= 0), timeout=60)
         wait_for(lambda: _ok(lambda: request_status(self.control)), timeout=60)

@@ -61,39 +61,50 @@ def fake_admin(url: str, method: str, path: str, body: bytes | None = None) -> N
     urllib.request.urlopen(req, timeout=10).read()
 
 
+def start_fake_api(port: int) -> subprocess.Popen:
+    """`traits-agent fake-api` on loopback `port`, key "bench-key", quiet."""
+    api = ["fake-api", "--listen", f"127.0.0.1:{port}", "--api-key", "bench-key"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "traits_agent", *api],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def start_agent(
+    work: Path, url: str, listen: str, *, queue: str = "", extra: str = ""
+) -> subprocess.Popen:
+    """`traits-agent run` with the benches' config in `work/agent.toml`: API `url`, the
+    `[listen]` lines given, the queue in `work/queue` (plus `queue` lines), 200 ms linger,
+    the control socket `work/control.sock`, warnings only; `extra` adds whole sections."""
+    config = work / "agent.toml"
+    config.write_text(
+        f'[api]\nendpoint = "{url}"\n'
+        f"[listen]\n{listen}"
+        f'[queue]\ndir = "{work}/queue"\nmax_bytes = 8589934592\n{queue}'
+        f"[batch]\nlinger_ms = 200\n"
+        f"{extra}"
+        f'[control]\nsocket = "{work}/control.sock"\n'
+        f'[log]\nlevel = "warning"\n'
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "traits_agent", "run", "--config", str(config)],
+        env=dict(os.environ, TRAITS_API_KEY="bench-key"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def run(events: int, per_datagram: int, fsync: str, outage: bool = False) -> None:
     work = Path(tempfile.mkdtemp(prefix="ta-bench-", dir="/tmp"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, TRAITS_API_KEY="bench-key")
-    api = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "traits_agent",
-            "fake-api",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--api-key",
-            "bench-key",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    config = work / "agent.toml"
-    config.write_text(
-        f'[api]\nendpoint = "{url}"\n'
-        f'[listen]\nunix = "{work}/events.sock"\nudp = ""\nforward_unix = ""\n'
-        f'[queue]\ndir = "{work}/queue"\nfsync = "{fsync}"\nmax_bytes = 8589934592\n'
-        f"[batch]\nlinger_ms = 200\n"
-        f'[control]\nsocket = "{work}/control.sock"\n'
-        f'[log]\nlevel = "warning"\n'
-    )
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "traits_agent", "run", "--config", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    api = start_fake_api(port)
+    agent = start_agent(
+        work,
+        url,
+        f'unix = "{work}/events.sock"\nudp = ""\nforward_unix = ""\n',
+        queue=f'fsync = "{fsync}"\n',
     )
     try:
         wait_for(lambda: _ok(lambda: fake_count(url) >= 0))

@@ -61,7 +61,7 @@ import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_intake import cpu_of
+from bench_intake import children_of, cpu_of
 from bench_pipeline import (
     _ok,
     fake_count,
@@ -323,9 +323,12 @@ def sink_main(port_file: str, port: int = 0) -> None:
 class Agent:
     """The agent (Forward on loopback TCP, default fsync) and the fake API as subprocesses."""
 
-    def __init__(self, work: Path, sink: bool = False, down_port: int = 0) -> None:
+    def __init__(
+        self, work: Path, sink: bool = False, down_port: int = 0, process: str = "auto"
+    ) -> None:
         """`sink`: the counting sink instead of the fake API; `down_port`: no API at all, the
-        agent posts to this port (refused) and retries every 50 to 200 ms."""
+        agent posts to this port (refused) and retries every 50 to 200 ms; `process`: the
+        `listen.forward_process` setting."""
         self.port = free_port()
         self.control = work / "control.sock"
         self.queue = work / "queue"
@@ -343,7 +346,8 @@ class Agent:
         self.agent = start_agent(
             work,
             self.url,
-            f'unix = ""\nudp = ""\nforward_unix = ""\nforward = "127.0.0.1:{self.port}"\n',
+            f'unix = ""\nudp = ""\nforward_unix = ""\nforward = "127.0.0.1:{self.port}"\n'
+            f'forward_process = "{process}"\n',
             extra="[retry]\ninitial_backoff_ms = 50\nmax_backoff_ms = 200\n",
         )
         if self.api is not None:
@@ -367,15 +371,20 @@ class AgentRun(NamedTuple):
     cpu: float  # the agent's CPU seconds
     api_cpu: float  # the fake API's
     rss: int  # the agent's peak RSS, KiB
+    child_rss: int  # its Forward intake process's (0: none)
 
 
 def run_agent(
-    work: Path, blobs: list[Path], args: argparse.Namespace, sink: bool = False
+    work: Path,
+    blobs: list[Path],
+    args: argparse.Namespace,
+    sink: bool = False,
+    process: str = "auto",
 ) -> AgentRun:
     """(c): the agent's run, first byte to the last item at the fake API (or the sink)."""
     sub = work / f"agent-{time.monotonic_ns()}"
     sub.mkdir()
-    agent = Agent(sub, sink)
+    agent = Agent(sub, sink, process=process)
     try:
         clients = Clients(sub, blobs, f"127.0.0.1:{agent.port}", args.ack_window)
         c0, a0 = cpu_of(agent.agent.pid), cpu_of(agent.api.pid)
@@ -390,13 +399,14 @@ def run_agent(
         wall, cpu = time.perf_counter() - t0, cpu_of(agent.agent.pid) - c0
         api_cpu = cpu_of(agent.api.pid) - a0
         rss = peak_rss_kib(agent.agent.pid)
+        child_rss = sum(peak_rss_kib(pid) for pid in children_of(agent.agent.pid))
         for p in clients.procs:  # no-ack clients wait for the agent to close: don't
             p.kill()
         clients.wait()
     finally:
         agent.stop()
         shutil.rmtree(sub, ignore_errors=True)
-    return AgentRun(stored, wall, cpu, api_cpu, rss)
+    return AgentRun(stored, wall, cpu, api_cpu, rss, child_rss)
 
 
 # --------------------------------------------------------------------------- (B) a backlog
@@ -528,6 +538,7 @@ def main() -> None:
             ref, rate = args.events / bare_wall, args.events / run.wall
             cpu, n = run.cpu, args.events
             sunk = run_agent(work, blobs, args, sink=True) if args.sink else None
+            inline = run_agent(work, blobs, args, sink=True, process="never") if args.sink else None
             print(f"{mode} ({size / args.events:.0f} B/event on the wire):")
             print(
                 f"  (a) bare receiver  {ref:>10,.0f} events/s  "
@@ -536,6 +547,7 @@ def main() -> None:
             print(
                 f"  (c) agent → API    {rate:>10,.0f} events/s  "
                 f"{cpu / n * 1e6:5.2f} µs CPU/event  peak RSS {run.rss / 1024:.0f} MiB"
+                + (f" + {run.child_rss / 1024:.0f} MiB (intake process)" if run.child_rss else "")
             )
             print(
                 f"      (received by the agent at {n / run.stored:,.0f} events/s; the fake API "
@@ -545,7 +557,15 @@ def main() -> None:
                 print(
                     f"  (c') agent → sink  {n / sunk.wall:>10,.0f} events/s  "
                     f"{sunk.cpu / n * 1e6:5.2f} µs CPU/event  (a counting HTTP sink instead "
-                    f"of the fake API; received at {n / sunk.stored:,.0f}/s)"
+                    f"of the fake API; received at {n / sunk.stored:,.0f}/s; "
+                    f"forward_process = auto: {'a' if sunk.child_rss else 'no'} "
+                    f"intake process)"
+                )
+            if inline is not None:
+                print(
+                    f"  (c'') the same      {n / inline.wall:>9,.0f} events/s  "
+                    f"{inline.cpu / n * 1e6:5.2f} µs CPU/event  (forward_process = never: the "
+                    f"listeners in the agent's process; received at {n / inline.stored:,.0f}/s)"
                 )
             print(
                 f"  ratio stored/(a) {n / run.stored / ref:.2f}; "
@@ -554,6 +574,13 @@ def main() -> None:
                 f"figure {rate / ISSUE_FLUENT_BIT:.2f}",
                 flush=True,
             )
+            if sunk is not None and inline is not None:
+                print(
+                    f"  (c') vs the {TARGET:,}/s target {n / sunk.wall / TARGET:.2f}; "
+                    f"(c')/(c'') {inline.wall / sunk.wall:.2f}; (c')/(a) "
+                    f"{n / sunk.wall / ref:.2f}",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

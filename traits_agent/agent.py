@@ -39,7 +39,7 @@ from traits_agent.delivery.lane import Lane
 from traits_agent.delivery.policy import UpstreamHealth, make_client
 from traits_agent.delivery.spool import CsvSpool, receive_upload, spool_dir_for
 from traits_agent.delivery.uploader import Uploader
-from traits_agent.intake import activation
+from traits_agent.intake import activation, forward_process
 from traits_agent.intake.activation import InheritedSockets, Kind
 from traits_agent.intake.datagram import (
     bind_udp,
@@ -94,6 +94,8 @@ class Agent:
     lanes_done: trio.Event = field(default_factory=trio.Event)
     #: socket files we bound ourselves (inherited ones belong to systemd's socket unit)
     owned_paths: list[str] = field(default_factory=list)
+    #: the Forward intake process, when the listeners run in one (`listen.forward_process`)
+    forward_process: forward_process.ForwardProcess | None = None
 
     # -- status (the model and its renderers live in observe/status.py) -------------------
 
@@ -453,6 +455,25 @@ async def _start_sources(
             )
         )
         agent.listening[name] = label or (f"{address[0]}:{address[1]}")
+    if forward_process.wanted(config.forward_process, len(streams)):
+        listeners = [
+            forward_process.Listener(name, sock, security_for(config, name))
+            for name, sock, _ in streams
+        ]
+        process = forward_process.ForwardProcess(
+            ingest,
+            ack_gate,
+            listeners,
+            log_level=agent.config.log.level,
+            log_format=agent.config.log.format,
+            secrets=[s for one in listeners if one.security for s in one.security.secrets()],
+        )
+        agent.forward_process = process
+        await nursery.start(process.run)
+        for name, sock, label in streams:
+            address = sock.getsockname()
+            agent.listening[name] = label or f"{address[0]}:{address[1]}"
+        return
     forward = ForwardServer(ingest, ack_gate)
     for name, sock, label in streams:
         address = await nursery.start(

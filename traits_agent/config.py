@@ -28,6 +28,7 @@ ENDPOINTS = {
 }
 FSYNC_POLICIES = ("always", "interval", "never")
 ON_FULL_POLICIES = ("drop_oldest", "drop_newest")
+FORWARD_PROCESS = ("auto", "always", "never")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 API_ITEM_LIMIT = 1000
@@ -80,6 +81,9 @@ class ListenConfig:
     unix_mode: int = 0o660
     #: SO_RCVBUF asked for on datagram sockets; the kernel may grant less (logged)
     receive_buffer: int = 8 * 1024 * 1024
+    #: the Forward listeners in a process of their own (a second core for decoding):
+    #: "auto" (when the agent may use two CPUs or more), "always", "never"
+    forward_process: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -320,6 +324,7 @@ def validate(config: Config) -> Config:
         _check_security(config.listen, listener)
     _check_range("listen.unix_mode", config.listen.unix_mode, 0, 0o777)
     _check_range("listen.receive_buffer", config.listen.receive_buffer, 0, 1 << 30)
+    _check_choice("listen.forward_process", config.listen.forward_process, FORWARD_PROCESS)
     _check_choice("queue.fsync", config.queue.fsync, FSYNC_POLICIES)
     _check_choice("queue.on_full", config.queue.on_full, ON_FULL_POLICIES)
     _check_range("queue.fsync_interval_ms", config.queue.fsync_interval_ms, 1, 60_000)

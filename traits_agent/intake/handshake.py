@@ -44,6 +44,10 @@ class Security:
     users: Mapping[str, str] = field(default_factory=dict)
     hostname: str = field(default_factory=_hostname)
 
+    def secrets(self) -> list[str]:
+        """The key and the passwords (for the log's redaction)."""
+        return [self.shared_key, *self.users.values()]
+
     def __repr__(self) -> str:  # never show the secrets in a log or a traceback
         return f"Security(shared_key='***', users={sorted(self.users)}, hostname={self.hostname!r})"
 

@@ -171,6 +171,12 @@ class Ingest:
         `store_entries` counts them; the names of the queues that took any."""
         return self._append_held({resource.name: (resource, payloads)}, len(payloads))
 
+    def store_runs(self, held: dict[str, tuple[Resource, list[bytes]]], events: int) -> set[str]:
+        """Append runs of payloads already validated and encoded elsewhere (the Forward intake
+        process, `forward_process`), counting `events` as received; the names of the queues
+        that took any (buffered: `flush` after)."""
+        return self._append_held(held, events)
+
     @staticmethod
     def _hold(
         held: dict[str, tuple[Resource, list[bytes]]], resource: Resource, payloads: list[bytes]
@@ -251,6 +257,10 @@ class Ingest:
             self._report_drops(name, lane.queue)
         if names and self.after_flush is not None:
             self.after_flush()
+
+    async def room(self) -> None:
+        """Return when the store can take more (at once: it appends in this process; the
+        Forward intake process's `LinkIngest` waits while its link to the agent is full)."""
 
     def _report_drops(self, name: str, queue: object) -> None:
         """Log what the queue's quota (or a write error) dropped since last time (rate-limited

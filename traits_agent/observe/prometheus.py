@@ -121,6 +121,8 @@ COUNTER_HELP: dict[str, str] = {
     "forward_buffer_waits": "Forward-protocol reads paused: a large message waited for the "
     "shared memory budget (back-pressure on the client).",
     "forward_acks_unencodable": "Forward-protocol chunk ids that could not be sent back (no ack).",
+    "forward_intake_restarts": "Forward intake processes (listen.forward_process) that exited "
+    "and were started again.",
     "metrics_requests_rejected": "Requests to /metrics refused, by reason (too_many_connections, "
     "method_not_allowed, too_large, bad_request, timeout).",
     "csv_uploaded_files": "CSV files the API accepted, by kind.",

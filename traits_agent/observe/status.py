@@ -145,6 +145,9 @@ class AgentStatus:
     protocol_errors: dict[str, int] = field(default_factory=dict)
     #: when `last_error` happened (UTC, ISO 8601), for the views that show it
     last_error_at: str | None = None
+    #: the Forward intake process (`listen.forward_process`): {"pid", "restarts"}; None when
+    #: the Forward listeners run in the agent's own process
+    forward_process: dict[str, Any] | None = None
     #: the counters behind the numbers (every series and histogram goes to /metrics)
     counters: Counters = field(default_factory=Counters, metadata=INTERNAL)
     started_at: float = field(default=0.0, metadata=INTERNAL)
@@ -281,6 +284,14 @@ def build(agent: Agent) -> AgentStatus:
         ),
         rejected=c.by_label("rejected_events", "reason"),
         protocol_errors=c.by_label("protocol_errors", "reason"),
+        forward_process=(
+            None
+            if agent.forward_process is None
+            else {
+                "pid": agent.forward_process.pid,
+                "restarts": c.total("forward_intake_restarts"),
+            }
+        ),
         stripped_fields=c.total("stripped_fields"),
         resources=resources,
         csv=csv,

@@ -1,0 +1,250 @@
+"""The Forward intake process (`listen.forward_process`), end to end: the agent runs its
+Forward listeners in a child process; acks still wait for the agent's fsync; the child's
+counters reach `status`; a child killed with SIGKILL is replaced and nothing acknowledged is
+lost; an agent killed with SIGKILL takes its child with it; a graceful stop stores what the
+child holds."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+
+from tests.e2e.harness import AgentProcess, write_config
+from tests.e2e.test_crash import Producer, delivered_ids
+from traits_agent.fakeapi.faults import Fault
+
+GUARD_S = 120
+
+
+def children(pid: int) -> list[int]:
+    """The pids of `pid`'s child processes (/proc/PID/task/*/children)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(FileNotFoundError):  # the task ended meanwhile
+            out += [int(p) for p in (task / "children").read_text().split()]
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def intake_pid(agent: AgentProcess) -> int:
+    """The agent's Forward intake process, once it runs."""
+    assert agent.proc is not None
+    with trio.fail_after(GUARD_S):
+        while True:
+            kids = children(agent.proc.pid)
+            if kids:
+                [pid] = kids
+                return pid
+            await trio.sleep(0.02)
+
+
+async def ack_of(stream: trio.abc.Stream) -> dict:
+    unpacker = msgpack.Unpacker(raw=False)
+    with trio.fail_after(GUARD_S):
+        while True:
+            data = await stream.receive_some(4096)
+            assert data, "closed before the ack"
+            unpacker.feed(data)
+            for message in unpacker:
+                return message
+
+
+def levels(first: int, n: int) -> list:
+    return [[1.7e9, {"user_id": f"u{i:08d}", "level": 1 + i % 90}] for i in range(first, first + n)]
+
+
+@pytest.mark.parametrize("setting", ["always", "never"])
+async def test_acks_and_counters_either_way(workdir: Path, api, setting: str) -> None:
+    """With the listeners in a child ("always") or in the agent ("never"): a chunk is acked,
+    delivered, and counted in `status`, and so is a rejected event and a protocol error."""
+    config = write_config(
+        workdir, api.url, listen={"forward": "127.0.0.1:0", "forward_process": setting}
+    )
+    agent = AgentProcess(workdir, config)
+    await agent.start()
+    assert agent.proc is not None
+    assert bool(await _has_child(agent)) == (setting == "always")
+    host, _, port = agent.status()["listening"]["forward"].rpartition(":")
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        entries = [*levels(0, 50), [1.7e9, {"level": 3}]]  # the last one has no user_id
+        await stream.send_all(msgpack.packb(["level_ups", entries, {"chunk": "c1"}]))
+        assert await ack_of(stream) == {"ack": "c1"}
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(b"GET / HTTP/1.1\r\n\r\n")
+        with trio.fail_after(GUARD_S):
+            assert await stream.receive_some(10) == b""  # closed: not a Forward client
+    with trio.fail_after(GUARD_S):
+        await api.wait_for_items(50, "level_ups")
+        while not agent.status()["protocol_errors"]:  # noqa: ASYNC110 - counters ship async
+            await trio.sleep(0.02)
+    status = agent.status()
+    assert status["received"]["events"] == 51
+    assert sum(status["rejected"].values()) == 1
+    assert status["protocol_errors"] == {"not_an_entry": 1}  # "G" is msgpack: the int 71
+    assert await agent.terminate() == 0
+    assert sorted(i["user_id"] for i in api.received["level_ups"]) == [
+        f"u{i:08d}" for i in range(50)
+    ]
+
+
+async def _has_child(agent: AgentProcess) -> bool:
+    assert agent.proc is not None
+    await trio.sleep(1.0)  # a child process would be up by now
+    return bool(children(agent.proc.pid))
+
+
+async def test_a_killed_intake_process_is_replaced_and_nothing_acked_is_lost(
+    workdir: Path, api
+) -> None:
+    """SIGKILL the intake process four times under a producer that waits for acks: each time
+    the agent logs it, counts it and starts another on the same socket; every acked event is
+    delivered, the producer reconnects and goes on."""
+    rng = random.Random(7)
+    sock = str(workdir / "forward.sock")
+    config = write_config(
+        workdir,
+        api.url,
+        listen={"forward_unix": sock, "forward_process": "always"},
+        queue={"fsync": "always"},
+        batch={"max_items": 100, "linger_ms": 20},
+    )
+    agent = AgentProcess(workdir, config)
+    await agent.start()
+    producer = Producer(sock, per_chunk=50)
+    kills = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(producer.run)
+        for _ in range(4):
+            pid = await intake_pid(agent)
+            acked = len(producer.acked)
+            with trio.fail_after(GUARD_S):
+                while len(producer.acked) < acked + 500:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            await trio.sleep(rng.uniform(0.0, 0.05))
+            os.kill(pid, signal.SIGKILL)
+            kills += 1
+            with trio.fail_after(GUARD_S):
+                while pid in children(agent.proc.pid):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+        acked = len(producer.acked)
+        with trio.fail_after(GUARD_S):  # the last replacement serves too
+            while len(producer.acked) < acked + 500:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        producer.stop = True
+        with trio.fail_after(GUARD_S):
+            await api.wait_until(lambda: producer.acked <= delivered_ids(api))
+        nursery.cancel_scope.cancel()
+    status = agent.status()
+    assert status["forward_process"]["restarts"] == kills
+    assert status["forward_process"]["pid"] == await intake_pid(agent)
+    exits = [e for e in agent.log_events() if e.get("event") == "forward_intake_exited"]
+    assert len(exits) == kills and all(e["status"] == -signal.SIGKILL for e in exits)
+    assert await agent.terminate() == 0
+    counts = Counter(i["user_id"] for i in api.received["level_ups"])
+    assert not {i for i in producer.acked if f"u{i:08d}" not in counts}
+
+
+async def test_a_killed_agent_takes_its_intake_process_along(workdir: Path, api) -> None:
+    """SIGKILL the agent: its intake process exits (its link closed) and the TCP port is free
+    for the next agent at once."""
+    config = write_config(
+        workdir, api.url, listen={"forward": "127.0.0.1:0", "forward_process": "always"}
+    )
+    agent = AgentProcess(workdir, config)
+    await agent.start()
+    pid = await intake_pid(agent)
+    address = agent.status()["listening"]["forward"]
+    await agent.kill()
+    with trio.fail_after(GUARD_S):
+        while alive(pid):  # noqa: ASYNC110
+            await trio.sleep(0.02)
+    again = write_config(workdir, api.url, listen={"forward": address, "forward_process": "always"})
+    second = AgentProcess(workdir, again)
+    await second.start()
+    assert second.status()["listening"]["forward"] == address
+    assert await second.terminate() == 0
+
+
+async def test_a_graceful_stop_stores_what_the_intake_process_holds(workdir: Path, api) -> None:
+    """Megabytes of events sent without acks while the API refuses everything, SIGTERM right
+    after them and more sent while the agent stops: the intake process hands over what it
+    still held (it cannot have read 40 messages by then), exits on its own, and every event
+    the stopping agent queued is delivered after a restart, a prefix of what was sent."""
+    api.inject(Fault(status=503, times=None))
+    config = write_config(
+        workdir,
+        api.url,
+        listen={"forward": "127.0.0.1:0", "forward_process": "always"},
+        log={"format": "json", "level": "info"},
+    )
+    agent = AgentProcess(workdir, config)
+    await agent.start()
+    await intake_pid(agent)
+    host, _, port = agent.status()["listening"]["forward"].rpartition(":")
+
+    def blob(first: int) -> bytes:
+        return b"".join(
+            msgpack.packb(["level_ups", levels(first + k * 1000, 1000)]) for k in range(40)
+        )
+
+    first, second = blob(0), blob(40_000)
+    assert agent.proc is not None
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(first)
+        agent.proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(5):
+            # the agent stops reading at some point and closes the connection
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(second)
+    with trio.fail_after(GUARD_S):
+        code = await agent.proc.wait()
+    assert code == 0
+    events = agent.log_events()
+    assert not [e for e in events if e.get("event") == "forward_intake_link_broken"]
+    [handover] = [e for e in events if e.get("event") == "forward_intake_stopped"]
+    assert handover["status"] == 0 and handover["events"] > 0, handover
+    [stopped] = [e for e in events if e.get("event") == "agent_stopped"]
+    queued = stopped["queued"]
+    assert 40_000 <= queued <= 80_000, stopped
+    api.clear_faults()
+    again = AgentProcess(workdir, config)
+    await again.start()
+    with trio.fail_after(GUARD_S):
+        await api.wait_for_items(queued, "level_ups")
+    assert await again.terminate() == 0
+    ids = sorted(int(i["user_id"][1:]) for i in api.received["level_ups"])
+    assert ids == list(range(queued))  # each once, no gap: a prefix of what was sent
+
+
+def test_auto_keeps_one_process_on_one_cpu(workdir: Path) -> None:
+    """`forward_process = "auto"` on a single CPU (taskset): no child process."""
+    from traits_agent.intake.forward_process import wanted
+
+    assert wanted("never", 2) is False and wanted("always", 1) is True
+    assert wanted("auto", 0) is False and wanted("always", 0) is False
+    probe = "from traits_agent.intake.forward_process import wanted; print(wanted('auto', 1))"
+    one = subprocess.run(
+        ["taskset", "-c", "0", os.sys.executable, "-c", probe],  # type: ignore[attr-defined]
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert one.stdout.strip() == "False"
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert wanted("auto", 1) is True

@@ -1,0 +1,258 @@
+"""The agent's side of the Forward intake process (`forward_worker`): start it, store what it
+sends, tell it what is durable, start another if it dies.
+
+The agent binds the Forward listeners (or takes them from systemd) and keeps them: the
+intake process gets copies of their descriptors, so connections wait in the listen backlog
+while a new process starts, and the addresses never change. Each store message is appended
+to the queues in order, exactly as `Ingest` appends a Forward read in one process
+(`Ingest.store_runs`); a message that carries an ack is marked on the `AckGate`, and its token
+is sent back once the mark is durable, in order.
+
+A process that dies is logged (`forward_intake_exited`, with its exit status), counted
+(`forward_intake_restarts`) and started again after a back-off (0.5 s doubling to 30 s; back
+to 0.5 s after a minute up). At shutdown the agent closes its side of the link (the process's
+signal to stop), goes on storing what it sends until it exits (at most `STOP_GRACE_S`, then it
+is killed), and only then does the agent's own final fsync run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import trio
+
+from traits_agent.intake.durability import AckGate, Mark
+from traits_agent.intake.forward_worker import DURABLE, HELLO, READY, STORE
+from traits_agent.intake.handshake import Security
+from traits_agent.intake.ingest import Ingest
+from traits_agent.intake.link import LinkClosed, LinkWriter, MessageReader
+from traits_agent.schema import RESOURCES
+
+log = structlog.get_logger(__name__)
+
+#: how long the agent waits, at shutdown, for the intake process to send its last messages
+STOP_GRACE_S = 10.0
+#: how long a new intake process may take to serve its listeners (else it is killed)
+START_TIMEOUT_S = 60.0
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+#: a process up this long is not crash-looping: the back-off starts over
+STABLE_S = 60.0
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A Forward listener the intake process serves: bound and listening."""
+
+    name: str
+    sock: socket.socket
+    security: Security | None
+
+
+def wanted(setting: str, listeners: int) -> bool:
+    """Whether `listen.forward_process` asks for the intake process: "always", "never", or
+    "auto" (when there is a Forward listener and the agent may run on two CPUs or more)."""
+    if setting == "always":
+        return listeners > 0
+    if setting == "never" or listeners == 0:
+        return False
+    return len(os.sched_getaffinity(0)) >= 2
+
+
+class ForwardProcess:
+    """Runs the Forward listeners in a child process (see the module docstring)."""
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        gate: AckGate,
+        listeners: list[Listener],
+        *,
+        log_level: str,
+        log_format: str,
+        secrets: list[str],
+    ) -> None:
+        self.ingest = ingest
+        self.gate = gate
+        self.listeners = listeners
+        self.log_level = log_level
+        self.log_format = log_format
+        self.secrets = secrets
+        self.counters = ingest.counters
+        #: the running process's pid (status, tests), None between processes
+        self.pid: int | None = None
+        self._unacked: set[str] = set()
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled: start the process, store what it sends, start another if it
+        dies. `task_status.started()` once the first process is started (the listeners are
+        listening: connections wait in their backlog until it serves them)."""
+        for one in self.listeners:
+            if not one.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                one.sock.listen(1024)
+        backoff = BACKOFF_FIRST_S
+        first = True
+        while True:
+            started = trio.current_time()
+            status = await self._one(task_status if first else None)
+            first = False
+            uptime = trio.current_time() - started
+            if uptime >= STABLE_S:
+                backoff = BACKOFF_FIRST_S
+            self.counters.inc("forward_intake_restarts")
+            log.error(
+                "forward_intake_exited",
+                status=status,
+                uptime_s=round(uptime, 1),
+                restart_in_s=backoff,
+                hint="the Forward listeners wait for a new intake process; clients with acks "
+                "send their unacked chunks again",
+            )
+            await trio.sleep(backoff)
+            backoff = min(BACKOFF_MAX_S, backoff * 2)
+
+    async def _one(self, task_status: Any) -> int | None:
+        """One process's life: its exit status, after it exited on its own (or broke the
+        link and was killed). When cancelled (the agent is stopping), the process is signalled
+        and what it sends is stored until it exits (at most `STOP_GRACE_S`), then Cancelled
+        goes on."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = [theirs.fileno(), *(one.sock.fileno() for one in self.listeners)]
+        try:
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "traits_agent.intake.forward_worker", str(fds[0])],
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self.pid = proc.pid
+        link = trio.socket.from_stdlib_socket(ours)
+        reader = MessageReader(link)
+        writer = LinkWriter(link)
+        writer.send([HELLO, self._hello()])
+        acks: trio.MemorySendChannel[tuple[int, Mark]]
+        acks, pending = trio.open_memory_channel(float("inf"))
+        if task_status is not None:
+            # the listeners are bound and listening: a connection waits in the backlog until
+            # the process serves it (a few hundred ms of Python start-up the agent's READY=1
+            # need not wait for: a recovered backlog is already being delivered)
+            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                nursery.start_soon(self._send_durable, pending, writer)
+                with trio.fail_after(START_TIMEOUT_S):
+                    ready = await self._apply_until(reader, acks, READY)
+                if ready is not None:
+                    log.info("forward_intake_started", pid=proc.pid)
+                    await self._apply_until(reader, acks, None)
+                nursery.cancel_scope.cancel()
+        except* (LinkClosed, trio.TooSlowError) as group:
+            log.error("forward_intake_link_broken", pid=proc.pid, error=str(group.exceptions[0]))
+            proc.kill()
+        finally:
+            if proc.returncode is None and proc.poll() is None:
+                # the agent is stopping (or failed): let the process hand over what it holds
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + STOP_GRACE_S
+                    await self._stop(proc, reader, acks)
+                if proc.poll() is None:
+                    proc.kill()
+            link.close()
+            self.pid = None
+        await proc.wait()
+        return proc.returncode
+
+    def _hello(self) -> dict[str, Any]:
+        return {
+            "log_level": self.log_level,
+            "log_format": self.log_format,
+            "secrets": self.secrets,
+            "listeners": [
+                [
+                    one.name,
+                    one.sock.fileno(),
+                    [one.security.shared_key, dict(one.security.users)] if one.security else None,
+                ]
+                for one in self.listeners
+            ],
+        }
+
+    async def _apply_until(
+        self,
+        reader: MessageReader,
+        acks: trio.MemorySendChannel[tuple[int, Mark]],
+        kind: str | None,
+    ) -> Any:
+        """Store the messages that arrive until one of `kind` (returned) or the end of the
+        link (None)."""
+        while True:
+            message = await reader.next()
+            if message is None:
+                return None
+            if message[0] == STORE:
+                self._store(message, acks)
+            elif message[0] != kind:
+                raise LinkClosed(f"unexpected message {message[0]!r:.40}")
+            if message[0] == kind:
+                return message
+
+    def _store(self, message: list[Any], acks: trio.MemorySendChannel[tuple[int, Mark]]) -> None:
+        """Append a store message's runs, count its counters; queue its ack's mark."""
+        _, token, ack, events, runs, counters = message
+        for name, amount, labels in counters:
+            self.counters.inc(name, amount, **dict(labels))
+        held = {}
+        for name, joined, count in runs:
+            resource = RESOURCES.get(name)
+            payloads = joined.split(b"\n")
+            if resource is None or len(payloads) != count:
+                raise LinkClosed(f"a store message with a bad run ({name!r:.40}, {count})")
+            held[name] = (resource, payloads)
+        touched = self.ingest.store_runs(held, events)
+        if touched:
+            self.ingest.flush(touched)
+            self.gate.written()
+            self._unacked |= touched
+        if ack:
+            acks.send_nowait((token, self.gate.mark(self._unacked)))
+            self._unacked = set()
+
+    async def _send_durable(
+        self, pending: trio.MemoryReceiveChannel[tuple[int, Mark]], writer: LinkWriter
+    ) -> None:
+        """Tell the process, in order, which store messages are durable."""
+        async for token, mark in pending:
+            await self.gate.wait(mark)
+            writer.send([DURABLE, token])
+
+    async def _stop(
+        self,
+        proc: trio.Process,
+        reader: MessageReader,
+        acks: trio.MemorySendChannel[tuple[int, Mark]],
+    ) -> None:
+        """At shutdown: close our side of the link (the process's signal to stop) and store
+        what it sends until it exits."""
+        with contextlib.suppress(OSError):
+            reader.sock.shutdown(socket.SHUT_WR)
+        before = self.counters.total("received_events")
+        try:
+            await self._apply_until(reader, acks, None)
+        except LinkClosed as e:
+            log.error("forward_intake_link_broken", pid=proc.pid, error=str(e))
+        await proc.wait()
+        log.info(
+            "forward_intake_stopped",
+            pid=proc.pid,
+            status=proc.returncode,
+            events=self.counters.total("received_events") - before,
+        )

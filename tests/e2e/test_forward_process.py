@@ -248,3 +248,26 @@ def test_auto_keeps_one_process_on_one_cpu(workdir: Path) -> None:
     assert one.stdout.strip() == "False"
     if len(os.sched_getaffinity(0)) >= 2:
         assert wanted("auto", 1) is True
+
+
+async def test_one_forward_message_larger_than_a_link_message_is_acked(workdir: Path, api) -> None:
+    """One Forward message whose events encode to more JSON than the link's largest message
+    (`link.MAX_MESSAGE_BYTES`) in a single slice (4096 events): 400 events with an 8 KiB
+    user_id of control characters, 3.2 MB of msgpack that are 19 MB of JSON (each control
+    character is 6 bytes escaped). It is acked and stored as in one process; it used to go to
+    the agent as one 19 MB link message, which the agent refused as a broken link: the intake
+    process was killed, the client's connection reset, and the client's resend did it again."""
+    config = write_config(
+        workdir, api.url, listen={"forward": "127.0.0.1:0", "forward_process": "always"}
+    )
+    agent = AgentProcess(workdir, config)
+    await agent.start()
+    host, _, port = agent.status()["listening"]["forward"].rpartition(":")
+    pad = "\x01" * 8000
+    entries = [[1.7e9, {"user_id": f"u{i:08d}{pad}", "level": 1}] for i in range(400)]
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(msgpack.packb(["level_ups", entries, {"chunk": "big"}]))
+        assert await ack_of(stream) == {"ack": "big"}
+    assert not [e for e in agent.log_events() if e.get("event") == "forward_intake_link_broken"]
+    assert agent.status()["forward_process"]["restarts"] == 0
+    assert await agent.terminate() == 0

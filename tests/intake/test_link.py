@@ -104,3 +104,34 @@ def test_a_frame_is_a_length_and_msgpack() -> None:
     data = frame(["ready", 42])
     assert struct.unpack(">I", data[:4])[0] == len(data) - 4
     assert msgpack.unpackb(data[4:]) == ["ready", 42]
+
+
+def test_a_run_larger_than_a_message_is_cut_between_payloads() -> None:
+    """The intake process's store messages stay near `MESSAGE_BYTES` whatever one append
+    brings (a slice of 4096 events of up to 1 MiB each), so none reaches the agent's
+    `MAX_MESSAGE_BYTES`; the payloads come out whole, in order, and the events are counted
+    once."""
+    from traits_agent.intake.forward_worker import MESSAGE_BYTES, LinkCounters, LinkIngest
+    from traits_agent.queue import MAX_PAYLOAD
+    from traits_agent.schema import RESOURCES
+
+    a, _ = pair()
+    writer = LinkWriter(a)
+    ingest = LinkIngest(writer, LinkCounters())
+    resource = RESOURCES["level_ups"]
+    payloads = [bytes([65 + i % 26]) * (1000 + 997 * i % 300_000) for i in range(300)]
+    payloads.append(b"z" * MAX_PAYLOAD)
+    assert sum(map(len, payloads)) > 2 * link.MAX_MESSAGE_BYTES
+    assert ingest.store_payloads(resource, payloads) == {"level_ups"}
+    ingest.send()
+    got, events = [], 0
+    for data in writer._out:
+        assert len(data) <= MESSAGE_BYTES + MAX_PAYLOAD + 64 * 1024, len(data)
+        _, _, _, n, runs, _ = msgpack.unpackb(data[4:])
+        events += n
+        for name, joined, count in runs:
+            assert name == "level_ups"
+            got += joined.split(b"\n")
+            assert count == len(joined.split(b"\n"))
+    assert got == payloads
+    assert events == len(payloads)

@@ -40,6 +40,8 @@ import os
 import signal
 import socket
 import sys
+from bisect import bisect_left
+from itertools import accumulate
 from typing import Any
 
 import structlog
@@ -104,20 +106,33 @@ class LinkIngest(Ingest):
         self._bytes = 0
 
     def _append_held(self, held: dict[str, tuple[Resource, list[bytes]]], events: int) -> set[str]:
+        """Hold the payloads for the message being filled, sending it each time it reaches
+        `MESSAGE_BYTES`: one call may bring a slice of 4096 events of up to 1 MiB each (a
+        single Forward message of tens of MB of JSON), and one link message must stay under
+        `link.MAX_MESSAGE_BYTES`, so a run is cut between payloads (each message is then at
+        most `MESSAGE_BYTES` plus one payload)."""
         self._events += events
         touched = set()
         for name, (_, payloads) in held.items():
             if not payloads:
                 continue
-            run = self._runs.get(name)
-            if run is None:
-                self._runs[name] = list(payloads)
-            else:
-                run.extend(payloads)
-            self._bytes += sum(map(len, payloads))
             touched.add(name)
-        if self._bytes >= MESSAGE_BYTES:
-            self.send()
+            ends = list(accumulate(map(len, payloads)))
+            start = done = 0
+            while start < len(payloads):
+                # the payloads that bring the message to MESSAGE_BYTES (all if they do not)
+                cut = bisect_left(ends, done + MESSAGE_BYTES - self._bytes, lo=start) + 1
+                cut = min(cut, len(payloads))
+                part = payloads[start:cut] if start or cut < len(payloads) else payloads
+                run = self._runs.get(name)
+                if run is None:
+                    self._runs[name] = list(part)
+                else:
+                    run.extend(part)
+                self._bytes += ends[cut - 1] - done
+                done, start = ends[cut - 1], cut
+                if self._bytes >= MESSAGE_BYTES:
+                    self.send()
         return touched
 
     def flush(self, names: set[str]) -> None:

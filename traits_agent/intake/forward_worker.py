@@ -41,6 +41,7 @@ import signal
 import socket
 import sys
 from bisect import bisect_left
+from collections.abc import Collection
 from itertools import accumulate
 from typing import Any
 
@@ -166,8 +167,16 @@ class LinkGate:
         self.durable = 0
         self._changed = trio.Event()
 
-    def mark(self, names: object) -> int:
-        """Everything stored so far: the message being filled, which now asks for an ack."""
+    def mark(self, names: Collection[str]) -> int | tuple[()]:
+        """Everything stored so far: the message being filled, which now asks for an ack.
+        A chunk that stored nothing (no events, or all rejected) gets `()`, as from
+        `AckGate.mark`: nothing may send the message being filled after it (no flush
+        follows a read that touched no queue), so its reply must not wait for that one."""
+        if not names:
+            return ()
+        return self._mark()
+
+    def _mark(self) -> int:
         self.ingest.ack = True
         return self.ingest.token
 
@@ -180,7 +189,7 @@ class LinkGate:
         everything sent so far, so the counters that reply follows (`auth_failed`) are in
         the agent's `status` before the client can see the reply."""
         if mark == ():
-            mark = self.mark(())
+            mark = self._mark()
             self.ingest.send()
         while self.durable < mark:  # type: ignore[operator]
             await self._changed.wait()

@@ -10,6 +10,7 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -296,3 +297,31 @@ async def test_a_chunk_without_events_is_acked(workdir: Path, api) -> None:
         with trio.fail_after(30):  # a guard, not a speed check: it never came
             assert await ack_of(stream) == {"ack": "empty"}
     assert await agent.terminate() == 0
+
+
+def test_the_intake_process_imports_nothing_from_the_working_directory(tmp_path: Path) -> None:
+    """The agent started from a directory others can write to (a shared /tmp): a
+    `traits_agent` package planted there is not what its intake process runs. `python -m`
+    puts the working directory first on sys.path; the agent itself, started by its console
+    script, does not have it there."""
+    from traits_agent.intake.forward_process import worker_command
+
+    planted = tmp_path / "traits_agent"
+    (planted / "intake").mkdir(parents=True)
+    marker = tmp_path / "ran"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (planted / "intake" / "__init__.py").write_text("")
+    (planted / "intake" / "forward_worker.py").write_text("")
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.close()  # the worker reads the end of the link where it expects its hello
+        done = subprocess.run(
+            worker_command(theirs.fileno()),
+            cwd=tmp_path,
+            pass_fds=[theirs.fileno()],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert not marker.exists(), "the intake process ran code from the working directory"
+    assert done.returncode == 1 and "expected hello" in done.stderr, done.stderr

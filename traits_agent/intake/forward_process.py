@@ -66,6 +66,13 @@ def wanted(setting: str, listeners: int) -> bool:
     return len(os.sched_getaffinity(0)) >= 2
 
 
+def worker_command(link_fd: int) -> list[str]:
+    """The intake process's command line. `-P`: `python -m` would put the working directory
+    first on its sys.path, and an agent started from a directory others can write to (a
+    shared /tmp) would run the `traits_agent` or `msgpack` planted there as its own user."""
+    return [sys.executable, "-P", "-m", "traits_agent.intake.forward_worker", str(link_fd)]
+
+
 class ForwardProcess:
     """Runs the Forward listeners in a child process (see the module docstring)."""
 
@@ -127,7 +134,7 @@ class ForwardProcess:
         fds = [theirs.fileno(), *(one.sock.fileno() for one in self.listeners)]
         try:
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "traits_agent.intake.forward_worker", str(fds[0])],
+                worker_command(fds[0]),
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
             )

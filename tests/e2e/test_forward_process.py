@@ -325,3 +325,35 @@ def test_the_intake_process_imports_nothing_from_the_working_directory(tmp_path:
         )
     assert not marker.exists(), "the intake process ran code from the working directory"
     assert done.returncode == 1 and "expected hello" in done.stderr, done.stderr
+
+
+async def test_a_stop_before_the_intake_process_is_ready_loses_nothing(workdir: Path, api) -> None:
+    """SIGTERM right after READY=1, while the intake process is still starting (the agent
+    tells systemd READY=1 without waiting for it): the agent takes its `ready` and what it
+    then hands over, and every event of a connection the process drained is stored. The
+    stopping agent used to refuse the `ready` as a broken link (forward_intake_link_broken)
+    and store nothing more."""
+    config = write_config(
+        workdir,
+        api.url,
+        listen={"forward": "127.0.0.1:0", "forward_process": "always"},
+        log={"format": "json", "level": "info"},
+    )
+    agent = AgentProcess(workdir, config)
+    await agent.start()
+    assert agent.proc is not None
+    host, _, port = agent.status()["listening"]["forward"].rpartition(":")
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(msgpack.packb(["level_ups", levels(0, 200)]))
+        agent.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(GUARD_S):
+            code = await agent.proc.wait()
+    assert code == 0
+    events = agent.log_events()
+    assert not [e for e in events if e.get("event") == "forward_intake_link_broken"], events
+    [handover] = [e for e in events if e.get("event") == "forward_intake_stopped"]
+    assert handover["status"] == 0, handover
+    assert handover["events"] in (0, 200), handover  # 0: it stopped before accepting
+    [stopped] = [e for e in events if e.get("event") == "agent_stopped"]
+    delivered = len(api.received.get("level_ups", []))
+    assert stopped["queued"] + delivered == handover["events"], (stopped, delivered, handover)

@@ -32,7 +32,7 @@ from traits_agent.intake.durability import AckGate, Mark
 from traits_agent.intake.forward_worker import DURABLE, HELLO, READY, STORE
 from traits_agent.intake.handshake import Security
 from traits_agent.intake.ingest import Ingest
-from traits_agent.intake.link import LinkClosed, LinkWriter, MessageReader
+from traits_agent.intake.link import LinkClosed, LinkWriter, MessageReader, frame
 from traits_agent.schema import RESOURCES
 
 log = structlog.get_logger(__name__)
@@ -131,6 +131,10 @@ class ForwardProcess:
         and what it sends is stored until it exits (at most `STOP_GRACE_S`), then Cancelled
         goes on."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # the hello is in the link before the process starts: an agent stopped before its
+        # writer task ran still hands the process its settings (it then serves, drains what
+        # it accepted and exits 0 instead of failing on a link without a hello)
+        ours.sendall(frame([HELLO, self._hello()]))
         fds = [theirs.fileno(), *(one.sock.fileno() for one in self.listeners)]
         try:
             proc = await trio.lowlevel.open_process(
@@ -144,7 +148,7 @@ class ForwardProcess:
         link = trio.socket.from_stdlib_socket(ours)
         reader = MessageReader(link)
         writer = LinkWriter(link)
-        writer.send([HELLO, self._hello()])
+        ready = None
         acks: trio.MemorySendChannel[tuple[int, Mark]]
         acks, pending = trio.open_memory_channel(float("inf"))
         if task_status is not None:
@@ -170,7 +174,7 @@ class ForwardProcess:
                 # the agent is stopping (or failed): let the process hand over what it holds
                 with trio.CancelScope(shield=True) as scope:
                     scope.deadline = trio.current_time() + STOP_GRACE_S
-                    await self._stop(proc, reader, acks)
+                    await self._stop(proc, reader, acks, ready=ready is not None)
                 if proc.poll() is None:
                     proc.kill()
             link.close()
@@ -246,14 +250,18 @@ class ForwardProcess:
         proc: trio.Process,
         reader: MessageReader,
         acks: trio.MemorySendChannel[tuple[int, Mark]],
+        *,
+        ready: bool,
     ) -> None:
         """At shutdown: close our side of the link (the process's signal to stop) and store
-        what it sends until it exits."""
+        what it sends until it exits. A process stopped while it was starting (`ready` not
+        seen yet) still sends its `ready` first, then what it drained."""
         with contextlib.suppress(OSError):
             reader.sock.shutdown(socket.SHUT_WR)
         before = self.counters.total("received_events")
         try:
-            await self._apply_until(reader, acks, None)
+            if ready or await self._apply_until(reader, acks, READY) is not None:
+                await self._apply_until(reader, acks, None)
         except LinkClosed as e:
             log.error("forward_intake_link_broken", pid=proc.pid, error=str(e))
         await proc.wait()

@@ -135,3 +135,30 @@ def test_a_run_larger_than_a_message_is_cut_between_payloads() -> None:
             assert count == len(joined.split(b"\n"))
     assert got == payloads
     assert events == len(payloads)
+
+
+async def test_the_writer_does_not_copy_its_whole_buffer_at_once() -> None:
+    """64 MiB queued (a large Forward message while the agent was busy): the writer writes
+    it out in pieces, holding at most a few MiB more than what is queued, not a second copy
+    of all of it (the intake process's peak memory was the queue twice over)."""
+    import tracemalloc
+
+    a, b = pair()
+    writer, reader = LinkWriter(a), MessageReader(b)
+    blob = b"q" * (1024 * 1024 - 64)
+    for i in range(64):
+        writer.send(["store", i, blob])
+    got = 0
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            writer.close()
+            while got < 64:
+                assert (await reader.next())[1] == got
+                got += 1
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024, f"{peak / 2**20:.1f} MiB over what was queued"

@@ -14,6 +14,7 @@ that waits on it stops reading its peers while the buffer is over `BUFFER_BYTES`
 from __future__ import annotations
 
 import struct
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -26,6 +27,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 BUFFER_BYTES = 4 * 1024 * 1024
 #: bytes read from the socket at once
 READ_BYTES = 1024 * 1024
+#: bytes of queued messages joined for one write (not the whole buffer: that copy would
+#: double the memory of a process whose buffer a large Forward message has filled)
+WRITE_BYTES = 1024 * 1024
 
 _LENGTH = struct.Struct(">I")
 
@@ -45,7 +49,7 @@ class LinkWriter:
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
-        self._out: list[bytes] = []
+        self._out: deque[bytes] = deque()
         self._size = 0
         self._more = trio.Event()
         self._drained = trio.Event()
@@ -85,8 +89,7 @@ class LinkWriter:
                     await self._more.wait()
                     self._more = trio.Event()
                     continue
-                data = b"".join(self._out)
-                self._out.clear()
+                data = self._take()
                 await self._write(data)
                 self._size -= len(data)  # counted until written: `room` bounds it too
                 event, self._drained = self._drained, trio.Event()
@@ -94,6 +97,19 @@ class LinkWriter:
         finally:
             self._closed = True
             self._drained.set()
+
+    def _take(self) -> bytes:
+        """The next queued messages, about `WRITE_BYTES` of them (at least one), joined."""
+        out = self._out
+        first = out.popleft()
+        if len(first) >= WRITE_BYTES or not out:
+            return first
+        parts = [first]
+        size = len(first)
+        while out and size < WRITE_BYTES:
+            parts.append(out.popleft())
+            size += len(parts[-1])
+        return b"".join(parts)
 
     async def _write(self, data: bytes) -> None:
         view = memoryview(data)

@@ -357,3 +357,32 @@ async def test_a_stop_before_the_intake_process_is_ready_loses_nothing(workdir: 
     [stopped] = [e for e in events if e.get("event") == "agent_stopped"]
     delivered = len(api.received.get("level_ups", []))
     assert stopped["queued"] + delivered == handover["events"], (stopped, delivered, handover)
+
+
+async def test_rejections_reach_status_after_a_store_message(workdir: Path, api) -> None:
+    """A read whose events are all rejected stores nothing, so only the intake process's
+    shipping task sends its counters. It went on doing so after a store message had taken
+    the counters: that replaced the event the task waited on without setting it, and from
+    the first store after the task went idle, rejections without a store behind them
+    stayed in the child (status behind for as long as nothing else was sent)."""
+    config = write_config(
+        workdir, api.url, listen={"forward": "127.0.0.1:0", "forward_process": "always"}
+    )
+    agent = AgentProcess(workdir, config)
+    await agent.start()
+    host, _, port = agent.status()["listening"]["forward"].rpartition(":")
+
+    async def until(check) -> None:
+        with trio.fail_after(30):  # a guard: it never came
+            while not check(agent.status()):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(msgpack.packb(["level_ups", levels(0, 5), {"chunk": "c1"}]))
+        assert await ack_of(stream) == {"ack": "c1"}
+        await trio.sleep(0.5)  # the counters of the ack are shipped: the task waits again
+        await stream.send_all(msgpack.packb(["level_ups", levels(5, 5)]))  # a store, no ack
+        await until(lambda s: s["received"]["events"] == 10)
+        await stream.send_all(msgpack.packb(["level_ups", [[1.7e9, {"level": 3}]]]))  # no id
+        await until(lambda s: sum(s["rejected"].values()) == 1)
+    assert await agent.terminate() == 0

@@ -87,7 +87,11 @@ class LinkCounters(Counters):
         """The increments since the last call, as `[name, amount, [[label, value], ...]]`."""
         out = [[name, n, [list(kv) for kv in key]] for (name, key), n in self._pending.items()]
         self._pending.clear()
-        self.changed = trio.Event()
+        if self.changed.is_set():
+            # a new event only for a set one: `_ship` waits on the unset one it holds (a
+            # store message that takes the counters must not leave it waiting on an event
+            # that no increment sets any more)
+            self.changed = trio.Event()
         return out
 
 

@@ -296,6 +296,11 @@ async def test_a_chunk_without_events_is_acked(workdir: Path, api) -> None:
         await stream.send_all(msgpack.packb(["level_ups", [], {"chunk": "empty"}]))
         with trio.fail_after(30):  # a guard, not a speed check: it never came
             assert await ack_of(stream) == {"ack": "empty"}
+        await trio.sleep(0.5)
+        rejected = ["level_ups", [[1.7e9, {"level": 3}]], {"chunk": "bad"}]  # no user_id
+        await stream.send_all(msgpack.packb(rejected))
+        with trio.fail_after(30):
+            assert await ack_of(stream) == {"ack": "bad"}  # as in one process
     assert await agent.terminate() == 0
 
 

@@ -210,13 +210,13 @@ class ForwardProcess:
         _, token, ack, events, runs, counters = message
         for name, amount, labels in counters:
             self.counters.inc(name, amount, **dict(labels))
-        held = {}
-        for name, joined, count in runs:
+        held = []
+        for name, joined, count, crcs in runs:
             resource = RESOURCES.get(name)
             payloads = joined.split(b"\n")
-            if resource is None or len(payloads) != count:
+            if resource is None or len(payloads) != count or len(crcs) != 4 * count:
                 raise LinkClosed(f"a store message with a bad run ({name!r:.40}, {count})")
-            held[name] = (resource, payloads)
+            held.append((resource, payloads, crcs))
         touched = self.ingest.store_runs(held, events)
         if touched:
             self.ingest.flush(touched)

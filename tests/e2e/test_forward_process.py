@@ -97,6 +97,8 @@ async def test_acks_and_counters_either_way(workdir: Path, api, setting: str) ->
     assert status["received"]["events"] == 51
     assert sum(status["rejected"].values()) == 1
     assert status["protocol_errors"] == {"not_an_entry": 1}  # "G" is msgpack: the int 71
+    [refused] = [e for e in agent.log_events() if e.get("event") == "message_rejected"]
+    assert refused.get("process") == ("forward_intake" if setting == "always" else None)
     assert await agent.terminate() == 0
     assert sorted(i["user_id"] for i in api.received["level_ups"]) == [
         f"u{i:08d}" for i in range(50)

@@ -164,13 +164,16 @@ async def test_a_killed_intake_process_is_replaced_and_nothing_acked_is_lost(
 
 async def test_a_killed_agent_takes_its_intake_process_along(workdir: Path, api) -> None:
     """SIGKILL the agent: its intake process exits (its link closed) and the TCP port is free
-    for the next agent at once."""
+    for the next agent at once. (The process never had the API key in its environment.)"""
     config = write_config(
         workdir, api.url, listen={"forward": "127.0.0.1:0", "forward_process": "always"}
     )
     agent = AgentProcess(workdir, config)
     await agent.start()
     pid = await intake_pid(agent)
+    # it never needs the key, nor systemd's variables: it does not inherit them
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert not [v for v in environ if v.startswith((b"TRAITS_API_KEY=", b"NOTIFY_SOCKET="))]
     address = agent.status()["listening"]["forward"]
     await agent.kill()
     with trio.fail_after(GUARD_S):

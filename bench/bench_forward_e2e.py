@@ -27,6 +27,10 @@ the clock starts; all clients start on one signal.
 (c') the same agent delivering to a counting HTTP sink (a child process that answers 201 and
     counts items without validating them) instead of the fake API, whose per-item validation
     in Python costs more CPU than the agent and bounds (c) on a 2-core host (`--no-sink` skips).
+(c'') the same as (c') with `listen.forward_process = "never"`: the listeners in the agent's
+    own process, as before the Forward intake process (`(c')/(c'')` is what it buys). (c) and
+    (c') run with the default, "auto": on 2+ CPUs a child process; the CPU and RSS printed are
+    the agent's and its child's.
 
 Prints events/s, the agent's CPU per event (utime + stime of the agent process over the run),
 the rate at which the agent received (stored) the events, the ratios stored/(a) and (c)/(a),

@@ -4,8 +4,9 @@
     ├── fake API (only with --fake-api) · signal watcher
     └── delivery nursery ─ one Lane per resource · CSV spool · group-commit syncer · watchdog ·
         │                  STATUS
-        └── intake nursery ─ datagram sources · Forward stream listeners (acks after fsync) ·
-                             control socket · /metrics
+        └── intake nursery ─ datagram sources · Forward stream listeners (acks after fsync),
+                             or the Forward intake process's supervisor
+                             (`intake.forward_process`) · control socket · /metrics
 
 Start-up: queues are opened and recovered (synchronously, before any socket is bound), then the
 lanes start (a recovered backlog leaves at once), then the sockets are bound and systemd is told

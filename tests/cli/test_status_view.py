@@ -47,3 +47,14 @@ def test_a_snapshot_with_missing_keys_still_renders():
     """The status model may change: the view reads keys defensively."""
     text = format_status({"resources": {"actions": {}}})
     assert "actions" in text
+
+
+def test_the_forward_intake_process_shows_only_when_it_died():
+    """Quiet while its first process runs; a line once it was replaced or while it is down."""
+    healthy = {**snapshot("ok"), "forward_process": {"pid": 42, "restarts": 0}}
+    assert "intake" not in format_status(healthy)
+    replaced = {**snapshot("ok"), "forward_process": {"pid": 43, "restarts": 2}}
+    assert "forward intake process: pid 43, restarted 2 times" in format_status(replaced)
+    down = {**snapshot("ok"), "forward_process": {"pid": None, "restarts": 3}}
+    assert "not running (restarting), restarted 3 times" in format_status(down)
+    assert "intake" not in format_status({**snapshot("ok"), "forward_process": None})

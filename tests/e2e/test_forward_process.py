@@ -98,6 +98,8 @@ async def test_acks_and_counters_either_way(workdir: Path, api, setting: str) ->
     assert status["received"]["events"] == 51
     assert sum(status["rejected"].values()) == 1
     assert status["protocol_errors"] == {"not_an_entry": 1}  # "G" is msgpack: the int 71
+    [refused] = [e for e in agent.log_events() if e.get("event") == "message_rejected"]
+    assert refused.get("process") == ("forward_intake" if setting == "always" else None)
     assert await agent.terminate() == 0
     assert sorted(i["user_id"] for i in api.received["level_ups"]) == [
         f"u{i:08d}" for i in range(50)
@@ -163,13 +165,16 @@ async def test_a_killed_intake_process_is_replaced_and_nothing_acked_is_lost(
 
 async def test_a_killed_agent_takes_its_intake_process_along(workdir: Path, api) -> None:
     """SIGKILL the agent: its intake process exits (its link closed) and the TCP port is free
-    for the next agent at once."""
+    for the next agent at once. (The process never had the API key in its environment.)"""
     config = write_config(
         workdir, api.url, listen={"forward": "127.0.0.1:0", "forward_process": "always"}
     )
     agent = AgentProcess(workdir, config)
     await agent.start()
     pid = await intake_pid(agent)
+    # it never needs the key, nor systemd's variables: it does not inherit them
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert not [v for v in environ if v.startswith((b"TRAITS_API_KEY=", b"NOTIFY_SOCKET="))]
     address = agent.status()["listening"]["forward"]
     await agent.kill()
     with trio.fail_after(GUARD_S):

@@ -129,7 +129,7 @@ def test_a_run_larger_than_a_message_is_cut_between_payloads() -> None:
         assert len(data) <= MESSAGE_BYTES + MAX_PAYLOAD + 64 * 1024, len(data)
         _, _, _, n, runs, _ = msgpack.unpackb(data[4:])
         events += n
-        for name, joined, count in runs:
+        for name, joined, count, _crcs in runs:
             assert name == "level_ups"
             got += joined.split(b"\n")
             assert count == len(joined.split(b"\n"))

@@ -34,6 +34,7 @@ from traits_agent.queue.framing import (
     MANY_MAX_RECORDS,
     FrameReader,
     encode_frames,
+    record_crcs,
     trim_frames,
 )
 
@@ -87,6 +88,35 @@ def test_a_record_with_a_newline_byte_is_framed_on_its_own(tmp_path) -> None:
         assert batch.payloads == payloads and batch.seqs == [1, 2, 3, 4, 5]
     data = segment_files(tmp_path)[0].read_bytes()
     assert data[:4] == MAGIC  # that run went out as one-record frames
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_crcs_computed_elsewhere_write_the_same_bytes(tmp_path, seed) -> None:
+    """`append_many` with `record_crcs` passed in (the Forward intake process computes them)
+    writes byte for byte what it writes computing them itself, across segment ends, the quota
+    and records of every size, and they read back."""
+    rng = random.Random(seed)
+    runs, seq = [], 1
+    for _ in range(30):
+        n = rng.randint(1, 700)
+        runs.append([payload_for(s) * rng.choice([1, 1, 20, 200]) for s in range(seq, seq + n)])
+        seq += n
+    small = {"segment_bytes": 64 * 1024, "max_bytes": 1 << 30}
+    for name, given in (("own", False), ("given", True)):
+        with DiskQueue.open(tmp_path / name, **small) as q:
+            for run in runs:
+                taken = q.append_many(run, record_crcs(run) if given else None)
+                assert taken == len(run)
+            q.flush()
+    own, given_files = segment_files(tmp_path / "own"), segment_files(tmp_path / "given")
+    assert [f.name for f in own] == [f.name for f in given_files] and len(own) > 3
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(own, given_files, strict=True))
+    with DiskQueue.open(tmp_path / "given", **small) as q:
+        got = []
+        while (batch := q.read_batch(500, 1 << 20)) is not None:
+            got += batch.payloads
+            q.commit(batch)
+        assert got == [p for run in runs for p in run]
 
 
 @pytest.mark.parametrize("seed", range(6))

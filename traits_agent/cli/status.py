@@ -69,6 +69,13 @@ def format_status(s: dict[str, Any]) -> str:
     if s.get("protocol_errors"):
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["protocol_errors"].items()))
         lines.append(f"protocol errors (messages): {reasons}")
+    intake = s.get("forward_process")
+    if intake and (intake.get("restarts") or intake.get("pid") is None):
+        # shown only when something is wrong: it died (and was replaced), or is down now
+        running = f"pid {intake['pid']}" if intake.get("pid") else "not running (restarting)"
+        lines.append(
+            f"forward intake process: {running}, restarted {intake.get('restarts', 0)} times"
+        )
     lines.append("")
     lines.append(
         f"{'resource':<18}{'queued':>8}{'bytes':>10}{'oldest':>8}{'delivered':>11}"

@@ -16,6 +16,13 @@ and any slice of events the fast path refuses, is unpacked and takes the general
 alone rejects, strips and counts: what is stored, acked and counted is the same either way
 (tests/intake/test_fastpath_stream.py).
 
+Where it runs: in the agent's process, or (`listen.forward_process`, the default on two CPUs
+or more) in a child process of its own, `forward_worker`, whose `Ingest` sends the validated
+payloads to the agent over a socketpair and whose `AckGate` is the agent's word that they are
+durable (`forward_process` is the agent's side). This module is the same code either way: it
+only sees an `_Ingest` and an `AckGate`, and waits on `Ingest.room()` after each read (the
+child's link to the agent may be full: then it stops reading, TCP back-pressure).
+
 JSON: a connection whose first byte is `[` or `{` is read as concatenated JSON entries and
 answered in JSON, as Fluentd's in_forward does (fluent-logger-golang's `MarshalAsJSON`). In
 msgpack those bytes are small integers, never an entry, so the rule cannot misread a client.

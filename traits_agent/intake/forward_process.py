@@ -22,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,25 @@ def wanted(setting: str, listeners: int) -> bool:
     if setting == "never" or listeners == 0:
         return False
     return len(os.sched_getaffinity(0)) >= 2
+
+
+#: what the intake process must not inherit: the API key (it never needs it), and systemd's
+#: notification, watchdog and socket-activation variables (they are the agent's alone)
+SCRUBBED_ENV = (
+    "TRAITS_API_KEY",
+    "CREDENTIALS_DIRECTORY",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+)
+
+
+def child_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The agent's environment without `SCRUBBED_ENV`."""
+    return {k: v for k, v in env.items() if k not in SCRUBBED_ENV}
 
 
 def worker_command(link_fd: int) -> list[str]:
@@ -141,6 +161,7 @@ class ForwardProcess:
                 worker_command(fds[0]),
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
+                env=child_environment(os.environ),
             )
         finally:
             theirs.close()
@@ -221,13 +242,13 @@ class ForwardProcess:
         _, token, ack, events, runs, counters = message
         for name, amount, labels in counters:
             self.counters.inc(name, amount, **dict(labels))
-        held = {}
-        for name, joined, count in runs:
+        held = []
+        for name, joined, count, crcs in runs:
             resource = RESOURCES.get(name)
             payloads = joined.split(b"\n")
-            if resource is None or len(payloads) != count:
+            if resource is None or len(payloads) != count or len(crcs) != 4 * count:
                 raise LinkClosed(f"a store message with a bad run ({name!r:.40}, {count})")
-            held[name] = (resource, payloads)
+            held.append((resource, payloads, crcs))
         touched = self.ingest.store_runs(held, events)
         if touched:
             self.ingest.flush(touched)

@@ -14,7 +14,8 @@ What crosses the link (`link`, msgpack frames over a socketpair):
   store message up to `token` is fsynced (or, with `fsync = "never"`, written to the OS), so
   the acks that waited for it go out.
 - here → agent: `ready` once every listener is served; `store(token, ack, events, runs,
-  counters)`: the validated payloads per resource (JSON lines), the events they came from
+  counters)`: the validated payloads per resource (JSON lines, and their crc32s as the queue
+  stores them: the most costly part of framing, done here), the events they came from
   (counted as received by the agent), whether an ack waits for this message, and the counter
   increments since the last message (rejections, connections, acks...: one set of counters,
   the agent's, for `status` and /metrics).
@@ -54,6 +55,7 @@ from traits_agent.intake.ingest import Ingest
 from traits_agent.intake.link import LinkClosed, LinkWriter, MessageReader
 from traits_agent.observe import log as logsetup
 from traits_agent.observe.metrics import Counters
+from traits_agent.queue.framing import record_crcs
 from traits_agent.schema import Resource
 
 log = structlog.get_logger(__name__)
@@ -110,7 +112,12 @@ class LinkIngest(Ingest):
         self._events = 0
         self._bytes = 0
 
-    def _append_held(self, held: dict[str, tuple[Resource, list[bytes]]], events: int) -> set[str]:
+    def _append_held(
+        self,
+        held: dict[str, tuple[Resource, list[bytes]]],
+        events: int,
+        crcs: dict[str, bytes] | None = None,
+    ) -> set[str]:
         """Hold the payloads for the message being filled, sending it each time it reaches
         `MESSAGE_BYTES`: one call may bring a slice of 4096 events of up to 1 MiB each (a
         single Forward message of tens of MB of JSON), and one link message must stay under
@@ -148,7 +155,10 @@ class LinkIngest(Ingest):
         """Send the message being filled, if it holds anything."""
         if not (self._runs or self._events or self.ack or self.counters.pending):
             return
-        runs = [[name, b"\n".join(run), len(run)] for name, run in self._runs.items()]
+        # the record CRCs the queue stores are computed here, on this process's core
+        runs = [
+            [name, b"\n".join(run), len(run), record_crcs(run)] for name, run in self._runs.items()
+        ]
         self.writer.send([STORE, self.token, self.ack, self._events, runs, self.counters.take()])
         self.token += 1
         self.ack = False

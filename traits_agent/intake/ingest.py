@@ -171,11 +171,12 @@ class Ingest:
         `store_entries` counts them; the names of the queues that took any."""
         return self._append_held({resource.name: (resource, payloads)}, len(payloads))
 
-    def store_runs(self, held: dict[str, tuple[Resource, list[bytes]]], events: int) -> set[str]:
+    def store_runs(self, runs: list[tuple[Resource, list[bytes], bytes]], events: int) -> set[str]:
         """Append runs of payloads already validated and encoded elsewhere (the Forward intake
-        process, `forward_process`), counting `events` as received; the names of the queues
-        that took any (buffered: `flush` after)."""
-        return self._append_held(held, events)
+        process, `forward_process`), each with its `framing.record_crcs`, counting `events` as
+        received; the names of the queues that took any (buffered: `flush` after)."""
+        held = {resource.name: (resource, payloads) for resource, payloads, _ in runs}
+        return self._append_held(held, events, {r.name: crcs for r, _, crcs in runs})
 
     @staticmethod
     def _hold(
@@ -187,15 +188,21 @@ class Ingest:
         else:
             run[1].extend(payloads)
 
-    def _append_held(self, held: dict[str, tuple[Resource, list[bytes]]], events: int) -> set[str]:
-        """Append each resource's run to its queue; count; the names of the queues that took
-        at least one."""
+    def _append_held(
+        self,
+        held: dict[str, tuple[Resource, list[bytes]]],
+        events: int,
+        crcs: dict[str, bytes] | None = None,
+    ) -> set[str]:
+        """Append each resource's run to its queue (with its record CRCs, when `crcs` has
+        them); count; the names of the queues that took at least one."""
         self.counters.inc("received_events", events)
         touched = set()
         for name, (_, payloads) in held.items():
             queue = self.lanes[name].queue
             try:
-                taken = queue.append_many(payloads)
+                given = crcs.get(name) if crcs else None
+                taken = queue.append_many(payloads, given) if given else queue.append_many(payloads)
             except ValueError:  # a payload over the queue's limit: `_store` lets none through
                 taken = sum(queue.append(p) for p in payloads if len(p) <= MAX_PAYLOAD)
             if taken:

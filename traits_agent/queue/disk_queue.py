@@ -301,8 +301,10 @@ class DiskQueue:
             self.appended_total += 1
             return True
 
-    def append_many(self, payloads: list[bytes]) -> int:
-        """`append` each of `payloads` in order; returns how many were taken.
+    def append_many(self, payloads: list[bytes], crcs: bytes | None = None) -> int:
+        """`append` each of `payloads` in order; returns how many were taken. `crcs`: their
+        `framing.record_crcs`, when the caller computed it (not checked here: a wrong one
+        makes the records read back as damaged).
 
         The same checks, counters and segment changes as one `append` per record: each run of
         records that fits the buffer, the quota and the current segment (the common case) is
@@ -322,7 +324,7 @@ class DiskQueue:
                 self.max_bytes - self._total,
                 self.segment_bytes - SEAL_FRAME_SIZE - seg.size,
             ):
-                self._took_run(seg, payloads)
+                self._took_run(seg, payloads, crcs)
                 return len(payloads)
         ends = list(accumulate(HEADER_SIZE + len(p) for p in payloads))  # of payloads[:j + 1]
         taken = i = 0
@@ -339,7 +341,9 @@ class DiskQueue:
                 before = ends[i - 1] if i else 0
                 j = bisect_right(ends, before + room, i)  # payloads[i:j] fit
                 if j > i:  # (sized as one-record frames: what they take is never more)
-                    self._took_run(seg, payloads[i:j])
+                    self._took_run(
+                        seg, payloads[i:j], None if crcs is None else crcs[4 * i : 4 * j]
+                    )
                     taken += j - i
                     i = j
                     continue
@@ -347,11 +351,11 @@ class DiskQueue:
             i += 1
         return taken
 
-    def _took_run(self, seg: SegmentInfo, payloads: list[bytes]) -> None:
+    def _took_run(self, seg: SegmentInfo, payloads: list[bytes], crcs: bytes | None) -> None:
         """Frame `payloads` (known to fit) at the end of `seg`, the lock held."""
         n, seq = len(payloads), self._next_seq
         self._next_seq = seq + n
-        size = self._writer.add_many(seg, seg.size, seq, payloads)
+        size = self._writer.add_many(seg, seg.size, seq, payloads, crcs)
         seg.size += size
         seg.count += n
         seg.last_seq = seq + n - 1

@@ -35,6 +35,7 @@ TOP_KEYS = {
     "received",
     "rejected",
     "protocol_errors",  # messages that were not usable Forward entries (issue 11)
+    "forward_process",  # the Forward intake process (listen.forward_process), or null
     "stripped_fields",
     "resources",
     "csv",

@@ -7,11 +7,14 @@ child holds."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
 import signal
 import socket
+import struct
 import subprocess
+import termios
 from collections import Counter
 from pathlib import Path
 
@@ -53,6 +56,12 @@ async def intake_pid(agent: AgentProcess) -> int:
                 [pid] = kids
                 return pid
             await trio.sleep(0.02)
+
+
+def unsent(sock: trio.socket.SocketType) -> int:
+    """Bytes of a TCP socket's send queue the peer has not acknowledged (SIOCOUTQ)."""
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+    return struct.unpack("i", raw)[0]
 
 
 async def ack_of(stream: trio.abc.Stream) -> dict:
@@ -213,6 +222,13 @@ async def test_a_graceful_stop_stores_what_the_intake_process_holds(workdir: Pat
     assert agent.proc is not None
     async with await trio.open_tcp_stream(host, int(port)) as stream:
         await stream.send_all(first)
+        # send_all returns once the bytes are in this side's kernel; the drain at stop takes
+        # what the intake process's side holds: wait until all of `first` is there (nothing
+        # left unacknowledged here), else a receive window the busy process had not grown yet
+        # kept part of it on this side and the bound below failed (3 of 10 runs alone)
+        with trio.fail_after(GUARD_S):
+            while unsent(stream.socket) > 0:  # noqa: ASYNC110
+                await trio.sleep(0.005)
         agent.proc.send_signal(signal.SIGTERM)
         with trio.move_on_after(5):
             # the agent stops reading at some point and closes the connection

@@ -468,6 +468,7 @@ async def _start_sources(
             log_level=agent.config.log.level,
             log_format=agent.config.log.format,
             secrets=[s for one in listeners if one.security for s in one.security.secrets()],
+            lazy=config.forward_process == "auto",
         )
         agent.forward_process = process
         await nursery.start(process.run)

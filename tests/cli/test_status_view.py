@@ -51,10 +51,15 @@ def test_a_snapshot_with_missing_keys_still_renders():
 
 def test_the_forward_intake_process_shows_only_when_it_died():
     """Quiet while its first process runs; a line once it was replaced or while it is down."""
-    healthy = {**snapshot("ok"), "forward_process": {"pid": 42, "restarts": 0}}
+    healthy = {**snapshot("ok"), "forward_process": {"pid": 42, "state": "running", "restarts": 0}}
     assert "intake" not in format_status(healthy)
-    replaced = {**snapshot("ok"), "forward_process": {"pid": 43, "restarts": 2}}
+    idle = {**snapshot("ok"), "forward_process": {"pid": None, "state": "waiting", "restarts": 0}}
+    assert "intake" not in format_status(idle)
+    replaced = {**snapshot("ok"), "forward_process": {"pid": 43, "state": "running", "restarts": 2}}
     assert "forward intake process: pid 43, restarted 2 times" in format_status(replaced)
-    down = {**snapshot("ok"), "forward_process": {"pid": None, "restarts": 3}}
+    down = {
+        **snapshot("ok"),
+        "forward_process": {"pid": None, "state": "restarting", "restarts": 3},
+    }
     assert "not running (restarting), restarted 3 times" in format_status(down)
     assert "intake" not in format_status({**snapshot("ok"), "forward_process": None})

@@ -272,6 +272,59 @@ def test_auto_keeps_one_process_on_one_cpu(workdir: Path) -> None:
         assert wanted("auto", 1) is True
 
 
+def test_a_cgroup_cpu_quota_counts_as_fewer_cpus(tmp_path: Path) -> None:
+    """`usable_cpus` caps the affinity by the CPU quota of the process's cgroup and of the
+    cgroups above it (v2), or of its own (v1): CPUQuota=100% is one CPU."""
+    from traits_agent.intake.forward_process import usable_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    v2 = tmp_path / "v2"
+    (v2 / "system.slice" / "agent.service").mkdir(parents=True)
+    (proc / "cgroup").write_text("0::/system.slice/agent.service\n")
+    assert usable_cpus(str(v2), str(proc)) == affinity  # no cpu.max anywhere
+    (v2 / "system.slice" / "agent.service" / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(str(v2), str(proc)) == affinity
+    (v2 / "system.slice" / "cpu.max").write_text("100000 100000\n")  # on the parent slice
+    assert usable_cpus(str(v2), str(proc)) == 1.0
+    (v2 / "system.slice" / "agent.service" / "cpu.max").write_text("50000 100000\n")
+    assert usable_cpus(str(v2), str(proc)) == 0.5
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct" / "agent").mkdir(parents=True)
+    (proc / "cgroup").write_text("4:memory:/agent\n2:cpu,cpuacct:/agent\n")
+    (v1 / "cpu,cpuacct" / "agent" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu,cpuacct" / "agent" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(str(v1), str(proc)) == affinity
+    (v1 / "cpu,cpuacct" / "agent" / "cpu.cfs_quota_us").write_text("150000\n")
+    assert usable_cpus(str(v1), str(proc)) == min(affinity, 1.5)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="auto needs two CPUs")
+async def test_auto_starts_the_process_at_the_first_connection(workdir: Path, api) -> None:
+    """`forward_process = "auto"` (the default) on two CPUs: no second process while no
+    Forward peer has connected (`status` says `waiting`); the first connection starts it,
+    waits in the backlog meanwhile, and is served and acked."""
+    config = write_config(workdir, api.url, listen={"forward": "127.0.0.1:0"})
+    agent = AgentProcess(workdir, config)
+    await agent.start()
+    assert agent.proc is not None
+    await trio.sleep(1.0)  # a process started with the agent would be up by now
+    assert children(agent.proc.pid) == []
+    status = agent.status()
+    assert status["forward_process"] == {"pid": None, "state": "waiting", "restarts": 0}
+    host, _, port = status["listening"]["forward"].rpartition(":")
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(msgpack.packb(["level_ups", levels(0, 10), {"chunk": "c1"}]))
+        assert await ack_of(stream) == {"ack": "c1"}
+    pid = await intake_pid(agent)
+    status = agent.status()
+    assert status["forward_process"] == {"pid": pid, "state": "running", "restarts": 0}
+    with trio.fail_after(GUARD_S):
+        await api.wait_for_items(10, "level_ups")
+    assert await agent.terminate() == 0
+
+
 async def test_one_forward_message_larger_than_a_link_message_is_acked(workdir: Path, api) -> None:
     """One Forward message whose events encode to more JSON than the link's largest message
     (`link.MAX_MESSAGE_BYTES`) in a single slice (4096 events): 400 events with an 8 KiB

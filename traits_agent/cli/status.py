@@ -70,7 +70,7 @@ def format_status(s: dict[str, Any]) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["protocol_errors"].items()))
         lines.append(f"protocol errors (messages): {reasons}")
     intake = s.get("forward_process")
-    if intake and (intake.get("restarts") or intake.get("pid") is None):
+    if intake and (intake.get("restarts") or intake.get("state") == "restarting"):
         # shown only when something is wrong: it died (and was replaced), or is down now
         running = f"pid {intake['pid']}" if intake.get("pid") else "not running (restarting)"
         lines.append(

@@ -18,12 +18,14 @@ is killed), and only then does the agent's own final fsync run.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -59,12 +61,55 @@ class Listener:
 
 def wanted(setting: str, listeners: int) -> bool:
     """Whether `listen.forward_process` asks for the intake process: "always", "never", or
-    "auto" (when there is a Forward listener and the agent may run on two CPUs or more)."""
+    "auto" (when there is a Forward listener and the agent may use two CPUs or more: its
+    affinity and its cgroup's CPU quota both allow it; `usable_cpus`)."""
     if setting == "always":
         return listeners > 0
     if setting == "never" or listeners == 0:
         return False
-    return len(os.sched_getaffinity(0)) >= 2
+    return usable_cpus() >= 2
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup", proc_self: str = "/proc/self") -> float:
+    """How many CPUs this process may keep busy: the CPUs of its affinity, capped by the CPU
+    quota of its cgroup and of every cgroup above it (cgroup v2 `cpu.max`; v1
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us` of its own): systemd's `CPUQuota=100%` on a
+    4-CPU host is one CPU, and a second process would only compete for it."""
+    cpus = float(len(os.sched_getaffinity(0)))
+    try:
+        lines = Path(proc_self, "cgroup").read_text().splitlines()
+    except OSError:
+        return cpus
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: the unified hierarchy; a quota may sit on any ancestor
+            here = Path(cgroup_root + path)
+            while True:
+                cpus = min(cpus, _quota(here / "cpu.max"))
+                if here == Path(cgroup_root) or here.parent == here:
+                    break
+                here = here.parent
+        elif "cpu" in controllers.split(","):
+            base = Path(cgroup_root, controllers, path.lstrip("/"))
+            try:
+                quota = int((base / "cpu.cfs_quota_us").read_text())
+                period = int((base / "cpu.cfs_period_us").read_text())
+            except (OSError, ValueError):
+                continue
+            if quota > 0 and period > 0:
+                cpus = min(cpus, quota / period)
+    return cpus
+
+
+def _quota(path: Path) -> float:
+    """CPUs a v2 `cpu.max` ("max 100000" or "QUOTA PERIOD") allows; inf if none or unreadable."""
+    try:
+        quota, period = path.read_text().split()
+        if quota != "max" and int(period) > 0:
+            return int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    return math.inf
 
 
 #: what the intake process must not inherit: the API key (it never needs it), and systemd's
@@ -105,8 +150,14 @@ class ForwardProcess:
         log_level: str,
         log_format: str,
         secrets: list[str],
+        lazy: bool = False,
     ) -> None:
+        """`lazy`: start the first process only when a peer first connects (`"auto"`: an
+        agent whose Forward listeners nobody uses costs no second process)."""
         self.ingest = ingest
+        self.lazy = lazy
+        #: "waiting" (lazy, nobody connected yet), "running", "restarting" (status)
+        self.state = "waiting" if lazy else "running"
         self.gate = gate
         self.listeners = listeners
         self.log_level = log_level
@@ -118,18 +169,24 @@ class ForwardProcess:
         self._unacked: set[str] = set()
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled: start the process, store what it sends, start another if it
-        dies. `task_status.started()` once the first process is started (the listeners are
-        listening: connections wait in their backlog until it serves them)."""
+        """Serve until cancelled: start the process (when lazy, at the first connection),
+        store what it sends, start another if it dies. `task_status.started()` at once: the
+        listeners are listening, and a connection waits in their backlog until a process
+        serves it (a few hundred ms of Python start-up the agent's READY=1 need not wait
+        for: a recovered backlog is already being delivered)."""
         for one in self.listeners:
             if not one.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                 one.sock.listen(1024)
+        task_status.started()
+        if self.lazy:
+            await self._first_connection()
+            log.info("forward_intake_starting", reason="first_connection")
         backoff = BACKOFF_FIRST_S
-        first = True
         while True:
             started = trio.current_time()
-            status = await self._one(task_status if first else None)
-            first = False
+            self.state = "running"
+            status = await self._one()
+            self.state = "restarting"
             uptime = trio.current_time() - started
             if uptime >= STABLE_S:
                 backoff = BACKOFF_FIRST_S
@@ -145,7 +202,19 @@ class ForwardProcess:
             await trio.sleep(backoff)
             backoff = min(BACKOFF_MAX_S, backoff * 2)
 
-    async def _one(self, task_status: Any) -> int | None:
+    async def _first_connection(self) -> None:
+        """Return once a peer waits to be accepted on any listener (it stays in the backlog:
+        nothing is accepted here)."""
+        async with trio.open_nursery() as nursery:
+            for one in self.listeners:
+                nursery.start_soon(self._readable, one.sock, nursery.cancel_scope)
+
+    @staticmethod
+    async def _readable(sock: socket.socket, done: trio.CancelScope) -> None:
+        await trio.lowlevel.wait_readable(sock)
+        done.cancel()
+
+    async def _one(self) -> int | None:
         """One process's life: its exit status, after it exited on its own (or broke the
         link and was killed). When cancelled (the agent is stopping), the process is signalled
         and what it sends is stored until it exits (at most `STOP_GRACE_S`), then Cancelled
@@ -172,11 +241,6 @@ class ForwardProcess:
         ready = None
         acks: trio.MemorySendChannel[tuple[int, Mark]]
         acks, pending = trio.open_memory_channel(float("inf"))
-        if task_status is not None:
-            # the listeners are bound and listening: a connection waits in the backlog until
-            # the process serves it (a few hundred ms of Python start-up the agent's READY=1
-            # need not wait for: a recovered backlog is already being delivered)
-            task_status.started()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(writer.run)

@@ -145,8 +145,9 @@ class AgentStatus:
     protocol_errors: dict[str, int] = field(default_factory=dict)
     #: when `last_error` happened (UTC, ISO 8601), for the views that show it
     last_error_at: str | None = None
-    #: the Forward intake process (`listen.forward_process`): {"pid", "restarts"}; None when
-    #: the Forward listeners run in the agent's own process
+    #: the Forward intake process (`listen.forward_process`): {"pid", "state" (waiting: no
+    #: Forward peer yet | running | restarting), "restarts"}; None when the Forward listeners
+    #: run in the agent's own process
     forward_process: dict[str, Any] | None = None
     #: the counters behind the numbers (every series and histogram goes to /metrics)
     counters: Counters = field(default_factory=Counters, metadata=INTERNAL)
@@ -289,6 +290,7 @@ def build(agent: Agent) -> AgentStatus:
             if agent.forward_process is None
             else {
                 "pid": agent.forward_process.pid,
+                "state": agent.forward_process.state,
                 "restarts": c.total("forward_intake_restarts"),
             }
         ),

@@ -15,6 +15,7 @@ Everything else is the shipped unit, config and sockets.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -200,6 +201,43 @@ def test_events_reach_the_agent_through_the_socket_and_status_answers(host: Boot
     assert result.returncode == 0, result.stdout + result.stderr
     result = host.run("traits-agent", "status", "--config", config)
     assert result.returncode == 0, result.stdout + result.stderr + host_journal(host)
+
+
+FORWARD_CHUNK = (
+    "import socket, msgpack\n"
+    "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+    "s.settimeout(60)\n"
+    "s.connect('/run/traits-agent/forward.sock')\n"
+    "event = {'user_id': '3', 'action_id': '1', 'action_name': 'forward-smoke-test'}\n"
+    "s.sendall(msgpack.packb(['actions', [[1.7e9, event]], {'chunk': 'c1'}]))\n"
+    "u = msgpack.Unpacker(raw=False)\n"
+    "while True:\n"
+    "    u.feed(s.recv(4096))\n"
+    "    for m in u:\n"
+    "        print(m)\n"
+    "        raise SystemExit\n"
+)
+
+
+def test_a_forward_chunk_is_acked_through_the_intake_process_in_the_unit(host: Booted) -> None:
+    """A Forward message with a chunk on the activated forward.sock is acked: under the shipped
+    unit's sandbox (SystemCallFilter, NoNewPrivileges, ...) the agent starts its Forward intake
+    process (two CPUs: `forward_process = "auto"`, at this first connection) and the process
+    runs in the service's cgroup, so systemd stops it with the service."""
+    config = "/etc/traits-agent/agent.toml"
+    result = host.run("/opt/traits-agent/bin/python", "-c", FORWARD_CHUNK)
+    assert result.stdout.strip() == "{'ack': 'c1'}", (
+        result.stdout + result.stderr + host_journal(host)
+    )
+    result = host.run("traits-agent", "status", "--json", "--config", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    intake = json.loads(result.stdout)["forward_process"]
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: auto keeps the listeners in the agent")
+    assert intake["state"] == "running" and intake["restarts"] == 0, intake
+    # systemctl status lists the processes of the unit's cgroup
+    tree = host.run("systemctl", "status", "--no-pager", "-l", "traits-agent.service").stdout
+    assert f"{intake['pid']} " in tree and "traits_agent.intake.forward_worker" in tree, tree
 
 
 def test_stopping_the_agent_keeps_its_sockets_and_drops_the_runtime_dir(host: Booted) -> None:

@@ -449,6 +449,7 @@ def backlog(work: Path, args: argparse.Namespace) -> None:
         stored = time.perf_counter() - t0
         time.sleep(0.5)  # the last fsync round
         rss_backlog = peak_rss_kib(agent.agent.pid)
+        child_rss = sum(peak_rss_kib(pid) for pid in children_of(agent.agent.pid))
         files = [f.stat() for f in agent.queue.rglob("*") if f.is_file()]
         port_file = sub / "sink.port"
         c0, t1 = cpu_of(agent.agent.pid), time.perf_counter()
@@ -478,7 +479,8 @@ def backlog(work: Path, args: argparse.Namespace) -> None:
         f"backlog: {n:,} events (PackedForward, {args.per_message} per message) while the API "
         f"is down, stored at {n / stored:,.0f}/s\n"
         f"  agent RSS: idle {rss_idle / 1024:.1f} MiB, whole backlog queued "
-        f"{rss_backlog / 1024:.1f} MiB, after draining {rss_peak / 1024:.1f} MiB (target <= 64)\n"
+        f"{rss_backlog / 1024:.1f} MiB, after draining {rss_peak / 1024:.1f} MiB (target <= 64); "
+        f"its Forward intake process's peak: {child_rss / 1024:.1f} MiB\n"
         f"  on disk:   {disk} (target <= 150 B/event)\n"
         f"  drain:     {n / drain:,.0f} events/s to the counting sink once it is up "
         f"(includes up to 200 ms of retry backoff), {cpu / n * 1e6:.2f} µs agent CPU/event",

@@ -313,9 +313,19 @@ class ForwardProcess:
             if resource is None or len(payloads) != count or len(crcs) != 4 * count:
                 raise LinkClosed(f"a store message with a bad run ({name!r:.40}, {count})")
             held.append((resource, payloads, crcs))
-        touched = self.ingest.store_runs(held, events)
+        try:
+            touched = self.ingest.store_runs(held, events)
+            if touched:
+                self.ingest.flush(touched)
+        except Exception as e:
+            # A bug of ours that the child's message found. In one process it would cost the
+            # connection that sent it; here it must not stop the agent (datagrams, delivery)
+            # nor be acked: counted, logged with its traceback, and the link treated as
+            # broken: the child is replaced, its peers reconnect and resend what was unacked.
+            self.counters.inc("rejected_events", events, reason="internal_error")
+            log.exception("forward_intake_store_failed", events=events, token=token)
+            raise LinkClosed(f"storing a message failed: {e!r:.200}") from e
         if touched:
-            self.ingest.flush(touched)
             self.gate.written()
             self._unacked |= touched
         if ack:

@@ -75,3 +75,57 @@ async def test_a_failure_to_store_replaces_the_intake_process_not_the_agent(
     finally:
         sock.close()
         rig.close()
+
+
+async def test_a_process_that_exits_on_its_own_is_replaced_not_stopped(
+    tmp_path, monkeypatch
+) -> None:
+    """A process that closes the link and exits by itself (here: a stand-in that says ready,
+    closes the link, and takes 0.3 s more to exit, as an interpreter's teardown does) is
+    logged `forward_intake_exited` with its status and replaced: the agent does not take it
+    for one it is stopping (no `forward_intake_stopped`)."""
+    import sys
+
+    from structlog.testing import capture_logs
+
+    from tests.intake.test_forward import Rig
+    from traits_agent.intake import forward_process
+    from traits_agent.intake.forward import bind_forward_tcp
+    from traits_agent.intake.link import frame
+
+    stand_in = (
+        "import socket, sys, time\n"
+        "s = socket.socket(fileno=int(sys.argv[1]))\n"
+        "s.recv(1 << 20)\n"  # the hello (unread, the close would reset the agent's side)
+        f"s.sendall({frame(['ready', 1])!r})\n"
+        "s.close()\n"
+        "time.sleep(0.3)\n"
+    )
+    monkeypatch.setattr(
+        forward_process, "worker_command", lambda fd: [sys.executable, "-c", stand_in, str(fd)]
+    )
+    monkeypatch.setattr(forward_process, "BACKOFF_FIRST_S", 0.01)
+    rig = Rig(tmp_path)
+    sock = bind_forward_tcp("127.0.0.1", 0)
+    process = forward_process.ForwardProcess(
+        rig.ingest,
+        rig.durability,
+        [forward_process.Listener("forward", sock, None)],
+        log_level="warning",
+        log_format="json",
+        secrets=[],
+    )
+    try:
+        with capture_logs() as logs, trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(process.run)
+                while rig.counters.total("forward_intake_restarts") < 2:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+        exited = [e for e in logs if e["event"] == "forward_intake_exited"]
+        assert len(exited) >= 2 and all(e["status"] == 0 for e in exited), exited
+        # (the agent's own stop, at the end, may stop the last one)
+        assert not [e for e in logs if e["event"] == "forward_intake_stopped"][:-1]
+    finally:
+        sock.close()
+        rig.close()

@@ -167,6 +167,8 @@ class ForwardProcess:
         #: the running process's pid (status, tests), None between processes
         self.pid: int | None = None
         self._unacked: set[str] = set()
+        #: events in the store messages taken from all processes so far (the stop's count)
+        self.stored_events = 0
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled: start the process (when lazy, at the first connection),
@@ -250,6 +252,10 @@ class ForwardProcess:
                 if ready is not None:
                     log.info("forward_intake_started", pid=proc.pid)
                     await self._apply_until(reader, acks, None)
+                # the link ended: the process is exiting on its own (it is not being stopped:
+                # that is `_stop`, below); reap it here, so it is not taken for one to stop
+                with trio.move_on_after(STOP_GRACE_S):
+                    await proc.wait()
                 nursery.cancel_scope.cancel()
         except* (LinkClosed, trio.TooSlowError) as group:
             log.error("forward_intake_link_broken", pid=proc.pid, error=str(group.exceptions[0]))
@@ -304,6 +310,7 @@ class ForwardProcess:
     def _store(self, message: list[Any], acks: trio.MemorySendChannel[tuple[int, Mark]]) -> None:
         """Append a store message's runs, count its counters; queue its ack's mark."""
         _, token, ack, events, runs, counters = message
+        self.stored_events += events
         for name, amount, labels in counters:
             self.counters.inc(name, amount, **dict(labels))
         held = []
@@ -353,7 +360,7 @@ class ForwardProcess:
         seen yet) still sends its `ready` first, then what it drained."""
         with contextlib.suppress(OSError):
             reader.sock.shutdown(socket.SHUT_WR)
-        before = self.counters.total("received_events")
+        before = self.stored_events
         try:
             if ready or await self._apply_until(reader, acks, READY) is not None:
                 await self._apply_until(reader, acks, None)
@@ -364,5 +371,5 @@ class ForwardProcess:
             "forward_intake_stopped",
             pid=proc.pid,
             status=proc.returncode,
-            events=self.counters.total("received_events") - before,
+            events=self.stored_events - before,
         )

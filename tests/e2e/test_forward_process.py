@@ -173,8 +173,11 @@ async def test_a_killed_intake_process_is_replaced_and_nothing_acked_is_lost(
 
 
 async def test_a_killed_agent_takes_its_intake_process_along(workdir: Path, api) -> None:
-    """SIGKILL the agent: its intake process exits (its link closed) and the TCP port is free
-    for the next agent at once. (The process never had the API key in its environment.)"""
+    """SIGKILL the agent while a peer is connected: its intake process sees the link end
+    without a `stop`, says the agent is gone and exits at once, without stopping (draining)
+    its connections for nobody (it used to, and a gzip flood so drained held 3 GB), and the
+    TCP port is free for the next agent at once. (The process never had the API key in its
+    environment.)"""
     config = write_config(
         workdir, api.url, listen={"forward": "127.0.0.1:0", "forward_process": "always"}
     )
@@ -185,10 +188,23 @@ async def test_a_killed_agent_takes_its_intake_process_along(workdir: Path, api)
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     assert not [v for v in environ if v.startswith((b"TRAITS_API_KEY=", b"NOTIFY_SOCKET="))]
     address = agent.status()["listening"]["forward"]
+    host, _, port = address.rpartition(":")
+    peer = await trio.open_tcp_stream(host, int(port))
+    await peer.send_all(msgpack.packb(["level_ups", levels(0, 1000)]))
+    with trio.fail_after(GUARD_S):  # taken: the process has nothing left to send
+        while agent.status()["received"]["events"] < 1000:  # noqa: ASYNC110
+            await trio.sleep(0.02)
     await agent.kill()
     with trio.fail_after(GUARD_S):
         while alive(pid):  # noqa: ASYNC110
             await trio.sleep(0.02)
+    await peer.aclose()
+    events = agent.log_events()
+    gone = [e for e in events if e.get("event") == "forward_intake_agent_gone"]
+    assert len(gone) == 1 and gone[0]["process"] == "forward_intake", agent.log_text()[-2000:]
+    # nothing was drained: no connection went through the shutdown path
+    closed = [e for e in events if e.get("event") == "forward_connection_closed"]
+    assert not [e for e in closed if e.get("reason") == "shutdown"], closed
     again = write_config(workdir, api.url, listen={"forward": address, "forward_process": "always"})
     second = AgentProcess(workdir, again)
     await second.start()

@@ -162,3 +162,18 @@ async def test_the_writer_does_not_copy_its_whole_buffer_at_once() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 16 * 1024 * 1024, f"{peak / 2**20:.1f} MiB over what was queued"
+
+
+async def test_a_closed_writer_drops_what_is_sent_after() -> None:
+    """Once the other end is gone (a write failed), `send` keeps nothing: a process on its way
+    out must not buffer its peers' events for nobody."""
+    a, b = pair()
+    writer = LinkWriter(a)
+    b.close()
+    writer.send(["store", 1, b"x" * 100])
+    with pytest.raises(LinkClosed):
+        await writer.run()
+    for _ in range(100):
+        writer.send(["store", 2, b"y" * 100_000])
+    assert writer.buffered <= len(frame(["store", 1, b"x" * 100]))
+    await writer.room()  # returns at once: nothing will drain it

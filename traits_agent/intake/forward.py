@@ -257,6 +257,7 @@ class _Ingest(Protocol):
     def store_payloads(self, resource: Any, payloads: list[bytes]) -> set[str]: ...
     def flush(self, names: set[str]) -> None: ...
     async def room(self) -> None: ...
+    def full(self) -> bool: ...
     def reject(
         self, reason: str, sample: object = None, events: int = 1, **context: object
     ) -> None: ...
@@ -879,11 +880,17 @@ class ForwardServer:
     async def _take_async(
         self, conn: _Connection, decoder: _Decoder | _JsonDecoder, data: bytes
     ) -> list[_Reply]:
-        """`_take`, letting the other tasks run between its slices. Not cancellable midway:
-        the values are out of the decoder and in memory only, so they are stored whole."""
+        """`_take`, letting the other tasks run between its slices, and waiting there while
+        the store is behind (`Ingest.room`: the intake process's link to the agent is full;
+        a read of gzip values can inflate to hundreds of MB, so waiting only between reads
+        would not bound it). Not cancellable midway: the values are out of the decoder and
+        in memory only, so they are stored whole."""
         acks: list[_Reply] = []
+        room = self.ingest.room
         for _ in self._take(conn, decoder, data, acks):
             await trio.lowlevel.cancel_shielded_checkpoint()
+            with trio.CancelScope(shield=True):
+                await room()
         return acks
 
     def _take_now(self, conn: _Connection, decoder: _Decoder | _JsonDecoder, data: bytes) -> None:
@@ -898,6 +905,8 @@ class ForwardServer:
         try:
             while taken < self.limits.max_buffer_size and not conn.stopped:
                 if conn.decoder is not None and conn.decoder.starved:
+                    break
+                if self.ingest.full():  # nothing may wait now: what is left stays unread
                     break
                 try:
                     data = _recv_nowait(sock)

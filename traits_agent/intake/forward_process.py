@@ -32,7 +32,7 @@ import structlog
 import trio
 
 from traits_agent.intake.durability import AckGate, Mark
-from traits_agent.intake.forward_worker import DURABLE, HELLO, READY, STORE
+from traits_agent.intake.forward_worker import DURABLE, HELLO, READY, STOP, STORE
 from traits_agent.intake.handshake import Security
 from traits_agent.intake.ingest import Ingest
 from traits_agent.intake.link import LinkClosed, LinkWriter, MessageReader, frame
@@ -355,10 +355,12 @@ class ForwardProcess:
         *,
         ready: bool,
     ) -> None:
-        """At shutdown: close our side of the link (the process's signal to stop) and store
-        what it sends until it exits. A process stopped while it was starting (`ready` not
-        seen yet) still sends its `ready` first, then what it drained."""
+        """At shutdown: send `stop` and close our side of the link, then store what the
+        process sends until it exits. A process stopped while it was starting (`ready` not
+        seen yet) still sends its `ready` first, then what it drained. (Our writer task is
+        gone by now: `stop` is written here, whole, after whatever it had written.)"""
         with contextlib.suppress(OSError):
+            await reader.sock.send(frame([STOP]))  # a few bytes: the socket takes them whole
             reader.sock.shutdown(socket.SHUT_WR)
         before = self.stored_events
         try:

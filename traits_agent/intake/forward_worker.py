@@ -12,7 +12,7 @@ What crosses the link (`link`, msgpack frames over a socketpair):
 - agent → here: `hello` first (the listeners, their handshake settings, the log settings;
   the listening sockets themselves are inherited descriptors), then `durable(token)`: every
   store message up to `token` is fsynced (or, with `fsync = "never"`, written to the OS), so
-  the acks that waited for it go out.
+  the acks that waited for it go out; `stop` at the agent's shutdown.
 - here → agent: `ready` once every listener is served; `store(token, ack, events, runs,
   counters)`: the validated payloads per resource (JSON lines, and their crc32s as the queue
   stores them: the most costly part of framing, done here), the events they came from
@@ -27,12 +27,13 @@ memory is lost, as it was in one process. If the agent dies, the link closes and
 exits at once (nothing here can be stored anywhere else); if this process dies, the agent
 logs it and starts another on the same listening sockets.
 
-Shutdown: the agent closes its end of the link. This process then stops the listeners the
-way the agent's own shutdown does (each connection stores what the kernel already holds),
-sends the last store message and exits once it is written. It ignores SIGTERM and SIGINT:
-systemd and a terminal signal every process of the group, and the agent, which is still
-storing, decides when this one is done. A dead agent's link closes the same way; the last
-message then cannot be written and the process exits on that.
+Shutdown: the agent sends `stop` and closes its end of the link. This process then stops the
+listeners the way the agent's own shutdown does (each connection stores what the kernel
+already holds), sends the last store message and exits once it is written. It ignores SIGTERM
+and SIGINT: systemd and a terminal signal every process of the group, and the agent, which is
+still storing, decides when this one is done. A link that ends without `stop`, or a write to
+it that fails, means the agent died: the process exits at once, without draining its peers
+(it could store nothing, and a gzip flood drained for nobody once held 3 GB here).
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ from traits_agent.schema import Resource
 log = structlog.get_logger(__name__)
 
 # message kinds (the first item of every message)
-HELLO, READY, STORE, DURABLE = "hello", "ready", "store", "durable"
+HELLO, READY, STORE, DURABLE, STOP = "hello", "ready", "store", "durable", "stop"
+#: the shutdown drain stops reading the peers once this much waits for the link
+DRAIN_BYTES = 64 * 1024 * 1024
 #: a store message is sent once its payloads pass this many bytes (and at every flush)
 MESSAGE_BYTES = 1024 * 1024
 
@@ -169,6 +172,12 @@ class LinkIngest(Ingest):
         """Wait while the link's buffer is full (the agent is behind): reading stops."""
         await self.writer.room()
 
+    def full(self) -> bool:
+        """Whether what waits for the link (sent or not) is past `DRAIN_BYTES`: the shutdown
+        drain, which cannot wait, stops reading there (a read of gzip values can inflate a
+        hundredfold, and every connection drains in one go)."""
+        return self.writer.buffered + self._bytes > DRAIN_BYTES
+
 
 class LinkGate:
     """The `AckGate` of this process: a mark is a store message's token, durable once the
@@ -242,7 +251,7 @@ async def serve(link_fd: int) -> None:
     server = ForwardServer(ingest, gate)  # type: ignore[arg-type]
     stop = trio.Event()
     async with trio.open_nursery() as outer:
-        outer.start_soon(writer.run)
+        outer.start_soon(_write_or_exit, writer)
         async with trio.open_nursery() as helpers:
             helpers.start_soon(_replies, reader, gate, stop)
             helpers.start_soon(_ship, ingest)
@@ -263,9 +272,11 @@ async def serve(link_fd: int) -> None:
 
 
 async def _replies(reader: MessageReader, gate: LinkGate, stop: trio.Event) -> None:
-    """Apply the agent's `durable` messages until the agent closes the link: that is the
-    signal to stop (and what a dead agent's link does too: then the last store message
-    cannot be written and the process exits on that)."""
+    """Apply the agent's `durable` messages until its `stop`: then stop the listeners (each
+    connection stores what the kernel holds) and hand everything over. A link that ends
+    without `stop` (or breaks) means the agent is gone: nothing here can be stored any more,
+    and draining the peers would only cost CPU and memory, so the process exits at once (a
+    client with acks sends its unacked chunks again to the next agent)."""
     try:
         while True:
             message = await reader.next()
@@ -273,9 +284,25 @@ async def _replies(reader: MessageReader, gate: LinkGate, stop: trio.Event) -> N
                 break
             if message[0] == DURABLE:
                 gate.reached(message[1])
+            elif message[0] == STOP:
+                stop.set()
+                return
     except LinkClosed as e:
         log.error("forward_intake_link_broken", error=str(e))
-    stop.set()
+    _gone("the link ended without a stop")
+
+
+async def _write_or_exit(writer: LinkWriter) -> None:
+    """The link's writer; when the agent is gone (a write fails), exit at once (`_replies`)."""
+    try:
+        await writer.run()
+    except LinkClosed as e:
+        _gone(str(e))
+
+
+def _gone(why: str) -> None:
+    log.warning("forward_intake_agent_gone", error=why)
+    os._exit(3)
 
 
 async def _ship(ingest: LinkIngest) -> None:

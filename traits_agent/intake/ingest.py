@@ -269,6 +269,11 @@ class Ingest:
         """Return when the store can take more (at once: it appends in this process; the
         Forward intake process's `LinkIngest` waits while its link to the agent is full)."""
 
+    def full(self) -> bool:
+        """Whether the store cannot take more without waiting (never here: the queues buffer
+        and write synchronously; see `LinkIngest.full`)."""
+        return False
+
     def _report_drops(self, name: str, queue: object) -> None:
         """Log what the queue's quota (or a write error) dropped since last time (rate-limited
         per resource and reason, the held-back counts added up: a full disk is loud but short)."""

@@ -62,7 +62,10 @@ class LinkWriter:
         return self._size
 
     def send(self, value: Any) -> None:
-        """Queue `value` (never blocks; `room` bounds the buffer)."""
+        """Queue `value` (never blocks; `room` bounds the buffer). Dropped once the link is
+        closed: nobody will read it (the process is on its way out)."""
+        if self._closed:
+            return
         data = frame(value)
         self._out.append(data)
         self._size += len(data)

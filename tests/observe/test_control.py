@@ -107,3 +107,53 @@ async def test_status_and_unknown_commands_still_answer(autojump_clock, nursery,
             answer += chunk
         sock.close()
         assert expect in answer
+
+
+def test_a_client_waits_for_room_in_a_full_backlog(tmp_path):
+    """The control socket's listen backlog is full (an agent busy with a flood of
+    connections): `request_status` used to fail at once with EAGAIN (a Unix socket with a
+    timeout does not wait for room). It now tries again until its timeout, and gets the
+    answer once the agent accepts."""
+    import json
+    import threading
+
+    from traits_agent.observe.control import request_status
+
+    path = str(tmp_path / "control.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(0)
+    fillers = []
+    while True:  # fill the backlog: further connects get EAGAIN
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            break
+        fillers.append(s)
+    assert fillers
+
+    server.settimeout(10)  # a client that gave up must not hang the test
+
+    def agent() -> None:  # accepts (and drops) the fillers, then answers the status request
+        for _ in fillers:
+            server.accept()[0].close()
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            return
+        with conn:
+            assert conn.recv(100) == b"status\n"
+            conn.sendall(json.dumps({"ok": True}).encode())
+
+    timer = threading.Timer(0.3, agent)
+    timer.start()
+    try:
+        assert request_status(tmp_path / "control.sock", timeout=30) == {"ok": True}
+    finally:
+        timer.join()
+        for s in fillers:
+            s.close()
+        server.close()

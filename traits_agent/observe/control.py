@@ -27,6 +27,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -212,15 +213,30 @@ async def _receive_request(sock: Any, fds: list[int], counters: Counters) -> byt
     return request
 
 
+#: between two tries to connect while the control socket's backlog is full
+CONNECT_RETRY_S = 0.02
+
+
 def _connect(path: Path, timeout: float) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError) as e:
-        sock.close()
-        raise AgentNotRunning(f"no agent is running (nothing answers on {path})") from e
-    return sock
+    """A connection to the control socket. A Unix socket with a timeout does not wait for
+    room in a full listen backlog (a busy agent, or a flood of other connections): connect
+    fails at once with EAGAIN. That is retried until `timeout`, as a blocking connect
+    would wait, so `status` during a flood answers late instead of failing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            sock.close()
+            raise AgentNotRunning(f"no agent is running (nothing answers on {path})") from e
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(CONNECT_RETRY_S)
 
 
 def send_upload(path: Path, kind: str, fd: int, name: str, timeout: float = 600.0) -> dict:

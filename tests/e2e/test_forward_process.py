@@ -75,6 +75,19 @@ async def ack_of(stream: trio.abc.Stream) -> dict:
                 return message
 
 
+async def start_on_tcp(workdir: Path, api) -> AgentProcess:
+    """An agent with its Forward TCP listener in the intake process (`always`), info logs."""
+    config = write_config(
+        workdir,
+        api.url,
+        listen={"forward": "127.0.0.1:0", "forward_process": "always"},
+        log={"format": "json", "level": "info"},
+    )
+    agent = AgentProcess(workdir, config)
+    await agent.start()
+    return agent
+
+
 def levels(first: int, n: int) -> list:
     return [[1.7e9, {"user_id": f"u{i:08d}", "level": 1 + i % 90}] for i in range(first, first + n)]
 
@@ -218,14 +231,7 @@ async def test_a_graceful_stop_stores_what_the_intake_process_holds(workdir: Pat
     still held (it cannot have read 40 messages by then), exits on its own, and every event
     the stopping agent queued is delivered after a restart, a prefix of what was sent."""
     api.inject(Fault(status=503, times=None))
-    config = write_config(
-        workdir,
-        api.url,
-        listen={"forward": "127.0.0.1:0", "forward_process": "always"},
-        log={"format": "json", "level": "info"},
-    )
-    agent = AgentProcess(workdir, config)
-    await agent.start()
+    agent = await start_on_tcp(workdir, api)
     await intake_pid(agent)
     host, _, port = agent.status()["listening"]["forward"].rpartition(":")
 
@@ -261,7 +267,7 @@ async def test_a_graceful_stop_stores_what_the_intake_process_holds(workdir: Pat
     queued = stopped["queued"]
     assert 40_000 <= queued <= 80_000, stopped
     api.clear_faults()
-    again = AgentProcess(workdir, config)
+    again = AgentProcess(workdir, agent.config)
     await again.start()
     with trio.fail_after(GUARD_S):
         await api.wait_for_items(queued, "level_ups")
@@ -428,14 +434,7 @@ async def test_a_stop_before_the_intake_process_is_ready_loses_nothing(workdir: 
     then hands over, and every event of a connection the process drained is stored. The
     stopping agent used to refuse the `ready` as a broken link (forward_intake_link_broken)
     and store nothing more."""
-    config = write_config(
-        workdir,
-        api.url,
-        listen={"forward": "127.0.0.1:0", "forward_process": "always"},
-        log={"format": "json", "level": "info"},
-    )
-    agent = AgentProcess(workdir, config)
-    await agent.start()
+    agent = await start_on_tcp(workdir, api)
     assert agent.proc is not None
     host, _, port = agent.status()["listening"]["forward"].rpartition(":")
     async with await trio.open_tcp_stream(host, int(port)) as stream:

@@ -10,9 +10,15 @@ is sent back once the mark is durable, in order.
 
 A process that dies is logged (`forward_intake_exited`, with its exit status), counted
 (`forward_intake_restarts`) and started again after a back-off (0.5 s doubling to 30 s; back
-to 0.5 s after a minute up). At shutdown the agent closes its side of the link (the process's
-signal to stop), goes on storing what it sends until it exits (at most `STOP_GRACE_S`, then it
-is killed), and only then does the agent's own final fsync run.
+to 0.5 s after a minute up). A message the agent fails to store (a bug of ours) is counted,
+logged (`forward_intake_store_failed`), never acked, and ends that process the same way. At
+shutdown the agent sends `stop` and closes its side of the link, goes on storing what the
+process sends until it exits (at most `STOP_GRACE_S`, then it is killed), and only then does
+the agent's own final fsync run. (A link that ends without `stop` tells the process the agent
+died: it exits without draining its peers.)
+
+`"auto"` (`wanted`, `lazy`): a process only where the agent may use two CPUs or more
+(`usable_cpus`: affinity and cgroup quota), started when a Forward peer first connects.
 """
 
 from __future__ import annotations
@@ -218,9 +224,9 @@ class ForwardProcess:
 
     async def _one(self) -> int | None:
         """One process's life: its exit status, after it exited on its own (or broke the
-        link and was killed). When cancelled (the agent is stopping), the process is signalled
-        and what it sends is stored until it exits (at most `STOP_GRACE_S`), then Cancelled
-        goes on."""
+        link and was killed). When cancelled (the agent is stopping), the process is sent
+        `stop` and what it sends is stored until it exits (at most `STOP_GRACE_S`), then
+        Cancelled goes on."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # the hello is in the link before the process starts: an agent stopped before its
         # writer task ran still hands the process its settings (it then serves, drains what

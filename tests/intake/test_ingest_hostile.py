@@ -26,7 +26,7 @@ class ListQueue:
         self.items.append(payload)
         return True
 
-    def append_many(self, payloads: list[bytes]) -> int:
+    def append_many(self, payloads: list[bytes], crcs: bytes | None = None) -> int:
         self.items.extend(payloads)
         return len(payloads)
 

@@ -201,8 +201,7 @@ class Ingest:
         for name, (_, payloads) in held.items():
             queue = self.lanes[name].queue
             try:
-                given = crcs.get(name) if crcs else None
-                taken = queue.append_many(payloads, given) if given else queue.append_many(payloads)
+                taken = queue.append_many(payloads, crcs.get(name) if crcs else None)
             except ValueError:  # a payload over the queue's limit: `_store` lets none through
                 taken = sum(queue.append(p) for p in payloads if len(p) <= MAX_PAYLOAD)
             if taken:

@@ -164,10 +164,7 @@ def encode_frames(
         if count == 1 or joined.count(b"\n") != count - 1:
             total += _encode_singles(seq, run, out)
         else:
-            if crcs is None:
-                payload = joined + struct.pack(f"<{count}I", *map(crc32, run))
-            else:
-                payload = joined + crcs[4 * i : 4 * j]
+            payload = joined + (record_crcs(run) if crcs is None else crcs[4 * i : 4 * j])
             prefix = _MANY_PREFIX.pack(MAGIC_MANY, len(payload), seq, count)
             header_crc = crc32(prefix)
             out.append(prefix + _CRCS.pack(header_crc, crc32(payload, header_crc)))

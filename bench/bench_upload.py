@@ -8,7 +8,9 @@ another process: its CPU is not counted):
     answer read with `.content`: what the chosen HTTP client costs at the least.
 (u) uploader: the agent's `Uploader.deliver` of the same 1000 items (body assembly, idempotency
     key, the policy's deadline, capped read and answer parsing, counters, logs at `warning` as
-    the packaged config runs), on the agent's own client (`policy.make_client`).
+    the packaged config runs), on the agent's own client (`policy.make_client`, whose
+    transport is `delivery/transport.py`, not httpx's default: a ratio under 1 is what that
+    transport saves, net of everything the uploader adds).
 
 Rounds of each alternate (so that whatever else the machine does hits both alike); each row
 shows the median over rounds of user and system CPU per POST, and the ratio of (u) to (r).

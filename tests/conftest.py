@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from tests.e2e.harness import kill_leftovers, remove_tree, short_tmpdir
+from traits_agent.delivery.policy import make_client
 from traits_agent.fakeapi import FakeAPI
 
 #: the key the shared fake API accepts (tests/fakeapi uses its own)
@@ -25,10 +26,16 @@ async def api(nursery: trio.Nursery) -> FakeAPI:
     return fake
 
 
+def agent_client(base_url: str) -> httpx.AsyncClient:
+    """The agent's own client (`make_client`: its transport, limits, no redirects) for
+    `base_url`, with timeouts that never fire on MockClock's virtual time."""
+    return make_client(base_url, connect_timeout=1e6, timeout=1e6, max_in_flight=4)
+
+
 @pytest.fixture
 async def client(api: FakeAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """An httpx client for `api` whose timeouts never fire on MockClock's virtual time."""
-    async with httpx.AsyncClient(base_url=api.url, timeout=1e6) as c:
+    """The agent's client for `api` (`agent_client`)."""
+    async with agent_client(api.url) as c:
         yield c
 
 

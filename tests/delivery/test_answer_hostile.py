@@ -6,10 +6,10 @@ from __future__ import annotations
 import contextlib
 from functools import partial
 
-import httpx
 import pytest
 import trio
 
+from tests.conftest import agent_client
 from tests.delivery.test_delivery import Rig, level_ups, read_request, settled
 
 
@@ -39,7 +39,7 @@ async def test_deeply_nested_json_answer_is_kept_as_text(autojump_clock, nursery
 
     (listener,) = await nursery.start(partial(trio.serve_tcp, server, 0, host="127.0.0.1"))
     port = listener.socket.getsockname()[1]
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=1e6) as client:
+    async with agent_client(f"http://127.0.0.1:{port}") as client:
         rig = Rig(tmp_path, None, client, "level_ups", linger_s=0.0)
         await nursery.start(rig.lane.run)
         rig.add(level_ups(1))

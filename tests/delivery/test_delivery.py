@@ -15,6 +15,7 @@ import httpx
 import pytest
 import trio
 
+from tests.conftest import agent_client
 from traits_agent.delivery.backoff import Backoff
 from traits_agent.delivery.deadletter import DeadLetters
 from traits_agent.delivery.lane import Lane
@@ -311,7 +312,7 @@ async def test_2xx_with_an_undecodable_body_counts_as_delivered(autojump_clock, 
 
     (listener,) = await nursery.start(partial(trio.serve_tcp, server, 0, host="127.0.0.1"))
     port = listener.socket.getsockname()[1]
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=1e6) as client:
+    async with agent_client(f"http://127.0.0.1:{port}") as client:
         rig = Rig(tmp_path, None, client, "level_ups", linger_s=0.0)
         await nursery.start(rig.lane.run)
         rig.add(level_ups(3))

@@ -47,14 +47,17 @@ def alive(pid: int) -> bool:
 
 
 async def intake_pid(agent: AgentProcess) -> int:
-    """The agent's Forward intake process, once it runs."""
+    """The agent's Forward intake process, once it runs: exec'd, not only forked (between
+    fork and exec the child is still a copy of the agent, its environment included)."""
     assert agent.proc is not None
     with trio.fail_after(GUARD_S):
         while True:
             kids = children(agent.proc.pid)
             if kids:
                 [pid] = kids
-                return pid
+                with contextlib.suppress(FileNotFoundError):
+                    if b"forward_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        return pid
             await trio.sleep(0.02)
 
 

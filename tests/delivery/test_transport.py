@@ -1,0 +1,325 @@
+"""The agent's HTTP/1.1 transport (delivery/transport.py), against real servers on loopback:
+keep-alive, what a server's hang-ups and malformed answers become, timeouts on MockClock,
+the connection bound, and TLS with a real certificate chain (trustme)."""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import httpx
+import pytest
+import trio
+import trustme
+
+from traits_agent.delivery.policy import make_client, read_body
+from traits_agent.delivery.transport import KEEPALIVE_EXPIRY_S, LeanTransport
+
+CREATED = b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}"
+BODY = b'{"actions":[' + b",".join([b'{"a":1}'] * 1000) + b"]}"
+
+Handler = Callable[["Peer"], Awaitable[None]]
+
+
+class Peer:
+    """One accepted connection, read request by request (keep-alive: what follows one
+    request's body stays buffered for the next)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._buffer = b""
+
+    async def request(self, body: bool = True) -> bytes | None:
+        """The next request's head (and body, if `body`), or None if the client hung up."""
+        while b"\r\n\r\n" not in self._buffer:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return None
+            self._buffer += data
+        head, _, self._buffer = self._buffer.partition(b"\r\n\r\n")
+        if body:
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(self._buffer) < length:
+                self._buffer += await self.stream.receive_some(65536)
+            self._buffer = self._buffer[length:]
+        return head
+
+    async def answer(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+
+class Server:
+    """A loopback server whose every connection runs `handler`; counts connections."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.port = 0
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.handler(Peer(stream))
+
+    async def start(self, nursery: trio.Nursery, ssl_context: ssl.SSLContext | None = None) -> str:
+        if ssl_context is None:
+            serve = partial(trio.serve_tcp, self._serve, 0, host="127.0.0.1")
+        else:
+            serve = partial(trio.serve_ssl_over_tcp, self._serve, 0, ssl_context, host="127.0.0.1")
+        (listener,) = await nursery.start(serve)
+        sock = listener.transport_listener.socket if ssl_context else listener.socket
+        self.port = sock.getsockname()[1]
+        return f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}"
+
+
+def lean(url: str, timeout: float = 5) -> httpx.AsyncClient:
+    """The agent's client (`make_client`, so its transport) for `url`."""
+    return make_client(url, connect_timeout=5, timeout=timeout, max_in_flight=1)
+
+
+async def keep_answering(peer: Peer) -> None:
+    while await peer.request() is not None:
+        await peer.answer(CREATED)
+
+
+async def post(client: httpx.AsyncClient, body: bytes = BODY) -> tuple[int, bytes]:
+    """One POST as the policy sends it (streamed, the answer read by `read_body`)."""
+    request = client.build_request("POST", "/v1/actions", content=body)
+    response = await client.send(request, stream=True)
+    return response.status_code, await read_body(response)
+
+
+async def test_requests_share_one_keep_alive_connection(nursery) -> None:
+    """Three POSTs in a row go over one connection, each answered in full."""
+    server = Server(keep_answering)
+    async with lean(await server.start(nursery)) as client:
+        for _ in range(3):
+            assert await post(client) == (201, b"{}")
+    assert server.connections == 1
+
+
+async def test_connection_close_and_http10_answers_are_not_reused(nursery) -> None:
+    """An answer that says `Connection: close`, or an HTTP/1.0 one (read until the server
+    hangs up: no length), ends its connection; the next request opens another."""
+    answers = [
+        b"HTTP/1.1 201 Created\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.0 201 Created\r\n\r\n{}",
+        CREATED,
+    ]
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        answer = answers.pop(0)
+        await peer.answer(answer)
+        if answer is not CREATED:
+            return  # hang up
+        await keep_answering(peer)
+
+    server = Server(handler)
+    async with lean(await server.start(nursery)) as client:
+        for _ in range(3):
+            assert await post(client) == (201, b"{}")
+    assert server.connections == 3
+
+
+async def test_a_chunked_answer_is_read_and_its_connection_reused(nursery) -> None:
+    server = Server(
+        lambda peer: _answer_each(
+            peer,
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"1\r\n{\r\n1\r\n}\r\n0\r\n\r\n",
+        )
+    )
+    async with lean(await server.start(nursery)) as client:
+        assert await post(client) == (201, b"{}")
+        assert await post(client) == (201, b"{}")
+    assert server.connections == 1
+
+
+async def _answer_each(peer: Peer, answer: bytes) -> None:
+    while await peer.request() is not None:
+        await peer.answer(answer)
+
+
+async def test_an_idle_connection_the_server_closed_is_not_used(nursery) -> None:
+    """A server that hangs up a keep-alive connection after answering (an idle timeout):
+    the next request opens a new connection instead of failing on the dead one."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.answer(CREATED)  # keep-alive by the headers, then hang up
+
+    server = Server(handler)
+    async with lean(await server.start(nursery)) as client:
+        assert await post(client) == (201, b"{}")
+        await trio.sleep(0.05)  # the FIN reaches us
+        assert await post(client) == (201, b"{}")
+    assert server.connections == 2
+
+
+async def test_an_idle_connection_past_its_expiry_is_not_used(autojump_clock, nursery) -> None:
+    server = Server(keep_answering)
+    async with lean(await server.start(nursery)) as client:
+        assert await post(client) == (201, b"{}")
+        await trio.sleep(KEEPALIVE_EXPIRY_S + 1)
+        assert await post(client) == (201, b"{}")
+    assert server.connections == 2
+
+
+async def test_an_answer_before_the_body_was_taken_is_returned(nursery) -> None:
+    """A server (a proxy's size limit) that answers 413 after the head and hangs up without
+    reading the body breaks our send; its answer is what the policy needs, not a WriteError."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.request(body=False)
+        await peer.answer(
+            b"HTTP/1.1 413 Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+        # and hang up with the body unread (the kernel answers the rest with a reset)
+
+    server = Server(handler)
+    big = b"x" * (16 << 20)
+    async with lean(await server.start(nursery)) as client:
+        assert await post(client, big) == (413, b"")
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"", httpx.RemoteProtocolError),  # hang-up before any answer
+        (b"SMTP ready\r\n\r\n", httpx.RemoteProtocolError),
+        (b"HTTP/1.1 201 Created\r\nContent-Length: 10\r\n\r\n{}", httpx.RemoteProtocolError),
+        (b"HTTP/1.1 201 Created\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", httpx.RemoteProtocolError),
+    ],
+    ids=["hang_up", "not_http", "body_cut_short", "head_too_big"],
+)
+async def test_broken_answers_are_httpx_errors(nursery, answer: bytes, error: type) -> None:
+    """What a broken server sends becomes the httpx error the policy counts as a transport
+    failure (and retries), never anything else."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        if answer:
+            await peer.answer(answer)
+
+    server = Server(handler)
+    async with lean(await server.start(nursery)) as client:
+        request = client.build_request("POST", "/v1/actions", content=BODY)
+        with pytest.raises(error):
+            response = await client.send(request, stream=True)
+            async for _ in response.aiter_bytes():
+                pass
+
+
+async def test_a_silent_server_is_a_read_timeout_at_the_timeout(autojump_clock, nursery) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await trio.sleep_forever()
+
+    server = Server(handler)
+    async with lean(await server.start(nursery), timeout=7) as client:
+        start = trio.current_time()
+        with pytest.raises(httpx.ReadTimeout):
+            await post(client)
+        assert trio.current_time() - start == pytest.approx(7)
+
+
+async def test_an_abandoned_answer_closes_its_connection(autojump_clock, nursery) -> None:
+    """The policy's deadline cancels a request mid-answer: that connection, half read, is
+    closed, and the next request gets a fresh one."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.answer(b"HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n{")
+        await trio.sleep_forever()
+
+    served = Server(handler)
+    url = await served.start(nursery)
+    async with make_client(url, connect_timeout=5, timeout=1e6, max_in_flight=1) as client:
+        with trio.move_on_after(10) as deadline:
+            await post(client)
+        assert deadline.cancelled_caught
+        served.handler = keep_answering
+        assert await post(client) == (201, b"{}")
+    assert served.connections == 2
+
+
+async def test_connections_are_bounded_and_a_full_pool_times_out(autojump_clock, nursery) -> None:
+    """With every slot taken by an unanswered request, another waits for the pool timeout."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await trio.sleep_forever()
+
+    server = Server(handler)
+    url = await server.start(nursery)
+    async with httpx.AsyncClient(
+        base_url=url, timeout=httpx.Timeout(1e6, pool=3), transport=LeanTransport(max_connections=2)
+    ) as client:
+        for _ in range(2):
+            nursery.start_soon(post, client)
+        await trio.sleep(1)
+        start = trio.current_time()
+        with pytest.raises(httpx.PoolTimeout):
+            await post(client)
+        assert trio.current_time() - start == pytest.approx(3)
+        assert server.connections == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_nothing_listening_is_a_connect_error() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: refused
+        async with lean(f"http://127.0.0.1:{port}") as client:
+            with pytest.raises(httpx.ConnectError):
+                await post(client)
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def server_context(ca: trustme.CA, name: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(context)
+    return context
+
+
+def trusting(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+async def test_https_with_a_trusted_certificate_keeps_alive(nursery, ca) -> None:
+    server = Server(keep_answering)
+    url = await server.start(nursery, server_context(ca, "127.0.0.1"))
+    transport = LeanTransport(ssl_context=trusting(ca))
+    async with httpx.AsyncClient(base_url=url, transport=transport) as client:
+        for _ in range(3):
+            assert await post(client) == (201, b"{}")
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("case", ["unknown_ca", "wrong_name"])
+async def test_https_refuses_a_certificate_it_cannot_verify(nursery, ca, case: str) -> None:
+    """A certificate from a CA we do not trust (the default bundle, as the agent runs), or
+    for another name, fails the connection: the key is never sent."""
+    received: list[bytes | None] = []
+
+    async def handler(peer: Peer) -> None:
+        received.append(await peer.request())
+
+    server = Server(handler)
+    name = "127.0.0.1" if case == "unknown_ca" else "api.example.com"
+    url = await server.start(nursery, server_context(ca, name))
+    transport = LeanTransport() if case == "unknown_ca" else LeanTransport(ssl_context=trusting(ca))
+    async with httpx.AsyncClient(base_url=url, transport=transport) as client:
+        with pytest.raises(httpx.ConnectError, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
+            await post(client)
+    assert received in ([], [None])

@@ -26,7 +26,9 @@ class ListQueue:
         self.items.append(payload)
         return True
 
-    def append_many(self, payloads: list[bytes], crcs: bytes | None = None) -> int:
+    def append_many(
+        self, payloads: list[bytes], crcs: bytes | None = None, *, lines: bool = False
+    ) -> int:
         self.items.extend(payloads)
         return len(payloads)
 

@@ -93,8 +93,8 @@ def test_a_record_with_a_newline_byte_is_framed_on_its_own(tmp_path) -> None:
 @pytest.mark.parametrize("seed", range(4))
 def test_crcs_computed_elsewhere_write_the_same_bytes(tmp_path, seed) -> None:
     """`append_many` with `record_crcs` passed in (the Forward intake process computes them)
-    writes byte for byte what it writes computing them itself, across segment ends, the quota
-    and records of every size, and they read back."""
+    and `lines` writes byte for byte what it writes computing them itself, across segment
+    ends, the quota and records of every size, and they read back."""
     rng = random.Random(seed)
     runs, seq = [], 1
     for _ in range(30):
@@ -105,7 +105,12 @@ def test_crcs_computed_elsewhere_write_the_same_bytes(tmp_path, seed) -> None:
     for name, given in (("own", False), ("given", True)):
         with DiskQueue.open(tmp_path / name, **small) as q:
             for run in runs:
-                taken = q.append_many(run, record_crcs(run) if given else None)
+                # given: as the Forward path appends, the payloads split off a joined run
+                # (`lines`: newlines are not looked for)
+                if given:
+                    taken = q.append_many(run, record_crcs(run), lines=True)
+                else:
+                    taken = q.append_many(run)
                 assert taken == len(run)
             q.flush()
     own, given_files = segment_files(tmp_path / "own"), segment_files(tmp_path / "given")
@@ -117,6 +122,36 @@ def test_crcs_computed_elsewhere_write_the_same_bytes(tmp_path, seed) -> None:
             got += batch.payloads
             q.commit(batch)
         assert got == [p for run in runs for p in run]
+
+
+def test_a_crc_valid_frame_whose_newlines_disagree_with_its_count_is_damage(tmp_path) -> None:
+    """A several-records frame whose CRCs check but whose payload splits into more or fewer
+    records than its header counts was never written by us: the read path (which learns
+    the count from its split) treats it as damage, as it does a frame whose CRC fails: it
+    keeps the records whose own CRC matches (salvage), counts the frame, and never hands
+    out a record the header does not name (the extra line)."""
+    before, after = [b'{"n":1}', b'{"n":2}'], [b'{"n":6}', b'{"n":7}']
+    with DiskQueue.open(tmp_path, **BIG) as q:
+        assert q.append_many(before) == 2
+        q.flush()
+    path = segment_files(tmp_path)[0]
+    out: list[bytes] = []
+    # seqs 3..5 as three records, but the payload holds four lines (one CRC per record)
+    forged = [b'{"n":3}', b'{"n":4}', b'{"n":5}\n{"x":0}']
+    encode_frames(3, forged, out, crcs=record_crcs(forged), lines=True)
+    with path.open("ab") as f:
+        f.write(b"".join(out))
+    with DiskQueue.open(tmp_path, **BIG) as q:
+        assert q.append_many(after) == 2
+        q.flush()
+        got, seqs = [], []
+        while (batch := q.read_batch(100, 1 << 20)) is not None:
+            got += batch.payloads
+            seqs += batch.seqs
+            q.commit(batch)
+        assert got == [*before, b'{"n":3}', b'{"n":4}', *after]
+        assert seqs == [1, 2, 3, 4, 6, 7]
+        assert q.corrupt_skipped == 1
 
 
 @pytest.mark.parametrize("seed", range(6))

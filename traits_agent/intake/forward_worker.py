@@ -120,6 +120,8 @@ class LinkIngest(Ingest):
         held: dict[str, tuple[Resource, list[bytes]]],
         events: int,
         crcs: dict[str, bytes] | None = None,
+        *,
+        lines: bool = False,
     ) -> set[str]:
         """Hold the payloads for the message being filled, sending it each time it reaches
         `MESSAGE_BYTES`: one call may bring a slice of 4096 events of up to 1 MiB each (a

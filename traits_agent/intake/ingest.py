@@ -174,9 +174,10 @@ class Ingest:
     def store_runs(self, runs: list[tuple[Resource, list[bytes], bytes]], events: int) -> set[str]:
         """Append runs of payloads already validated and encoded elsewhere (the Forward intake
         process, `forward_process`), each with its `framing.record_crcs`, counting `events` as
-        received; the names of the queues that took any (buffered: `flush` after)."""
+        received; the names of the queues that took any (buffered: `flush` after). The
+        payloads were split off the b"\n"-joined run the process sent (`lines`)."""
         held = {resource.name: (resource, payloads) for resource, payloads, _ in runs}
-        return self._append_held(held, events, {r.name: crcs for r, _, crcs in runs})
+        return self._append_held(held, events, {r.name: crcs for r, _, crcs in runs}, lines=True)
 
     @staticmethod
     def _hold(
@@ -193,15 +194,18 @@ class Ingest:
         held: dict[str, tuple[Resource, list[bytes]]],
         events: int,
         crcs: dict[str, bytes] | None = None,
+        *,
+        lines: bool = False,
     ) -> set[str]:
         """Append each resource's run to its queue (with its record CRCs, when `crcs` has
-        them); count; the names of the queues that took at least one."""
+        them; `lines` as `DiskQueue.append_many` takes it); count; the names of the queues
+        that took at least one."""
         self.counters.inc("received_events", events)
         touched = set()
         for name, (_, payloads) in held.items():
             queue = self.lanes[name].queue
             try:
-                taken = queue.append_many(payloads, crcs.get(name) if crcs else None)
+                taken = queue.append_many(payloads, crcs.get(name) if crcs else None, lines=lines)
             except ValueError:  # a payload over the queue's limit: `_store` lets none through
                 taken = sum(queue.append(p) for p in payloads if len(p) <= MAX_PAYLOAD)
             if taken:

@@ -301,10 +301,13 @@ class DiskQueue:
             self.appended_total += 1
             return True
 
-    def append_many(self, payloads: list[bytes], crcs: bytes | None = None) -> int:
+    def append_many(
+        self, payloads: list[bytes], crcs: bytes | None = None, *, lines: bool = False
+    ) -> int:
         """`append` each of `payloads` in order; returns how many were taken. `crcs`: their
         `framing.record_crcs`, when the caller computed it (not checked here: a wrong one
-        makes the records read back as damaged).
+        makes the records read back as damaged). `lines`: the caller split `payloads` off a
+        b"\n"-joined blob, so none holds a newline (not checked either: see `encode_frames`).
 
         The same checks, counters and segment changes as one `append` per record: each run of
         records that fits the buffer, the quota and the current segment (the common case) is
@@ -312,9 +315,11 @@ class DiskQueue:
         `append` (which starts the next segment, makes room or drops, as it always does).
         Raises ValueError, before taking any, if a payload is over MAX_PAYLOAD.
         """
-        if payloads and max(map(len, payloads)) > MAX_PAYLOAD:
+        nbytes = sum(map(len, payloads))
+        # (the largest is looked for only when all of them together could hold one too big)
+        if nbytes > MAX_PAYLOAD and max(map(len, payloads)) > MAX_PAYLOAD:
             raise ValueError(f"a payload is over the {MAX_PAYLOAD} limit")
-        whole = sum(map(len, payloads)) + HEADER_SIZE * len(payloads)
+        whole = nbytes + HEADER_SIZE * len(payloads)
         with self._lock:  # the common case: all of it fits (checked as one-record frames)
             if self._closed:
                 raise QueueClosedError("append on a closed queue")
@@ -324,7 +329,7 @@ class DiskQueue:
                 self.max_bytes - self._total,
                 self.segment_bytes - SEAL_FRAME_SIZE - seg.size,
             ):
-                self._took_run(seg, payloads, crcs)
+                self._took_run(seg, payloads, crcs, lines)
                 return len(payloads)
         ends = list(accumulate(HEADER_SIZE + len(p) for p in payloads))  # of payloads[:j + 1]
         taken = i = 0
@@ -342,7 +347,7 @@ class DiskQueue:
                 j = bisect_right(ends, before + room, i)  # payloads[i:j] fit
                 if j > i:  # (sized as one-record frames: what they take is never more)
                     self._took_run(
-                        seg, payloads[i:j], None if crcs is None else crcs[4 * i : 4 * j]
+                        seg, payloads[i:j], None if crcs is None else crcs[4 * i : 4 * j], lines
                     )
                     taken += j - i
                     i = j
@@ -351,11 +356,13 @@ class DiskQueue:
             i += 1
         return taken
 
-    def _took_run(self, seg: SegmentInfo, payloads: list[bytes], crcs: bytes | None) -> None:
+    def _took_run(
+        self, seg: SegmentInfo, payloads: list[bytes], crcs: bytes | None, lines: bool
+    ) -> None:
         """Frame `payloads` (known to fit) at the end of `seg`, the lock held."""
         n, seq = len(payloads), self._next_seq
         self._next_seq = seq + n
-        size = self._writer.add_many(seg, seg.size, seq, payloads, crcs)
+        size = self._writer.add_many(seg, seg.size, seq, payloads, crcs, lines=lines)
         seg.size += size
         seg.count += n
         seg.last_seq = seq + n - 1

@@ -140,14 +140,20 @@ def record_crcs(payloads: list[bytes]) -> bytes:
 
 
 def encode_frames(
-    first_seq: int, payloads: list[bytes], out: list[bytes], crcs: bytes | None = None
+    first_seq: int,
+    payloads: list[bytes],
+    out: list[bytes],
+    crcs: bytes | None = None,
+    *,
+    lines: bool = False,
 ) -> int:
     """Frame `payloads` as consecutive seqs from `first_seq`: header and payload pieces are
     appended to `out`. Runs of records go into several-records frames (MANY_MAX_RECORDS and
     about MANY_TARGET_BYTES each); a lone record, and a run holding a newline byte, get
     one-record frames. `crcs`: `record_crcs(payloads)`, when the caller has it (then the
-    per-record CRCs, most of the framing's cost, are not computed again). Returns the frame
-    bytes added."""
+    per-record CRCs, most of the framing's cost, are not computed again). `lines`: the caller
+    split `payloads` off a b"\n"-joined blob, so none holds a newline and the runs are not
+    counted for one (~0.1 µs a record). Returns the frame bytes added."""
     total = 0
     seq = first_seq
     n = len(payloads)
@@ -161,7 +167,7 @@ def encode_frames(
             run = payloads[i:j]
             joined = b"\n".join(run)
         count = j - i
-        if count == 1 or joined.count(b"\n") != count - 1:
+        if count == 1 or (not lines and joined.count(b"\n") != count - 1):
             total += _encode_singles(seq, run, out)
         else:
             payload = joined + (record_crcs(run) if crcs is None else crcs[4 * i : 4 * j])
@@ -315,6 +321,33 @@ class FrameReader:
             if payload.count(b"\n") != head.last_seq - head.seq:
                 return None  # CRC-valid but not what the header says: never written by us
         return Frame(head.seq, head.last_seq, payload, size)
+
+    def frame_records(self, pos: int) -> tuple[int, int, list[bytes], int, int] | None:
+        """`frame` for the read path, which wants the records one by one: (seq, last seq,
+        records, frame size, record bytes) of the valid frame at `pos`, else None. Checked
+        as `frame` checks, for less: the payload's CRC over a view, one copy of the records'
+        bytes, and the newline count read off the split (a batch of 1000 records spent a
+        fifth of its read time counting newlines and copying the payload twice)."""
+        head = self.header(pos)
+        if head is None:
+            return None
+        size = head.header_size + head.length
+        rel = self._window(pos, size)
+        if rel < 0:
+            return None
+        buf = self._buf
+        start = rel + head.header_size
+        with memoryview(buf) as view, view[start : rel + size] as payload_view:
+            if crc32(payload_view, head.header_crc) != head.crc:
+                return None
+        count = head.last_seq - head.seq + 1
+        if count == 1:
+            return head.seq, head.seq, [buf[start : rel + size]], size, head.length
+        stop = rel + size - 4 * count
+        records = buf[start:stop].split(b"\n")
+        if len(records) != count:
+            return None  # CRC-valid but not what the header says: never written by us
+        return head.seq, head.last_seq, records, size, stop - start - (count - 1)
 
     def salvage(self, pos: int) -> tuple[Head, list[int], list[bytes]] | None:
         """The records still intact in a several-records frame at `pos` whose header checks
@@ -477,20 +510,17 @@ class FrameReader:
     ) -> tuple[int, int, int, int, int]:
         """`read_run` for the several-records frame at `pos`: END means "all of it taken or
         stepped over, go on at the position returned"."""
-        frame = self.frame(pos)
+        frame = self.frame_records(pos)
         if frame is None:
             return self._take_salvaged(pos, after_seq, max_items, max_bytes, out, seqs)
-        seq, last, payload, size = frame
+        seq, last, records, size, nbytes = frame
         if last <= after_seq:  # taken already (or copies from a rewrite)
             return END, pos + size, after_seq, 0, -1
-        records = payload.split(b"\n")
         skip = after_seq + 1 - seq
         if skip > 0:
             del records[:skip]
             seq += skip
             nbytes = sum(map(len, records))
-        else:
-            nbytes = len(payload) - (last - seq)
         room = max_items - len(out)
         if len(records) <= room and nbytes <= max_bytes:
             out += records

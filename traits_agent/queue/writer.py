@@ -117,15 +117,17 @@ class SegmentWriter:
         first_seq: int,
         payloads: list[bytes],
         crcs: bytes | None = None,
+        *,
+        lines: bool = False,
     ) -> int:
         """Buffer `payloads` as consecutive seqs from `first_seq`, in several-records frames
-        (see `framing`; `crcs` as `encode_frames` takes it). Returns the frame bytes added:
-        never more than one `add` each."""
+        (see `framing`; `crcs` and `lines` as `encode_frames` takes them). Returns the frame
+        bytes added: never more than one `add` each."""
         chunk = self._pending[-1] if self._pending else None
         if chunk is None or chunk.seg is not seg:
             chunk = _Chunk(seg, start, first_seq)
             self._pending.append(chunk)
-        size = encode_frames(first_seq, payloads, chunk.parts, crcs)
+        size = encode_frames(first_seq, payloads, chunk.parts, crcs, lines=lines)
         self.buffered += size
         chunk.last_seq = first_seq + len(payloads) - 1
         return size

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,45 @@ def test_anything_else_takes_the_general_path(value: list[Any]) -> None:
     raw = pack(value)
     assert fast_path().take_raw(raw, NOW) is None
     assert fast_path().take(msgpack.unpackb(raw), NOW) is None
+
+
+def eventtime(seconds: int, nanoseconds: int) -> msgpack.ExtType:
+    return msgpack.ExtType(0, struct.pack(">II", seconds, nanoseconds))
+
+
+@pytest.mark.parametrize("form", ["packed", "forward"])
+@pytest.mark.parametrize(
+    ("times", "fast"),
+    [
+        ([eventtime(1700000000, 0), eventtime(1700000001, 999_999_999)], True),
+        ([eventtime(1700000000, 5), 1700000003.75, None, 7], True),  # mixed: event by event
+        ([eventtime(1700000000, 5), eventtime(1700000000, 1_000_000_000)], False),
+        ([eventtime(1700000000, 0), msgpack.ExtType(0, b"1234567")], False),
+        ([eventtime(1700000000, 0), msgpack.ExtType(0, b"123456789")], False),
+        ([msgpack.ExtType(1, b"12345678"), eventtime(1700000000, 0)], False),
+    ],
+    ids=["eventtimes", "mixed", "bad_nanoseconds", "short_ext", "long_ext", "other_ext_type"],
+)
+def test_event_times_are_read_whole_and_checked_as_the_general_path_does(
+    form: str, times: list[Any], fast: bool
+) -> None:
+    """EventTimes, alone or mixed with the other time forms, are taken and give the general
+    path's payloads (timestamps included); a time the general path refuses (nanoseconds past
+    10**9, an Ext that is not an 8-byte EventTime of type 0) is never taken."""
+    pairs = [[t, level_up(i)] for i, t in enumerate(times)]
+    value: list[Any] = ["level_ups", pairs]
+    if form == "packed":
+        value = ["level_ups", b"".join(pack(p) for p in pairs), {"size": len(pairs)}]
+    raw = pack(value)
+    unpacked = unpack(raw)
+    for got in (fast_path().take(unpacked, NOW), fast_path().take_raw(raw, NOW)):
+        if not fast:
+            assert got is None
+            continue
+        assert got is not None
+        payloads = fast_path().payloads(got, 0, len(got.events))
+        assert payloads is not None
+        assert [json.loads(p) for p in payloads] == [o[1] for o in outcomes(unpacked)]
 
 
 def test_a_tag_that_is_not_utf8_takes_the_general_path() -> None:

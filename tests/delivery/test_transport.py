@@ -15,7 +15,11 @@ import trio
 import trustme
 
 from traits_agent.delivery.policy import make_client, read_body
-from traits_agent.delivery.transport import KEEPALIVE_EXPIRY_S, LeanTransport
+from traits_agent.delivery.transport import (
+    KEEPALIVE_EXPIRY_S,
+    MAX_INFORMATIONAL,
+    LeanTransport,
+)
 
 CREATED = b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}"
 BODY = b'{"actions":[' + b",".join([b'{"a":1}'] * 1000) + b"]}"
@@ -214,6 +218,24 @@ async def test_broken_answers_are_httpx_errors(nursery, answer: bytes, error: ty
                 pass
 
 
+@pytest.mark.parametrize("interim", [1, MAX_INFORMATIONAL, MAX_INFORMATIONAL + 1])
+async def test_interim_answers_are_skipped_up_to_a_bound(nursery, interim: int) -> None:
+    """1xx answers before the answer are passed over, up to MAX_INFORMATIONAL: a server
+    sending them without end is a protocol error, not a request that never ends."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.answer(b"HTTP/1.1 100 Continue\r\n\r\n" * interim + CREATED)
+
+    server = Server(handler)
+    async with lean(await server.start(nursery)) as client:
+        if interim <= MAX_INFORMATIONAL:
+            assert await post(client) == (201, b"{}")
+        else:
+            with pytest.raises(httpx.RemoteProtocolError, match="1xx"):
+                await post(client)
+
+
 async def test_a_silent_server_is_a_read_timeout_at_the_timeout(autojump_clock, nursery) -> None:
     async def handler(peer: Peer) -> None:
         await peer.request()
@@ -323,3 +345,34 @@ async def test_https_refuses_a_certificate_it_cannot_verify(nursery, ca, case: s
         with pytest.raises(httpx.ConnectError, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
             await post(client)
     assert received in ([], [None])
+
+
+async def test_a_proxy_in_the_environment_is_used_for_https(nursery, monkeypatch, ca) -> None:
+    """`HTTPS_PROXY` is honoured as httpx honours it (the client then keeps httpx's own
+    transport, which tunnels through it), and `NO_PROXY` naming the host goes direct."""
+    heads: list[bytes | None] = []
+
+    async def proxy(peer: Peer) -> None:
+        heads.append(await peer.request(body=False))
+        await peer.answer(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+
+    proxy_server = Server(proxy)
+    proxy_url = await proxy_server.start(nursery)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", proxy_url)
+    async with make_client(
+        "https://api.example.com", connect_timeout=5, timeout=5, max_in_flight=1
+    ) as client:
+        with pytest.raises(httpx.ProxyError):
+            await post(client)
+    assert heads and heads[0] is not None
+    assert heads[0].startswith(b"CONNECT api.example.com:443 ")
+    # the host named in NO_PROXY: straight to it (its certificate is not one we trust)
+    direct = Server(keep_answering)
+    url = await direct.start(nursery, server_context(ca, "127.0.0.1"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    async with make_client(url, connect_timeout=5, timeout=5, max_in_flight=1) as client:
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await post(client)
+    assert direct.connections == 1 and proxy_server.connections == 1

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import json
+import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -397,15 +398,29 @@ def make_client(
 ) -> httpx.AsyncClient:
     """The one shared client: keep-alive, explicit timeouts, no redirects (a redirect means the
     endpoint is wrong, and following it would re-send the key elsewhere), over the lean
-    HTTP/1.1 transport (`transport.py`: half the CPU per request of httpx's default). A proxy
-    from the environment (https endpoints only) goes through httpx's own proxy transport."""
+    HTTP/1.1 transport (`transport.py`: half the CPU per request of httpx's default).
+
+    An https endpoint honours a proxy from the environment (`HTTPS_PROXY`, `ALL_PROXY`,
+    `NO_PROXY`), as httpx does: then the client keeps httpx's own transport, which speaks to
+    proxies (httpx ignores the environment's proxies once given a transport)."""
     trust_env = not base_url.startswith("http://")
     connections = max_in_flight + 4
+    proxied = trust_env and _environment_proxies(httpx.URL(base_url))
     return httpx.AsyncClient(
         base_url=base_url,
         timeout=httpx.Timeout(timeout, connect=connect_timeout),
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         follow_redirects=False,
         trust_env=trust_env,
-        transport=LeanTransport(max_connections=connections, trust_env=trust_env),
+        transport=None if proxied else LeanTransport(max_connections=connections),
     )
+
+
+def _environment_proxies(url: httpx.URL) -> bool:
+    """Whether the environment names a proxy for `url` (its scheme's or `all`, unless
+    `no_proxy` names the host). If this and httpx disagree on a `no_proxy` corner, the
+    price is only which transport runs: httpx then applies its own rules."""
+    proxies = urllib.request.getproxies()
+    if not (proxies.get(url.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(url.host)

@@ -7,8 +7,8 @@ socket call) was 0.6 ms; h11 itself, which both use, is 0.2 ms (`bench/bench_upl
 300 batches a second that is a fifth of the core that also stores and reads the queue. The
 agent needs one thing from a transport: HTTP/1.1 POSTs over keep-alive connections to one
 upstream, so this is that, on the state machine httpcore uses (h11), behind httpx's transport
-interface — the client API, the policy (`policy.py`), proxies from the environment (httpx
-mounts its own transport for those) and the exceptions stay httpx's.
+interface — the client API, the policy (`policy.py`) and the exceptions stay httpx's. It
+speaks to no proxy: with one in the environment `make_client` keeps httpx's transport.
 
 What it does:
 
@@ -48,6 +48,8 @@ KEEPALIVE_EXPIRY_S = 5.0
 #: how much one receive asks for
 READ_SIZE = 64 * 1024
 DEFAULT_MAX_CONNECTIONS = 8
+#: interim (1xx) answers taken before the answer; past this the server is broken or hostile
+MAX_INFORMATIONAL = 8
 
 _NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
 
@@ -285,7 +287,11 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 raise
         else:
             event = await _next_event(conn, read_s)
+        informational = 0
         while type(event) is h11.InformationalResponse:  # 100 Continue and the like
+            informational += 1
+            if informational > MAX_INFORMATIONAL:  # a server that never gets to the answer
+                raise httpx.RemoteProtocolError(f"over {MAX_INFORMATIONAL} 1xx answers")
             event = await _next_event(conn, read_s)
         if type(event) is not h11.Response:  # h11 raises for anything else; never here
             raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} before an answer")

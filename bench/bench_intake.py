@@ -202,12 +202,12 @@ def cpu_self() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def cpu_of(pid: int) -> float:
-    """CPU seconds (user + system) of process `pid` and of its running children (the agent's
-    Forward intake process): a child's time is not in its parent's counters until it is
-    reaped."""
+def cpu_of(pid: int, children: bool = True) -> float:
+    """CPU seconds (user + system) of process `pid` and (`children`) of its running children
+    (the agent's Forward intake process): a child's time is not in its parent's counters
+    until it is reaped."""
     total = 0.0
-    for one in (pid, *children_of(pid)):
+    for one in (pid, *(children_of(pid) if children else ())):
         try:
             fields = Path(f"/proc/{one}/stat").read_text().rpartition(")")[2].split()
         except FileNotFoundError:

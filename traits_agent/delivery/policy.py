@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 import json
 import urllib.request
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -332,11 +333,16 @@ class UpstreamPolicy:
 
 async def read_body(response: httpx.Response) -> bytes:
     """At most MAX_ANSWER_BYTES of a streamed response's body, then close it. A body that
-    breaks off or cannot be decoded reads as what arrived: the status line is the answer."""
+    breaks off reads as what arrived: the status line is the answer.
+
+    The cap is on the bytes received *and* on what they decode to: the client asks for no
+    encoding (`Accept-Encoding: identity`), and an answer compressed anyway is inflated once
+    and to at most the cap (httpx would inflate each chunk without a bound, and stack
+    encodings: a 1 KB answer became 256 MiB). One it cannot inflate reads as it came."""
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.aiter_raw():
             chunks.append(chunk)
             size += len(chunk)
             if size >= MAX_ANSWER_BYTES:
@@ -349,7 +355,18 @@ async def read_body(response: httpx.Response) -> bytes:
         if not response.is_closed:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
                 await response.aclose()
-    return b"".join(chunks)[:MAX_ANSWER_BYTES]
+    return _inflated(response.headers.get("content-encoding"), b"".join(chunks)[:MAX_ANSWER_BYTES])
+
+
+def _inflated(encoding: str | None, raw: bytes) -> bytes:
+    """`raw` as sent with Content-Encoding `encoding`: gzip or deflate inflated once, to at
+    most MAX_ANSWER_BYTES; anything else (identity, none, br, stacked encodings) as it came."""
+    if encoding is None or encoding.strip().lower() not in ("gzip", "x-gzip", "deflate"):
+        return raw
+    try:  # wbits 47: a gzip or zlib header, told apart by the bytes
+        return zlib.decompressobj(wbits=47).decompress(raw, MAX_ANSWER_BYTES)
+    except zlib.error:
+        return raw
 
 
 def read_answer(
@@ -408,6 +425,7 @@ def make_client(
     proxied = trust_env and _environment_proxies(httpx.URL(base_url))
     return httpx.AsyncClient(
         base_url=base_url,
+        headers={"Accept-Encoding": "identity"},  # see read_body: answers are read capped
         timeout=httpx.Timeout(timeout, connect=connect_timeout),
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         follow_redirects=False,
@@ -417,10 +435,9 @@ def make_client(
 
 
 def _environment_proxies(url: httpx.URL) -> bool:
-    """Whether the environment names a proxy for `url` (its scheme's or `all`, unless
-    `no_proxy` names the host). If this and httpx disagree on a `no_proxy` corner, the
-    price is only which transport runs: httpx then applies its own rules."""
+    """Whether the environment names a proxy for `url`'s scheme (or `all`). `no_proxy` is
+    left to httpx, whose transport then runs and applies its own rules: judging it here
+    could only disagree with httpx (`.example.com` and the apex host, say) in the direction
+    that skips a proxy the operator set."""
     proxies = urllib.request.getproxies()
-    if not (proxies.get(url.scheme) or proxies.get("all")):
-        return False
-    return not urllib.request.proxy_bypass(url.host)
+    return bool(proxies.get(url.scheme) or proxies.get("all"))

@@ -12,12 +12,14 @@ speaks to no proxy: with one in the environment `make_client` keeps httpx's tran
 
 What it does:
 
-- *Keep-alive*: a connection whose exchange ended cleanly (both sides DONE in h11) goes back
-  to an idle list per origin; it is dropped instead when idle for KEEPALIVE_EXPIRY_S, when
-  the server has hung up or sent anything while idle (the socket is readable), or when the
-  list already holds `max_keepalive` connections.
-- *Bounded*: at most `max_connections` at once (a caller past it waits, up to the pool
-  timeout); an answer's head is bounded by h11 (16 KiB), its body read only as the caller asks.
+- *Keep-alive*: a connection whose exchange ended cleanly (both sides DONE in h11, and not a
+  byte past the answer's end: it would be read as the next request's answer) goes back to
+  an idle list per origin; it is dropped instead when idle for KEEPALIVE_EXPIRY_S, when the
+  server has hung up or sent anything while idle (the socket is readable), or when the list
+  already holds `max_keepalive` connections.
+- *Bounded*: at most `max_connections` in use (a caller past it waits, up to the pool
+  timeout) and `max_keepalive` idle per origin; an answer's head is bounded by h11 (16 KiB)
+  and by MAX_INFORMATIONAL interim answers, its body read only as the caller asks.
 - *Timeouts* from the request (`httpx.Timeout`): connect (TCP and TLS handshake), write (each
   send), read (each receive), pool (waiting for a connection slot) — raised as httpx's.
 - *TLS*: `trio.SSLStream` with httpx's default context (certifi, the environment's
@@ -136,8 +138,11 @@ class _AnswerBody(httpx.AsyncByteStream):
             return
         self._closed = True
         conn = self._conn
-        if self._ended and conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
-            conn.h11.start_next_cycle()
+        h = conn.h11
+        # bytes past the answer's end (a second answer, a body longer than its length) would
+        # be read as the next request's answer: such a connection is not reused
+        if self._ended and h.our_state is h.their_state is h11.DONE and not h.trailing_data[0]:
+            h.start_next_cycle()
             await self._transport._keep(conn)
         else:
             await conn.close()
@@ -166,6 +171,20 @@ async def _next_event(conn: _Connection, read_s: float) -> Any:
             conn.h11.receive_data(bytes(data))
         except h11.RemoteProtocolError as e:
             raise httpx.RemoteProtocolError(str(e)) from e
+
+
+async def _answer_head(conn: _Connection, read_s: float) -> h11.Response:
+    """The answer's head, past at most MAX_INFORMATIONAL interim (1xx) answers."""
+    event = await _next_event(conn, read_s)
+    informational = 0
+    while type(event) is h11.InformationalResponse:  # 100 Continue and the like
+        informational += 1
+        if informational > MAX_INFORMATIONAL:  # a server that never gets to the answer
+            raise httpx.RemoteProtocolError(f"over {MAX_INFORMATIONAL} 1xx answers")
+        event = await _next_event(conn, read_s)
+    if type(event) is not h11.Response:  # h11 raises for anything else; never here
+        raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} before an answer")
+    return event
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
@@ -203,7 +222,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         if scheme not in (b"http", b"https"):
             raise httpx.UnsupportedProtocol(f"unsupported scheme {url.scheme!r}")
         port = url.port or (443 if scheme == b"https" else 80)
-        origin = (scheme, url.host, port)
+        origin = (scheme, url.raw_host.decode("ascii"), port)  # IDNA, as httpcore connects
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         conn = await self._connection(origin, timeouts)
         try:
@@ -252,14 +271,18 @@ class LeanTransport(httpx.AsyncBaseTransport):
                     stream = tls
                     await tls.do_handshake()
             return stream
-        except trio.TooSlowError as e:
+        except BaseException as e:
+            # whatever ends it (the policy's deadline during a stalled handshake included),
+            # the socket is closed here, not left to the garbage collector
             if stream is not None:
                 await trio.aclose_forcefully(stream)
-            raise httpx.ConnectTimeout(f"no connection to {host}:{port} within the timeout") from e
-        except (*_NETWORK_ERRORS, ssl.CertificateError) as e:
-            if stream is not None:
-                await trio.aclose_forcefully(stream)
-            raise httpx.ConnectError(_describe(e)) from e
+            if isinstance(e, trio.TooSlowError):
+                raise httpx.ConnectTimeout(
+                    f"no connection to {host}:{port} within the timeout"
+                ) from e
+            if isinstance(e, (*_NETWORK_ERRORS, ssl.CertificateError)):
+                raise httpx.ConnectError(_describe(e)) from e
+            raise
 
     async def _exchange(
         self, conn: _Connection, request: httpx.Request, timeouts: dict[str, float | None]
@@ -280,21 +303,13 @@ class LeanTransport(httpx.AsyncBaseTransport):
             # a server may answer before reading the whole body (a 413, a 401) and hang up:
             # that answer is the one that matters. If none came, the write error stands.
             try:
-                event = await _next_event(conn, read_s)
+                event = await _answer_head(conn, read_s)
             except httpx.HTTPError:
                 event = None
-            if type(event) is not h11.Response:
+            if event is None:
                 raise
         else:
-            event = await _next_event(conn, read_s)
-        informational = 0
-        while type(event) is h11.InformationalResponse:  # 100 Continue and the like
-            informational += 1
-            if informational > MAX_INFORMATIONAL:  # a server that never gets to the answer
-                raise httpx.RemoteProtocolError(f"over {MAX_INFORMATIONAL} 1xx answers")
-            event = await _next_event(conn, read_s)
-        if type(event) is not h11.Response:  # h11 raises for anything else; never here
-            raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} before an answer")
+            event = await _answer_head(conn, read_s)
         return httpx.Response(
             event.status_code,
             headers=event.headers.raw_items(),
@@ -340,10 +355,13 @@ class LeanTransport(httpx.AsyncBaseTransport):
         closed, if enough already wait)."""
         conn.release()
         idle = self._idle.setdefault(conn.origin, [])
+        now = trio.current_time()
+        while idle and now - idle[0].idle_since >= KEEPALIVE_EXPIRY_S:  # oldest first
+            await trio.aclose_forcefully(idle.pop(0).stream)
         if self._closed or len(idle) >= self._max_keepalive:
             await trio.aclose_forcefully(conn.stream)
             return
-        conn.idle_since = trio.current_time()
+        conn.idle_since = now
         idle.append(conn)
 
     async def aclose(self) -> None:

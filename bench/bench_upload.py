@@ -138,8 +138,7 @@ def per_post(args: argparse.Namespace) -> None:
     try:
         wait_for(lambda: _ok(lambda: fake_count(url) >= 0), timeout=60)
 
-        async def run() -> None:
-            tmp = Path(tempfile.mkdtemp(prefix="ta-bench-upload-"))
+        async def run(tmp: Path) -> None:
             plain = httpx.AsyncClient(base_url=url)
             agents = make_client(url, connect_timeout=5.0, timeout=30.0, max_in_flight=4)
             up = Uploader(
@@ -170,7 +169,8 @@ def per_post(args: argparse.Namespace) -> None:
                         )
 
         t0 = time.perf_counter()
-        trio.run(run)
+        with tempfile.TemporaryDirectory(prefix="ta-bench-upload-") as tmp:  # dead letters
+            trio.run(run, Path(tmp))
         wall = time.perf_counter() - t0
     finally:
         api.terminate()

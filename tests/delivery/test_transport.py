@@ -158,15 +158,24 @@ async def test_an_idle_connection_the_server_closed_is_not_used(nursery) -> None
     """A server that hangs up a keep-alive connection after answering (an idle timeout):
     the next request opens a new connection instead of failing on the dead one."""
 
+    hung_up = trio.Event()
+
     async def handler(peer: Peer) -> None:
         await peer.request()
         await peer.answer(CREATED)  # keep-alive by the headers, then hang up
+        await peer.stream.aclose()
+        hung_up.set()
 
     server = Server(handler)
-    async with lean(await server.start(nursery)) as client:
-        assert await post(client) == (201, b"{}")
-        await trio.sleep(0.05)  # the FIN reaches us
-        assert await post(client) == (201, b"{}")
+    transport = LeanTransport()
+    async with httpx.AsyncClient(base_url=await server.start(nursery), transport=transport) as c:
+        assert await post(c) == (201, b"{}")
+        await hung_up.wait()
+        [idle] = [conn for conns in transport._idle.values() for conn in conns]
+        with trio.fail_after(5):  # (a guard: the FIN is on its way through loopback)
+            while not idle.readable():  # noqa: ASYNC110
+                await trio.sleep(0.001)
+        assert await post(c) == (201, b"{}")
     assert server.connections == 2
 
 
@@ -414,7 +423,6 @@ async def test_bytes_after_an_answer_are_not_the_next_requests_answer(nursery) -
     server = Server(handler)
     async with lean(await server.start(nursery)) as client:
         assert await post(client) == (201, b"{}")
-        await trio.sleep(0.05)
         assert await post(client) == (201, b"{}")
 
 
@@ -429,7 +437,6 @@ async def test_a_body_longer_than_its_length_does_not_break_the_next_request(nur
     server = Server(handler)
     async with lean(await server.start(nursery)) as client:
         assert await post(client) == (201, b"{}")
-        await trio.sleep(0.05)
         assert await post(client) == (201, b"{}")
 
 

@@ -472,15 +472,16 @@ async def _start_sources(
         )
         agent.forward_process = process
         await nursery.start(process.run)
-        for name, sock, label in streams:
-            address = sock.getsockname()
-            agent.listening[name] = label or f"{address[0]}:{address[1]}"
-        return
-    forward = ForwardServer(ingest, ack_gate)
-    for name, sock, label in streams:
-        address = await nursery.start(
-            functools.partial(forward.serve, sock, name=name, security=security_for(config, name))
-        )
+    else:
+        forward = ForwardServer(ingest, ack_gate)
+        for name, sock, _ in streams:
+            await nursery.start(
+                functools.partial(
+                    forward.serve, sock, name=name, security=security_for(config, name)
+                )
+            )
+    for name, sock, label in streams:  # served either way: the address is the socket's
+        address = sock.getsockname()
         agent.listening[name] = label or f"{address[0]}:{address[1]}"
 
 

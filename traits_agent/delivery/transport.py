@@ -23,7 +23,7 @@ What it does:
 - *Timeouts* from the request (`httpx.Timeout`): connect (TCP and TLS handshake), write (each
   send), read (each receive), pool (waiting for a connection slot) — raised as httpx's.
 - *TLS*: `trio.SSLStream` with httpx's default context (certifi, the environment's
-  `SSL_CERT_FILE`/`SSL_CERT_DIR` when `trust_env`), SNI and ALPN `http/1.1`.
+  `SSL_CERT_FILE`/`SSL_CERT_DIR`), SNI and ALPN `http/1.1`.
 - *An early answer*: a server that answers (413, 401...) and hangs up before reading the whole
   body breaks our send; the answer is still read and returned, as httpcore does, because it is
   the one that says what to do.
@@ -196,12 +196,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_keepalive: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
-        trust_env: bool = True,
     ) -> None:
         self._slots = trio.Semaphore(max_connections)
         self._max_keepalive = max_connections if max_keepalive is None else max_keepalive
         self._ssl_context = ssl_context
-        self._trust_env = trust_env
         self._idle: dict[tuple[bytes, str, int], list[_Connection]] = {}
         self._closed = False
 
@@ -209,7 +207,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         """httpx's default verification (made at the first HTTPS connection: loading the CA
         bundle costs ~50 ms an http-only agent need not pay)."""
         if self._ssl_context is None:
-            context = httpx.create_ssl_context(trust_env=self._trust_env)
+            context = httpx.create_ssl_context()
             context.set_alpn_protocols(["http/1.1"])
             self._ssl_context = context
         return self._ssl_context

@@ -217,6 +217,13 @@ DEFAULT_LIMITS = ForwardLimits()
 # --------------------------------------------------------------------------- binding
 
 
+def ensure_listening(sock: socket.socket) -> None:
+    """`listen` on a bound stream socket that does not yet (ours and systemd's listen
+    already: this keeps a socket's own backlog, systemd's `Backlog=` included)."""
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.listen(BACKLOG)
+
+
 def bind_forward_unix(path: Path | str, mode: int, *, backlog: int = BACKLOG) -> socket.socket:
     """A listening Unix stream socket at `path` with permissions `mode` (stale socket files
     replaced, live ones and non-sockets refused: see `unixsock.bind_unix`)."""
@@ -538,8 +545,7 @@ class ForwardServer:
         in the last `evict_quiet_s`, the newcomer is (`too_many_connections`). With
         `security`, every connection must pass the shared-key handshake first.
         """
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            sock.listen(BACKLOG)  # one that systemd passed listens already, with its Backlog=
+        ensure_listening(sock)
         address = sock.getsockname()
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         conns = self.listeners.setdefault(name, {})

@@ -38,6 +38,7 @@ import structlog
 import trio
 
 from traits_agent.intake.durability import AckGate, Mark
+from traits_agent.intake.forward import ensure_listening
 from traits_agent.intake.forward_worker import DURABLE, HELLO, READY, STOP, STORE
 from traits_agent.intake.handshake import Security
 from traits_agent.intake.ingest import Ingest
@@ -183,8 +184,7 @@ class ForwardProcess:
         serves it (a few hundred ms of Python start-up the agent's READY=1 need not wait
         for: a recovered backlog is already being delivered)."""
         for one in self.listeners:
-            if not one.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                one.sock.listen(1024)
+            ensure_listening(one.sock)
         task_status.started()
         if self.lazy:
             await self._first_connection()

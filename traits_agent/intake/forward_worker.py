@@ -115,14 +115,7 @@ class LinkIngest(Ingest):
         self._events = 0
         self._bytes = 0
 
-    def _append_held(
-        self,
-        held: dict[str, tuple[Resource, list[bytes]]],
-        events: int,
-        crcs: dict[str, bytes] | None = None,
-        *,
-        lines: bool = False,
-    ) -> set[str]:
+    def _append_held(self, held: dict[str, tuple[Resource, list[bytes]]], events: int) -> set[str]:
         """Hold the payloads for the message being filled, sending it each time it reaches
         `MESSAGE_BYTES`: one call may bring a slice of 4096 events of up to 1 MiB each (a
         single Forward message of tens of MB of JSON), and one link message must stay under

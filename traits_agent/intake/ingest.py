@@ -177,7 +177,7 @@ class Ingest:
         received; the names of the queues that took any (buffered: `flush` after). The
         payloads were split off the b"\n"-joined run the process sent (`lines`)."""
         held = {resource.name: (resource, payloads) for resource, payloads, _ in runs}
-        return self._append_held(held, events, {r.name: crcs for r, _, crcs in runs}, lines=True)
+        return self._append(held, events, {r.name: crcs for r, _, crcs in runs}, lines=True)
 
     @staticmethod
     def _hold(
@@ -189,17 +189,22 @@ class Ingest:
         else:
             run[1].extend(payloads)
 
-    def _append_held(
+    def _append_held(self, held: dict[str, tuple[Resource, list[bytes]]], events: int) -> set[str]:
+        """Append each resource's run of validated payloads to its queue; count; the names
+        of the queues that took at least one. (The Forward intake process's `LinkIngest`
+        sends them to the agent instead.)"""
+        return self._append(held, events, None, lines=False)
+
+    def _append(
         self,
         held: dict[str, tuple[Resource, list[bytes]]],
         events: int,
-        crcs: dict[str, bytes] | None = None,
+        crcs: dict[str, bytes] | None,
         *,
-        lines: bool = False,
+        lines: bool,
     ) -> set[str]:
-        """Append each resource's run to its queue (with its record CRCs, when `crcs` has
-        them; `lines` as `DiskQueue.append_many` takes it); count; the names of the queues
-        that took at least one."""
+        """`_append_held`, with each run's record CRCs when `crcs` has them and `lines` as
+        `DiskQueue.append_many` takes it (`store_runs`)."""
         self.counters.inc("received_events", events)
         touched = set()
         for name, (_, payloads) in held.items():

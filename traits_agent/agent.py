@@ -212,7 +212,7 @@ async def run(
             if fake_api:
                 from traits_agent.fakeapi import FakeAPI
 
-                api = FakeAPI(api_key=api_key)
+                api = FakeAPI(api_key=api_key, compact=True)
                 await root.start(api.serve)
                 assert api.url is not None  # set once serving
                 base_url = api.url

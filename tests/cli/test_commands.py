@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 import trio
@@ -14,6 +15,7 @@ import trio
 from tests.cli.cli_helpers import cli, start_agent
 from tests.e2e.harness import write_config
 from traits_agent.cli import COMMANDS, build_parser
+from traits_agent.client import Client
 from traits_agent.delivery.deadletter import DeadLetters
 
 
@@ -140,6 +142,36 @@ async def test_doctor_during_run_fake_api_checks_what_the_agent_uses(workdir):
     assert checks["api key"]["ok"] is True, checks["api key"]
     assert checks["endpoint"]["ok"] is True, checks["endpoint"]
     assert checks["agent"]["ok"] is True
+    assert await agent.terminate() == 0
+
+
+async def test_run_fake_api_shows_what_it_received(workdir):
+    """`run --fake-api` keeps accepted batches as their bodies (`FakeAPI(compact=True)`):
+    `/_fake/received` still shows each item as sent (timestamp filled), counts them, and
+    `/_fake/reset` empties it."""
+    agent = await start_agent(workdir, "sandbox", args=("--fake-api",))
+    url = agent.status()["endpoint"]
+    client = Client(unix=agent.unix_socket)
+    for i in range(3):
+        assert client.level_up(user_id=f"u{i}", level=i + 1)
+    assert client.emit("playfab", {"EventName": "player_logged_in", "EventId": "ab" * 16})
+
+    def received(query: str = "", method: str = "GET", path: str = "received") -> dict:
+        request = urllib.request.Request(f"{url}/_fake/{path}{query}", method=method)
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.loads(r.read())
+
+    with trio.fail_after(30):
+        while received("?items=0")["total"] < 4:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    state = received()
+    assert state["counts"]["level_ups"] == 3 and state["counts"]["playfab"] == 1
+    items = state["items"]["level_ups"]
+    assert [(i["user_id"], i["level"]) for i in items] == [("u0", 1), ("u1", 2), ("u2", 3)]
+    assert all(len(i["timestamp"]) == 19 for i in items)
+    assert state["items"]["playfab"][0]["EventName"] == "player_logged_in"
+    received(method="POST", path="reset")
+    assert received()["total"] == 0 and received()["items"]["level_ups"] == []
     assert await agent.terminate() == 0
 
 

@@ -14,7 +14,8 @@ import pytest
 
 from tests.generated_events import records
 from tests.reference_examples import EXAMPLES
-from traits_agent.fakeapi.fastcheck import batch_is_valid, decode_body
+from traits_agent.fakeapi.fastcheck import batch_is_valid, decode_body, valid_batch_size
+from traits_agent.fakeapi.faults import Fault
 from traits_agent.fakeapi.server import FakeAPI
 from traits_agent.httpserver import Request
 from traits_agent.schema import JSON_RESOURCES, RESOURCES, check_api_item
@@ -36,7 +37,7 @@ def _same(a: Any, b: Any) -> bool:
 def _bodies(seed: int, count: int) -> list[tuple[str, bytes]]:
     """(resource, body) of 1 to 5 generated items each, those json.dumps can write."""
     rng = random.Random(seed)
-    gen = records(seed, count * 3)
+    gen = records(seed, count * 5)
     out = []
     for _ in range(count):
         name = rng.choice(sorted(JSON_RESOURCES))
@@ -100,10 +101,109 @@ def test_batch_is_valid_only_when_check_api_item_finds_nothing() -> None:
     assert valid > 300 and maybe > 3000 and valid > 0.6 * all_good, (valid, maybe, all_good)
 
 
+def test_valid_batch_size_only_when_json_loads_and_check_api_item_accept() -> None:
+    """On whole bodies, those decode_body refuses included: a count means json.loads reads
+    that many items under the payload key, 1 to max_items of them, and none has an error."""
+    valid = maybe = all_good = 0
+    for name, body in _bodies(seed=13, count=8000):
+        resource = RESOURCES[name]
+        items = json.loads(body)[resource.payload_key]
+        errors = [check_api_item(resource, item) for item in items]
+        good = errors == [{}] * len(items)
+        all_good += good
+        size = valid_batch_size(resource, body, 1000)
+        if size:
+            valid += 1
+            assert good and size == len(items), (name, items, errors)
+            assert valid_batch_size(resource, body, len(items) - 1) == 0  # over max_items
+        else:
+            maybe += 1
+    assert valid > 300 and maybe > 3000 and valid > 0.6 * all_good, (valid, maybe, all_good)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"level_ups":[{"user_id":"u","level":"x","level":3}]}',  # last wins: valid
+        b'{"level_ups":[{"user_id":"u","level":3,"level":"x"}]}',  # last wins: invalid
+        b'{"level_ups":[{"user_id":"u","level":3}],"level_ups":"x"}',
+        b'{"level_ups":"x","level_ups":[{"user_id":"u","level":3}]}',
+        b'{"level_ups":[]}',
+        b'{"level_ups":[{"user_id":"u","level":3}],"other":NaN}',
+        b'{"level_ups":[{"user_id":"u","level":3}]} []',
+        b'[{"user_id":"u","level":3}]',
+        b'{"level_ups":[{"user_id":"u","level":3,"timestamp":"2019-02-29 00:00:00"}]}',
+        b'{"level_ups":[{"user_id":"u","level":3,"timestamp":"2019-02-28 00:00:00"}]}',
+    ],
+)
+def test_a_compact_fake_api_answers_as_the_plain_one(body: bytes) -> None:
+    """Edge bodies (duplicate keys, lenient JSON, an impossible date): the compact fake API,
+    which checks a body without decoding it to dicts first, answers and keeps the same."""
+    plain, compact = FakeAPI(), FakeAPI(compact=True)
+    answers = [_post_body(api, "/v1/level-ups", body) for api in (plain, compact)]
+    assert answers[0].status == answers[1].status
+    assert answers[0].body == answers[1].body
+    assert _same(compact.received_items(), plain.received)
+    assert compact.total_items() == plain.total_items()
+
+
+def test_a_compact_fake_api_keeps_what_the_plain_one_keeps() -> None:
+    """Generated batches, some with a 1001st item, and a reject fault on the way: the same
+    answers, and the same items read back (`/_fake/received` reads `received_items`)."""
+    plain, compact = FakeAPI(), FakeAPI(compact=True)
+    statuses = set()
+    for i, (name, body) in enumerate(_bodies(seed=17, count=600)):
+        resource = RESOURCES[name]
+        if i % 50 == 7:  # over max_items
+            items = json.loads(body)[resource.payload_key]
+            body = json.dumps({resource.payload_key: items * (1001 // len(items) + 1)}).encode()
+        path = "/v1/" + resource.path.removeprefix("/v1/")
+        if i == 300:
+            for api in (plain, compact):
+                api.inject(Fault(status=503, times=2))
+        answers = [_post_body(api, path, body) for api in (plain, compact)]
+        assert (answers[0].status, answers[0].body) == (answers[1].status, answers[1].body)
+        statuses.add(answers[0].status)
+    assert statuses == {201, 400, 503}
+    assert compact.received == {name: [] for name in plain.received}  # bodies, not dicts
+    assert _same(compact.received_items(), plain.received)
+    assert compact.total_items() == plain.total_items() > 40
+    assert compact.count("actions") == len(plain.received["actions"])
+
+
+def test_a_compact_fake_api_keeps_the_most_recent_bodies_and_counts_all() -> None:
+    """Past `keep_bytes` the oldest bodies go (never the last one), across resources: the
+    counts still cover everything, `dropped` says how many items are no longer listed."""
+
+    def body(key: str, first: int, n: int) -> bytes:
+        items = [{"user_id": f"u{i}", "level": 1} for i in range(first, first + n)]
+        return json.dumps({key: items}).encode()
+
+    sizes = [len(body("level_ups", 0, 10)), len(body("level_ups", 10, 10))]
+    api = FakeAPI(compact=True, keep_bytes=sum(sizes) + 10)
+    for i in range(4):
+        assert _post_body(api, "/v1/level-ups", body("level_ups", 10 * i, 10)).status == 201
+    assert api.count("level_ups") == api.total_items() == 40
+    assert api.dropped["level_ups"] == 20
+    kept = [item["user_id"] for item in api.received_items()["level_ups"]]
+    assert kept == [f"u{i}" for i in range(20, 40)]
+    big = json.dumps({"users": [EXAMPLES["logins"]] * 1000}).encode()
+    assert len(big) > api.keep_bytes
+    assert _post_body(api, "/v1/logins", big).status == 201
+    items = api.received_items()
+    assert len(items["logins"]) == 1000 and items["level_ups"] == []  # the last one stays
+    assert api.dropped == {**dict.fromkeys(api.received, 0), "level_ups": 40}
+    api.reset()
+    assert api.total_items() == 0 and api.received_items()["logins"] == []
+    assert api.dropped["level_ups"] == 0
+
+
 @pytest.mark.parametrize("name", sorted(JSON_RESOURCES))
 def test_reference_examples_are_accepted_by_the_fast_path(name: str) -> None:
     items = json.loads(json.dumps([EXAMPLES[name]] * 3))
     assert batch_is_valid(RESOURCES[name], items)
+    body = json.dumps({RESOURCES[name].payload_key: items}).encode()
+    assert valid_batch_size(RESOURCES[name], body, 1000) == 3
 
 
 @pytest.mark.parametrize(
@@ -147,11 +247,13 @@ def test_an_accepted_batch_is_received_as_json_loads_reads_it() -> None:
 
 
 def _post(api: FakeAPI, path: str, doc: Any) -> Any:
+    return _post_body(api, path, json.dumps(doc).encode())
+
+
+def _post_body(api: FakeAPI, path: str, body: bytes) -> Any:
     import trio
 
-    request = Request(
-        "POST", path, {}, {"authorization": f"Bearer {api.api_key}"}, json.dumps(doc).encode()
-    )
+    request = Request("POST", path, {}, {"authorization": f"Bearer {api.api_key}"}, body)
 
     async def main() -> Any:
         return await api.handle(request)

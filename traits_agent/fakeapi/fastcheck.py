@@ -13,13 +13,15 @@ code, which alone produces every error and every lenient decision. So it must be
   BOM, UTF-16/32) is an error here, and the caller then uses ``json.loads``.
   tests/fakeapi/test_fakeapi_fastcheck.py holds the two to that.
 * `batch_is_valid`: ``msgspec.convert`` of the items into a strict struct per resource, built
-  from the same field table: a string field takes a ``str`` of at most 2048 characters (so at
-  most 8192 UTF-8 bytes; msgspec never produces lone surrogates), non-empty when required; an
-  int field an int in the signed 64-bit range (never a bool or a float); a float field a
-  finite float or an int that fits one; choices a ``Literal``; a country two ASCII letters;
-  ``action_params`` a list of objects with string ``key`` and ``value``. Unknown fields are
-  ignored, as ``check_api_item`` ignores them. Dates and times are typed ``str`` and then
-  checked by the field's own validator, once per distinct value in the batch.
+  from the same field table (`valid_batch_size` decodes a whole body straight into the same
+  structs, for a fake API that keeps bodies rather than items): a string field takes a
+  ``str`` of at most 2048 characters (so at most 8192 UTF-8 bytes; msgspec never produces
+  lone surrogates), non-empty when required; an int field an int in the signed 64-bit range
+  (never a bool or a float); a float field a finite float or an int that fits one; choices a
+  ``Literal``; a country two ASCII letters; ``action_params`` a list of objects with string
+  ``key`` and ``value``. Unknown fields are ignored, as ``check_api_item`` ignores them.
+  Dates and times are typed ``str`` and then checked by the field's own validator, once per
+  distinct value in the batch.
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ def _strict_type(f: Field) -> Any:
 
 
 class _Strict:
-    """A resource's strict item struct (as a list type) and its date and time fields."""
+    """A resource's strict item struct (as a list type), a decoder of whole bodies
+    (``{"<payload key>": [items]}``, other keys ignored as `server._parse_batch` ignores them)
+    and its date and time fields."""
 
     def __init__(self, resource: Resource) -> None:
         fields: list[Any] = [
@@ -92,9 +96,27 @@ class _Strict:
         ]
         struct = msgspec.defstruct(f"{resource.name}_api_item", fields, kw_only=True, gc=False)
         self.items_type: Any = list[struct]  # type: ignore[valid-type]
+        key = resource.payload_key
+        assert key is not None  # JSON resources have one
+        batch = msgspec.defstruct(f"{resource.name}_api_batch", [(key, self.items_type)])
+        self.decode_body = msgspec.json.Decoder(batch).decode
+        self.items_of = attrgetter(key)
         self.post = tuple(
             (f, attrgetter(f.name)) for f in resource.fields if f.type in (TIMESTAMP, DATE)
         )
+
+    def dates_valid(self, structs: list[Any]) -> bool:
+        """The date and time fields, checked by their own validator once per distinct value."""
+        no_strip: list[str] = []
+        for f, get in self.post:
+            for value in set(map(get, structs)):
+                if value is None:
+                    continue
+                try:
+                    f.validate(value, True, no_strip)
+                except Rejected:
+                    return False
+        return True
 
 
 _STRICT = {name: _Strict(r) for name, r in JSON_RESOURCES.items()}
@@ -110,13 +132,24 @@ def batch_is_valid(resource: Resource, items: list[Any]) -> bool:
         structs = msgspec.convert(items, strict.items_type)
     except msgspec.ValidationError:
         return False
-    no_strip: list[str] = []
-    for f, get in strict.post:
-        for value in set(map(get, structs)):  # one check per distinct value
-            if value is None:
-                continue
-            try:
-                f.validate(value, True, no_strip)
-            except Rejected:
-                return False
-    return True
+    return strict.dates_valid(structs)
+
+
+def valid_batch_size(resource: Resource, body: bytes, max_items: int) -> int:
+    """The number of items of ``body`` if it is a batch the fake API accepts as it stands:
+    ``json.loads`` reads it as ``{"<payload key>": [1 to max_items items]}`` and
+    ``check_api_item`` finds nothing wrong with any item. 0 means "maybe not": ask them.
+
+    Decoding straight into the strict structs builds no dict: 0.55-0.67 µs per item here,
+    against 1.0-1.2 for `decode_body` and `batch_is_valid`. Where a key occurs twice msgspec
+    checks both values and keeps the last, as ``json.loads`` keeps it."""
+    strict = _STRICT.get(resource.name)
+    if strict is None:
+        return 0
+    try:
+        structs = strict.items_of(strict.decode_body(body))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return 0
+    if not 0 < len(structs) <= max_items or not strict.dates_valid(structs):
+        return 0
+    return len(structs)

@@ -14,7 +14,7 @@ Per request, in this order (the real API does not document its order; this one i
    The errors name fields, never item positions, and nothing of a rejected batch is kept.
 6. Injected ``reject_field`` faults (a batch holding the marked item → 400 naming the field).
 7. Accept: 201 ``{"code":201,"message":"N <noun> have been successfully ingested","data":null}``
-   and the items are appended to :attr:`FakeAPI.received`.
+   and the items are appended to :attr:`FakeAPI.received` (or, ``compact``, the body is kept).
 
 Every API request (not admin) is appended to :attr:`FakeAPI.requests`, faulted ones too; the
 API key is never stored or logged (Authorization is kept as ``<redacted>``). Items of a faulted
@@ -34,9 +34,9 @@ Decisions where the reference is silent:
 
 from __future__ import annotations
 
-import gc
 import json
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -46,7 +46,7 @@ import msgspec
 import structlog
 import trio
 
-from traits_agent.fakeapi.fastcheck import batch_is_valid, decode_body
+from traits_agent.fakeapi.fastcheck import batch_is_valid, decode_body, valid_batch_size
 from traits_agent.fakeapi.faults import Fault
 from traits_agent.fakeapi.multipart import parse_form_data
 from traits_agent.httpserver import DropConnection, Request, Response, json_response, serve_http
@@ -59,8 +59,8 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_API_KEY = "test-key"
 DEFAULT_MAX_ITEMS = 1000
-FREEZE_FIRST = 50_000
-"""Items accepted before the first `FakeAPI._freeze` (then at each doubling)."""
+KEEP_BYTES = 64 * 1024 * 1024
+"""``compact``: the accepted bodies kept for ``/_fake/received`` (the most recent ones)."""
 PLAYFAB_PATH = "/v1/playfab"
 PLAYFAB_NAME = "playfab"
 CSV_PATHS = {"/v1/kpis/csv": "kpis", "/v1/survey-data/csv": "survey-data"}
@@ -132,6 +132,17 @@ class FakeAPI:
     State is plain attributes, for tests to read directly: :attr:`received` (canonical resource
     name → accepted items in arrival order), :attr:`requests`, :attr:`csv_uploads`,
     :attr:`faults`.
+
+    ``compact``: keep each accepted batch as its request body and decode it only when
+    ``/_fake/received`` asks; :attr:`received` then stays empty (`received_items` reads
+    both). For a fake API read over HTTP only (``fake-api``, ``run --fake-api``): items as
+    dicts took ~1 KB each, all of it walked again by the cyclic GC (a million received
+    items made decoding a batch 3x slower, and in ``run --fake-api`` that was the agent's
+    own process); a body is ~160 bytes per item that the GC never walks. A valid batch is
+    then checked without building its dicts (`fastcheck.valid_batch_size`). Only the most
+    recent ``keep_bytes`` of bodies are kept (at least the last one): a ``run --fake-api``
+    left running for days must not grow without end. Counts cover every accepted item;
+    `dropped` says how many are no longer listed.
     """
 
     def __init__(
@@ -139,17 +150,21 @@ class FakeAPI:
         api_key: str = DEFAULT_API_KEY,
         *,
         max_items: int = DEFAULT_MAX_ITEMS,
-        freeze_received: bool = False,
+        compact: bool = False,
+        keep_bytes: int = KEEP_BYTES,
     ):
         if not api_key:
             raise ValueError("api_key must not be empty")
         self.api_key = api_key
         self.max_items = max_items
-        #: a process of its own (`run_fake_api`): keep the cyclic GC off the received items
-        #: (see `_freeze_received`); never in a test's process, whose GC it would change
-        self._freeze_received = freeze_received
-        self._freeze_at = FREEZE_FIRST
-        self._accepted = 0
+        self.compact = compact
+        self.keep_bytes = keep_bytes
+        #: compact: the kept bodies in arrival order, as (resource, body, items), their bytes,
+        #: and per resource the items accepted and the items no longer kept
+        self._kept: deque[tuple[str, bytes, int]] = deque()
+        self._kept_bytes = 0
+        self._counts: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
         self.url: str | None = None
         self._batch_routes: dict[str, Resource] = {}
         self._playfab_resource: Resource | None = None
@@ -173,13 +188,32 @@ class FakeAPI:
         names = [r.name for r in self._batch_routes.values()] + [self._playfab_name]
         for name in names:  # in place: a test may hold a reference to a list
             self.received.setdefault(name, []).clear()
+            self._counts[name] = self.dropped[name] = 0
+        self._kept.clear()
+        self._kept_bytes = 0
         self.requests.clear()
         self.csv_uploads.clear()
         self.faults.clear()
 
     def total_items(self) -> int:
         """Items accepted so far, all resources together."""
-        return sum(len(items) for items in self.received.values())
+        return sum(self.count(name) for name in self.received)
+
+    def count(self, resource: str) -> int:
+        """Items of ``resource`` accepted so far."""
+        if self.compact:
+            return self._counts.get(resource, 0)
+        return len(self.received.get(resource, ()))
+
+    def received_items(self) -> dict[str, list[Any]]:
+        """Resource name → accepted items, as :attr:`received` holds them (decoded from the
+        kept bodies when ``compact``, as ``json.loads`` reads them)."""
+        if not self.compact:
+            return self.received
+        out: dict[str, list[Any]] = {name: [] for name in self.received}
+        for name, body, _ in self._kept:
+            out[name] += _items_of(name, body)
+        return out
 
     def inject(self, fault: Fault) -> Fault:
         """Add a fault (after the ones already there) and return it."""
@@ -199,7 +233,7 @@ class FakeAPI:
         """Return once ``count`` items were accepted (of ``resource``, or in total)."""
 
         def enough() -> bool:
-            got = len(self.received.get(resource, ())) if resource else self.total_items()
+            got = self.count(resource) if resource else self.total_items()
             return got >= count
 
         await self.wait_until(enough)
@@ -240,16 +274,20 @@ class FakeAPI:
         items: list[Any] | None = None
         error: dict[str, str] | None = None
         decoded_by_msgspec = False
+        valid = 0  # compact: the items of a batch `valid_batch_size` found valid undecoded
         if resource is not None:
             ctx.resource = resource.name
             assert resource.payload_key is not None  # only playfab has none, and it is not here
-            items, error, decoded_by_msgspec = _parse_batch(request.body, resource.payload_key)
+            if self.compact and not self.faults:  # a fault's match needs the items
+                valid = valid_batch_size(resource, request.body, self.max_items)
+            if not valid:
+                items, error, decoded_by_msgspec = _parse_batch(request.body, resource.payload_key)
         elif is_playfab:
             resource = self._playfab_resource
             ctx.resource = self._playfab_name
             items, error = _parse_playfab(request.body)
             ctx.shape = "array" if request.body.lstrip().startswith(b"[") else "object"
-        ctx.item_count = len(items) if items is not None else 0
+        ctx.item_count = valid or (len(items) if items is not None else 0)
 
         fault = self._take_fault(request.path, items, reject=False)
         if fault is not None:
@@ -276,6 +314,8 @@ class FakeAPI:
 
         if csv_kind is not None:
             return self._accept_csv(ctx, csv_kind)
+        if valid:
+            return self._accept(ctx, resource, [])
         if error is None:
             assert items is not None
             error = self._check_items(resource, items, fast=decoded_by_msgspec)
@@ -287,30 +327,28 @@ class FakeAPI:
         if fault is not None:
             ctx.fault = fault.describe()
             return self._answer(ctx, 400, fault.error_body())
+        return self._accept(ctx, resource, items)
 
+    def _accept(self, ctx: _Ctx, resource: Resource | None, items: list[Any]) -> Response:
+        """Keep an accepted batch of ``ctx.item_count`` items and answer 201: ``compact``, its
+        body (``items`` may then be left undecoded, empty), else ``items``."""
         name = ctx.resource
         assert name is not None
-        self.received.setdefault(name, []).extend(items)
-        if self._freeze_received:
-            self._accepted += len(items)
-            if self._accepted >= self._freeze_at:
-                self._freeze()
+        if self.compact:
+            self._counts[name] += ctx.item_count
+            self._kept.append((name, ctx.request.body, ctx.item_count))
+            self._kept_bytes += len(ctx.request.body)
+            while self._kept_bytes > self.keep_bytes and len(self._kept) > 1:
+                old, body, count = self._kept.popleft()
+                self._kept_bytes -= len(body)
+                self.dropped[old] += count
+        else:
+            self.received.setdefault(name, []).extend(items)
         noun = resource.noun if resource is not None else "events"
-        message = f"{len(items)} {noun} have been successfully ingested"
+        message = f"{ctx.item_count} {noun} have been successfully ingested"
         if ctx.shape is not None:  # say which PlayFab shape it got (the real API may differ)
             message += " (one event object)" if ctx.shape == "object" else " (a JSON array)"
         return self._answer(ctx, 201, {"code": 201, "message": message, "data": None})
-
-    def _freeze(self) -> None:
-        """Move every object alive now, the received items above all, out of reach of the
-        cyclic GC. A million received items are millions of tracked dicts and lists that
-        every full collection walked again: half the fake API's CPU in an end-to-end bench.
-        Garbage is collected first, so nothing is leaked by the freeze; the items are
-        acyclic and still freed by reference counting (`reset`). Geometric steps: each
-        object is walked a bounded number of times."""
-        gc.collect()
-        gc.freeze()
-        self._freeze_at = 2 * self._accepted
 
     def _check_items(
         self, resource: Resource | None, items: list[Any], *, fast: bool = False
@@ -435,14 +473,16 @@ class FakeAPI:
         return action(request)
 
     def _admin_received(self, request: Request) -> Response:
-        """Counts, items and CSV uploads; ``?items=0`` leaves out the items and CSV text."""
+        """Counts, items and CSV uploads; ``?items=0`` leaves out the items and CSV text.
+        ``dropped``: items counted but no longer listed (``compact`` keeps ``keep_bytes``)."""
         full = request.query.get("items") != "0"
         state: dict[str, Any] = {
             "total": self.total_items(),
-            "counts": {name: len(items) for name, items in self.received.items()},
+            "counts": {name: self.count(name) for name in self.received},
+            "dropped": self.dropped,
         }
         if full:
-            state["items"] = self.received
+            state["items"] = self.received_items()
         state["csv_uploads"] = [
             {
                 "kind": u.kind,
@@ -508,6 +548,15 @@ def _parse_batch(body: bytes, key: str) -> tuple[list[Any] | None, dict[str, str
     return items, None, by_msgspec
 
 
+def _items_of(name: str, body: bytes) -> list[Any]:
+    """The items of an accepted body of resource ``name`` (``compact``), read again as they
+    were read when it was accepted."""
+    key = RESOURCES[name].payload_key
+    items = _parse_batch(body, key)[0] if key else _parse_playfab(body)[0]
+    assert items is not None  # it was accepted
+    return items
+
+
 def _parse_playfab(body: bytes) -> tuple[list[Any] | None, dict[str, str] | None]:
     """One PlayStream event object, or a JSON array of them."""
     try:
@@ -535,7 +584,7 @@ async def run_fake_api(
     Logs one ``fake_api_listening url=...`` line once bound and reports the URL through
     ``task_status``. Raises ``OSError`` if the address cannot be bound.
     """
-    api = FakeAPI(api_key, freeze_received=True)
+    api = FakeAPI(api_key, compact=True)
     async with trio.open_nursery() as nursery:
         url = await nursery.start(api.serve, host, port)
         log.info("fake_api_listening", url=url, admin=f"{url}/_fake/received")

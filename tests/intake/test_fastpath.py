@@ -125,6 +125,41 @@ def test_several_entries_in_one_datagram() -> None:
     assert FastPath().payloads(data * 6, NOW) is None  # more than MAX_ENTRIES
 
 
+def test_a_forward_datagram_gets_each_events_own_timestamp() -> None:
+    """Events of one Forward datagram in different seconds, in every time form, each get
+    the timestamp the general path fills in; one bad time anywhere hands the whole datagram
+    over (the records are encoded together, `schema.encode_fast_many`)."""
+    record = {"user_id": "u", "level": 2}
+    times = [
+        event_time(1700000000, 5),
+        1700000001,
+        1700000002.75,
+        None,
+        event_time(1700000000, 999_000_000),
+        event_time(1700003600, 0),
+    ]
+    data = msgpack.packb(["level_ups", [[t, record] for t in times]], use_bin_type=True)
+    got = FastPath().payloads(data, NOW)
+    assert got is not None
+    stamps = [json.loads(p)["timestamp"] for p in got[0][1]]
+    assert stamps == [o[2]["timestamp"] for o in general(data)[1]]
+    assert stamps == [
+        "2023-11-14 22:13:20",
+        "2023-11-14 22:13:21",
+        "2023-11-14 22:13:22",
+        "2023-11-14 22:13:20",  # NOW
+        "2023-11-14 22:13:20",
+        "2023-11-14 23:13:20",
+    ]
+    bad = msgpack.packb(
+        ["level_ups", [[1, record], [event_time(1, 1_000_000_000), record], [2, record]]]
+    )
+    assert FastPath().payloads(bad, NOW) is None
+    stamped = {**record, "timestamp": "2019-02-29 00:00:00"}  # the third of three: refused
+    late = msgpack.packb(["level_ups", [[1, record], [2, record], [3, stamped]]])
+    assert FastPath().payloads(late, NOW) is None
+
+
 @pytest.mark.parametrize(
     "data",
     [

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
-from fakeapi_examples import batch
+from fakeapi_examples import API_KEY, batch
+
+from traits_agent.fakeapi import FakeAPI
 
 
 async def test_received_lists_counts_and_items(api):
@@ -82,3 +86,32 @@ async def test_admin_unknown_path_and_method(api, client):
     assert response.status_code == 405
     assert response.headers["allow"] == "POST"
     assert api.requests == []
+
+
+async def test_a_compact_fake_api_bounds_what_it_keeps(nursery, monkeypatch):
+    """`compact` (fake-api, run --fake-api): batches and CSV uploads past `keep_bytes` and
+    requests past KEEP_REQUESTS are let go, oldest first, and said so; /_fake/received
+    (decoded in a thread there) lists what is kept, and counts everything."""
+    from traits_agent.fakeapi import server
+
+    monkeypatch.setattr(server, "KEEP_REQUESTS", 5)
+    path, body = batch("actions", 3)
+    size = len(json.dumps(body).encode())
+    api = FakeAPI(API_KEY, compact=True, keep_bytes=2 * size + 10)
+    await nursery.start(api.serve)
+    auth = {"Authorization": f"Bearer {api.api_key}"}
+    async with httpx.AsyncClient(base_url=api.url, headers=auth) as http:
+        for _ in range(4):
+            response = await http.post(path, content=json.dumps(body).encode())
+            assert response.status_code == 201
+        for i in range(3):
+            files = {"file": (f"{i}.csv", b"x" * size)}
+            assert (await http.post("/v1/kpis/csv", files=files)).status_code == 201
+        state = (await http.get("/_fake/received")).json()
+        requests = (await http.get("/_fake/requests")).json()["requests"]
+    assert state["total"] == state["counts"]["actions"] == 12
+    assert state["dropped"]["actions"] == 6
+    assert state["items"]["actions"] == body["actions"] * 2
+    assert [u["filename"] for u in state["csv_uploads"]] == ["1.csv", "2.csv"]
+    assert state["csv_dropped"] == 1
+    assert len(requests) == 5 and requests[-1]["path"] == "/v1/kpis/csv"

@@ -19,7 +19,7 @@ code, which alone produces every error and every lenient decision. So it must be
   lone surrogates), non-empty when required; an int field an int in the signed 64-bit range
   (never a bool or a float); a float field a finite float or an int that fits one; choices a
   ``Literal``; a country two ASCII letters; ``action_params`` a list of objects with string
-  ``key`` and ``value``. Unknown fields are ignored, as ``check_api_item`` ignores them.
+  ``key`` and ``value``. Unknown fields, which ``check_api_item`` ignores, go to the slow path.
   Dates and times are typed ``str`` and then checked by the field's own validator, once per
   distinct value in the batch.
 """
@@ -62,17 +62,21 @@ def _str(min_length: int = 0) -> Any:
     return Annotated[str, Meta(min_length=min_length, max_length=_STR_CHARS)]
 
 
-class _Param(msgspec.Struct, gc=False):
+def _param(forbid: bool) -> Any:
     """One ``action_params`` entry, strictly: string ``key`` and ``value``; other keys are
-    ignored (``check_api_item`` ignores them too)."""
+    ignored (``check_api_item`` ignores them too), or with `forbid` refused (see `_Strict`)."""
+    name = "api_param_closed" if forbid else "api_param"
+    fields = [("key", _str()), ("value", _str())]
+    return msgspec.defstruct(name, fields, gc=False, forbid_unknown_fields=forbid)
 
-    key: _str()  # type: ignore[valid-type]
-    value: _str()  # type: ignore[valid-type]
+
+_PARAM, _PARAM_CLOSED = _param(False), _param(True)
 
 
-def _strict_type(f: Field) -> Any:
+def _strict_type(f: Field, forbid: bool) -> Any:
     if f.type == PARAMS:
-        return list[_Param]
+        param = _PARAM_CLOSED if forbid else _PARAM
+        return list[param]  # type: ignore[valid-type]
     if f.type == INT:
         return Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
     if f.type == FLOAT:
@@ -84,21 +88,37 @@ def _strict_type(f: Field) -> Any:
     return _str(1 if f.required else 0)  # a required "" is "is required"
 
 
+def _items_type(resource: Resource, forbid: bool) -> Any:
+    fields: list[Any] = [
+        (f.name, _strict_type(f, forbid))
+        if f.required
+        else (f.name, _strict_type(f, forbid) | None, None)
+        for f in resource.fields
+    ]
+    name = f"{resource.name}_api_item{'_closed' if forbid else ''}"
+    struct = msgspec.defstruct(name, fields, kw_only=True, gc=False, forbid_unknown_fields=forbid)
+    return list[struct]  # type: ignore[valid-type]
+
+
 class _Strict:
-    """A resource's strict item struct (as a list type), a decoder of whole bodies
-    (``{"<payload key>": [items]}``, other keys ignored as `server._parse_batch` ignores them)
-    and its date and time fields."""
+    """A resource's strict item structs (as list types), a decoder of whole bodies
+    (``{"<payload key>": [items]}``) and its date and time fields.
+
+    Two sets of structs: `items_type` ignores unknown keys, as ``check_api_item`` does, for
+    items the JSON decoder has already read whole (`batch_is_valid`); `decode_body`'s refuse
+    them at every level (the slow path then decides), because a typed msgspec decoder skips
+    an unknown key's value without reading it: invalid UTF-8 or an integer ``json.loads``
+    refuses (over 4300 digits) would pass there. The agent never sends unknown fields."""
 
     def __init__(self, resource: Resource) -> None:
-        fields: list[Any] = [
-            (f.name, _strict_type(f)) if f.required else (f.name, _strict_type(f) | None, None)
-            for f in resource.fields
-        ]
-        struct = msgspec.defstruct(f"{resource.name}_api_item", fields, kw_only=True, gc=False)
-        self.items_type: Any = list[struct]  # type: ignore[valid-type]
+        self.items_type: Any = _items_type(resource, forbid=False)
         key = resource.payload_key
         assert key is not None  # JSON resources have one
-        batch = msgspec.defstruct(f"{resource.name}_api_batch", [(key, self.items_type)])
+        batch = msgspec.defstruct(
+            f"{resource.name}_api_batch",
+            [(key, _items_type(resource, forbid=True))],
+            forbid_unknown_fields=True,
+        )
         self.decode_body = msgspec.json.Decoder(batch).decode
         self.items_of = attrgetter(key)
         self.post = tuple(

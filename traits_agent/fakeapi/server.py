@@ -34,10 +34,11 @@ Decisions where the reference is silent:
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
@@ -60,7 +61,10 @@ log = structlog.get_logger(__name__)
 DEFAULT_API_KEY = "test-key"
 DEFAULT_MAX_ITEMS = 1000
 KEEP_BYTES = 64 * 1024 * 1024
-"""``compact``: the accepted bodies kept for ``/_fake/received`` (the most recent ones)."""
+"""``compact``: the accepted bodies kept for ``/_fake/received`` (the most recent ones), and
+as much again of CSV uploads."""
+KEEP_REQUESTS = 10_000
+"""``compact``: the requests kept for ``/_fake/requests`` (the most recent; ~800 bytes each)."""
 PLAYFAB_PATH = "/v1/playfab"
 PLAYFAB_NAME = "playfab"
 CSV_PATHS = {"/v1/kpis/csv": "kpis", "/v1/survey-data/csv": "survey-data"}
@@ -140,9 +144,10 @@ class FakeAPI:
     items made decoding a batch 3x slower, and in ``run --fake-api`` that was the agent's
     own process); a body is ~160 bytes per item that the GC never walks. A valid batch is
     then checked without building its dicts (`fastcheck.valid_batch_size`). Only the most
-    recent ``keep_bytes`` of bodies are kept (at least the last one): a ``run --fake-api``
-    left running for days must not grow without end. Counts cover every accepted item;
-    `dropped` says how many are no longer listed.
+    recent ``keep_bytes`` of bodies are kept (at least the last one), as much of CSV uploads
+    and `KEEP_REQUESTS` requests: a ``run --fake-api`` left running for days must not grow
+    without end. Counts cover every accepted item; `dropped` says how many are no longer
+    listed, `csv_dropped` how many uploads.
     """
 
     def __init__(
@@ -165,6 +170,8 @@ class FakeAPI:
         self._kept_bytes = 0
         self._counts: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
+        self._csv_bytes = 0
+        self.csv_dropped = 0
         self.url: str | None = None
         self._batch_routes: dict[str, Resource] = {}
         self._playfab_resource: Resource | None = None
@@ -193,6 +200,7 @@ class FakeAPI:
         self._kept_bytes = 0
         self.requests.clear()
         self.csv_uploads.clear()
+        self._csv_bytes = self.csv_dropped = 0
         self.faults.clear()
 
     def total_items(self) -> int:
@@ -210,8 +218,11 @@ class FakeAPI:
         kept bodies when ``compact``, as ``json.loads`` reads them)."""
         if not self.compact:
             return self.received
+        return self._decode_kept(list(self._kept))
+
+    def _decode_kept(self, kept: list[tuple[str, bytes, int]]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {name: [] for name in self.received}
-        for name, body, _ in self._kept:
+        for name, body, _ in kept:
             out[name] += _items_of(name, body)
         return out
 
@@ -260,7 +271,7 @@ class FakeAPI:
     async def handle(self, request: Request) -> Response:
         """The HTTP handler (usable without a socket, e.g. with a hand-built ``Request``)."""
         if request.path == "/_fake" or request.path.startswith("/_fake/"):
-            return self._admin(request)
+            return await self._admin(request)
         ctx = _Ctx(request, trio.current_time(), time.time())
         resource = self._batch_routes.get(request.path)
         is_playfab = request.path == PLAYFAB_PATH
@@ -384,6 +395,11 @@ class FakeAPI:
         self.csv_uploads.append(
             CsvUpload(kind, upload.filename, upload.content_type, upload.data, ctx.arrival)
         )
+        if self.compact:
+            self._csv_bytes += len(upload.data)
+            while self._csv_bytes > self.keep_bytes and len(self.csv_uploads) > 1:
+                self._csv_bytes -= len(self.csv_uploads.pop(0).data)
+                self.csv_dropped += 1
         body = {
             "code": 201,
             "message": "ingestion has been started",
@@ -431,6 +447,8 @@ class FakeAPI:
                 shape=ctx.shape,
             )
         )
+        if self.compact and len(self.requests) > KEEP_REQUESTS:
+            del self.requests[0]
         log.debug(
             "fake_api_request",
             method=request.method,
@@ -449,10 +467,10 @@ class FakeAPI:
 
     # -- admin endpoints -------------------------------------------------------------------
 
-    def _admin(self, request: Request) -> Response:
+    async def _admin(self, request: Request) -> Response:
         """``GET /_fake/received``, ``GET /_fake/requests``, ``GET|POST|DELETE /_fake/faults``,
         ``POST /_fake/reset``. For a test or integrator in another process; no auth."""
-        routes = {
+        routes: dict[str, dict[str, Callable[[Request], Response | Awaitable[Response]]]] = {
             "/_fake/received": {"GET": self._admin_received},
             "/_fake/requests": {"GET": self._admin_requests},
             "/_fake/faults": {
@@ -470,30 +488,46 @@ class FakeAPI:
             allow = ", ".join(methods)
             body = {"code": 405, "message": "method not allowed", "data": None}
             return json_response(405, body, {"allow": allow})
-        return action(request)
+        answer = action(request)
+        return await answer if inspect.isawaitable(answer) else answer
 
-    def _admin_received(self, request: Request) -> Response:
+    async def _admin_received(self, request: Request) -> Response:
         """Counts, items and CSV uploads; ``?items=0`` leaves out the items and CSV text.
-        ``dropped``: items counted but no longer listed (``compact`` keeps ``keep_bytes``)."""
+        ``dropped``: items counted but no longer listed (``compact`` keeps ``keep_bytes``),
+        ``csv_dropped``: uploads no longer listed.
+
+        ``compact``, with the items: what is kept is taken here, and decoded and encoded in
+        a thread (at 64 MiB kept, ~900k small items, that is ~1.7 s of CPU and a 60 MB
+        answer): in ``run --fake-api`` this is the agent's event loop, which must go on
+        taking events meanwhile."""
         full = request.query.get("items") != "0"
         state: dict[str, Any] = {
             "total": self.total_items(),
             "counts": {name: self.count(name) for name in self.received},
-            "dropped": self.dropped,
+            "dropped": dict(self.dropped),
+            "csv_dropped": self.csv_dropped,
         }
-        if full:
-            state["items"] = self.received_items()
-        state["csv_uploads"] = [
-            {
-                "kind": u.kind,
-                "filename": u.filename,
-                "content_type": u.content_type,
-                "size": len(u.data),
-                **({"text": u.data.decode("utf-8", "replace")} if full else {}),
-            }
-            for u in self.csv_uploads
-        ]
-        return json_response(200, state)
+        uploads = list(self.csv_uploads)
+        kept = list(self._kept) if self.compact and full else None
+
+        def answer() -> Response:
+            if full:
+                state["items"] = self.received if kept is None else self._decode_kept(kept)
+            state["csv_uploads"] = [
+                {
+                    "kind": u.kind,
+                    "filename": u.filename,
+                    "content_type": u.content_type,
+                    "size": len(u.data),
+                    **({"text": u.data.decode("utf-8", "replace")} if full else {}),
+                }
+                for u in uploads
+            ]
+            return json_response(200, state)
+
+        if kept is None:
+            return answer()
+        return await trio.to_thread.run_sync(answer)
 
     def _admin_requests(self, request: Request) -> Response:
         return json_response(200, {"requests": [asdict(r) for r in self.requests]})

@@ -14,14 +14,15 @@ code, which alone produces every error and every lenient decision. So it must be
   tests/fakeapi/test_fakeapi_fastcheck.py holds the two to that.
 * `batch_is_valid`: ``msgspec.convert`` of the items into a strict struct per resource, built
   from the same field table (`valid_batch_size` decodes a whole body straight into the same
-  structs, for a fake API that keeps bodies rather than items): a string field takes a
-  ``str`` of at most 2048 characters (so at most 8192 UTF-8 bytes; msgspec never produces
-  lone surrogates), non-empty when required; an int field an int in the signed 64-bit range
-  (never a bool or a float); a float field a finite float or an int that fits one; choices a
-  ``Literal``; a country two ASCII letters; ``action_params`` a list of objects with string
-  ``key`` and ``value``. Unknown fields, which ``check_api_item`` ignores, go to the slow path.
-  Dates and times are typed ``str`` and then checked by the field's own validator, once per
-  distinct value in the batch.
+  structs, closed to unknown keys, for a fake API that keeps bodies rather than items): a
+  string field takes a ``str`` of at most 2048 characters (so at most 8192 UTF-8 bytes;
+  msgspec never produces lone surrogates), non-empty when required; an int field an int in
+  the signed 64-bit range (never a bool or a float); a float field a finite float or an int
+  that fits one; choices a ``Literal``; a country two ASCII letters; ``action_params`` a list
+  of objects with string ``key`` and ``value``. Unknown fields are ignored, as
+  ``check_api_item`` ignores them (the closed structs send them to the slow path). Dates and
+  times are typed ``str`` and then checked by the field's own validator, once per distinct
+  value in the batch.
 """
 
 from __future__ import annotations

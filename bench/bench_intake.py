@@ -626,6 +626,12 @@ def main() -> None:
                     f"  {label:24}{r.rate:>10,.0f} {r.cpu_rate:>10,.0f}   "
                     f"{r.rate / ref.rate:>12.2f} {r.cpu_rate / ref.cpu_rate:>12.2f}"
                 )
+            if not args.no_e2e:
+                r = rows[-1][1]
+                print(
+                    f"  (c): the agent was busy {r.cpu / r.wall:.0%} of the run; the rest it "
+                    "waited for datagrams or for the API (one POST in flight per resource)"
+                )
         if args.hold:
             hold([106496, 1 << 20, 4 << 20, 8 << 20, 16 << 20, 32 << 20])
         if args.drain:

@@ -93,10 +93,17 @@ async def crash_loop(workdir, api, iterations: int, seed: int) -> dict:
             await trio.sleep(rng.uniform(0.05, 0.4))  # let load and deliveries flow
             await agent.kill()
             kills += 1
-        producer.stop = True
         final = AgentProcess(workdir, config)
         await final.start()
         with trio.fail_after(GUARD_S):
+            # the restarted agent takes and acks chunks again: at least one more ack before
+            # the producer stops (the kills may all fall before a first ack: with the Forward
+            # intake process starting at the first connection, ~0.35 s, a life of 0.1-0.4 s
+            # often acks nothing, and `acked > 0` must not hang on that)
+            acked_before = len(producer.acked)
+            while len(producer.acked) == acked_before:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            producer.stop = True
             await api.wait_until(lambda: producer.acked <= delivered_ids(api))
             # let everything queued drain so duplicates are counted fully
             while final.status()["resources"]["level_ups"]["queued_items"]:  # noqa: ASYNC110

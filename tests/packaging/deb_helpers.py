@@ -10,8 +10,10 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "traits-agent"
 
 
-def run(*argv: str | Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+def run(
+    *argv: str | Path, check: bool = True, env: dict[str, str] | None = None, **kwargs
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", **(env or {})}
     return subprocess.run(
         [str(a) for a in argv], capture_output=True, text=True, check=check, env=env, **kwargs
     )

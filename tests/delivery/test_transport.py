@@ -90,9 +90,14 @@ def lean(url: str, timeout: float = 5) -> httpx.AsyncClient:
     return make_client(url, connect_timeout=5, timeout=timeout, max_in_flight=1)
 
 
-async def keep_answering(peer: Peer) -> None:
+async def answer_each(peer: Peer, answer: bytes) -> None:
+    """Answer every request on the connection with `answer`, until the client hangs up."""
     while await peer.request() is not None:
-        await peer.answer(CREATED)
+        await peer.answer(answer)
+
+
+async def keep_answering(peer: Peer) -> None:
+    await answer_each(peer, CREATED)
 
 
 async def post(client: httpx.AsyncClient, body: bytes = BODY) -> tuple[int, bytes]:
@@ -102,12 +107,17 @@ async def post(client: httpx.AsyncClient, body: bytes = BODY) -> tuple[int, byte
     return response.status_code, await read_body(response)
 
 
+async def posts_answered(client: httpx.AsyncClient, times: int) -> None:
+    """`times` POSTs in a row, each answered 201 `{}` in full."""
+    for _ in range(times):
+        assert await post(client) == (201, b"{}")
+
+
 async def test_requests_share_one_keep_alive_connection(nursery) -> None:
     """Three POSTs in a row go over one connection, each answered in full."""
     server = Server(keep_answering)
     async with lean(await server.start(nursery)) as client:
-        for _ in range(3):
-            assert await post(client) == (201, b"{}")
+        await posts_answered(client, 3)
     assert server.connections == 1
 
 
@@ -130,28 +140,21 @@ async def test_connection_close_and_http10_answers_are_not_reused(nursery) -> No
 
     server = Server(handler)
     async with lean(await server.start(nursery)) as client:
-        for _ in range(3):
-            assert await post(client) == (201, b"{}")
+        await posts_answered(client, 3)
     assert server.connections == 3
 
 
 async def test_a_chunked_answer_is_read_and_its_connection_reused(nursery) -> None:
     server = Server(
-        lambda peer: _answer_each(
+        lambda peer: answer_each(
             peer,
             b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"1\r\n{\r\n1\r\n}\r\n0\r\n\r\n",
         )
     )
     async with lean(await server.start(nursery)) as client:
-        assert await post(client) == (201, b"{}")
-        assert await post(client) == (201, b"{}")
+        await posts_answered(client, 2)
     assert server.connections == 1
-
-
-async def _answer_each(peer: Peer, answer: bytes) -> None:
-    while await peer.request() is not None:
-        await peer.answer(answer)
 
 
 async def test_an_idle_connection_the_server_closed_is_not_used(nursery) -> None:
@@ -346,8 +349,7 @@ async def test_https_with_a_trusted_certificate_keeps_alive(nursery, ca) -> None
     url = await server.start(nursery, server_context(ca, "127.0.0.1"))
     transport = LeanTransport(ssl_context=trusting(ca))
     async with httpx.AsyncClient(base_url=url, transport=transport) as client:
-        for _ in range(3):
-            assert await post(client) == (201, b"{}")
+        await posts_answered(client, 3)
     assert server.connections == 1
 
 
@@ -422,22 +424,15 @@ async def test_bytes_after_an_answer_are_not_the_next_requests_answer(nursery) -
 
     server = Server(handler)
     async with lean(await server.start(nursery)) as client:
-        assert await post(client) == (201, b"{}")
-        assert await post(client) == (201, b"{}")
+        await posts_answered(client, 2)
 
 
 async def test_a_body_longer_than_its_length_does_not_break_the_next_request(nursery) -> None:
     """The common server bug, `Content-Length: 2` and a body `{}\\n`: the stray byte costs
     that connection, not the next request (it failed, a needless retry)."""
-
-    async def handler(peer: Peer) -> None:
-        while await peer.request() is not None:
-            await peer.answer(CREATED + b"\n")
-
-    server = Server(handler)
+    server = Server(lambda peer: answer_each(peer, CREATED + b"\n"))
     async with lean(await server.start(nursery)) as client:
-        assert await post(client) == (201, b"{}")
-        assert await post(client) == (201, b"{}")
+        await posts_answered(client, 2)
 
 
 async def test_a_deadline_during_the_tls_handshake_closes_the_socket(

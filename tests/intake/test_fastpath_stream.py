@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import pytest
 import trio
 
 from tests.generated_events import datagrams
+from tests.intake.test_fastpath import event_time
 from tests.intake.test_forward import Rig, acks, level_up, pack, start_server
 from traits_agent.errors import WireError
 from traits_agent.intake import forward as forward_module
@@ -195,20 +195,16 @@ def test_anything_else_takes_the_general_path(value: list[Any]) -> None:
     assert fast_path().take(msgpack.unpackb(raw), NOW) is None
 
 
-def eventtime(seconds: int, nanoseconds: int) -> msgpack.ExtType:
-    return msgpack.ExtType(0, struct.pack(">II", seconds, nanoseconds))
-
-
 @pytest.mark.parametrize("form", ["packed", "forward"])
 @pytest.mark.parametrize(
     ("times", "fast"),
     [
-        ([eventtime(1700000000, 0), eventtime(1700000001, 999_999_999)], True),
-        ([eventtime(1700000000, 5), 1700000003.75, None, 7], True),  # mixed: event by event
-        ([eventtime(1700000000, 5), eventtime(1700000000, 1_000_000_000)], False),
-        ([eventtime(1700000000, 0), msgpack.ExtType(0, b"1234567")], False),
-        ([eventtime(1700000000, 0), msgpack.ExtType(0, b"123456789")], False),
-        ([msgpack.ExtType(1, b"12345678"), eventtime(1700000000, 0)], False),
+        ([event_time(1700000000, 0), event_time(1700000001, 999_999_999)], True),
+        ([event_time(1700000000, 5), 1700000003.75, None, 7], True),  # mixed: event by event
+        ([event_time(1700000000, 5), event_time(1700000000, 1_000_000_000)], False),
+        ([event_time(1700000000, 0), msgpack.ExtType(0, b"1234567")], False),
+        ([event_time(1700000000, 0), msgpack.ExtType(0, b"123456789")], False),
+        ([msgpack.ExtType(1, b"12345678"), event_time(1700000000, 0)], False),
     ],
     ids=["eventtimes", "mixed", "bad_nanoseconds", "short_ext", "long_ext", "other_ext_type"],
 )

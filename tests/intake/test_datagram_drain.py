@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from tests.intake.test_forward import T0, Rig, level_up
 from traits_agent.intake import datagram as datagram_module
 from traits_agent.intake.datagram import (
+    _BYTES_OBJECT,
     _PER_CHUNK,
     _PER_DATAGRAM,
     Backlog,
@@ -268,22 +269,45 @@ async def test_a_stop_handles_the_backlog(rig, tmp_path, monkeypatch) -> None:
 def test_the_backlog_hands_out_slices_in_order(monkeypatch) -> None:
     """Reads of 1, 5 and 3 datagrams come out in order, in slices of at most 4 datagrams and
     at most 10 bytes (one larger datagram alone); what the sink puts back comes first; an
-    emptied backlog counts 0 bytes."""
+    emptied backlog counts 0 bytes. The first read, into an empty backlog, is handed over as
+    it was read (the same list); the two behind it are compacted, and counted so."""
     monkeypatch.setattr(datagram_module, "DRAIN_MAX", 4)
     monkeypatch.setattr(datagram_module, "DRAIN_MAX_BYTES", 10)
     backlog = Backlog(max_bytes=1 << 20)
     reads = [[b"a"], [b"bb", b"c", b"", b"dddddddddddd", b"e"], [b"f", b"g", b"h"]]
     for read in reads:
         backlog.add(read)
-    assert backlog.bytes == 20 + 9 * _PER_DATAGRAM + 3 * _PER_CHUNK
+    assert backlog.bytes == 1 + _BYTES_OBJECT + 19 + 8 * _PER_DATAGRAM + 2 * _PER_CHUNK
     first = backlog.take()
-    assert first == [b"a", b"bb", b"c", b""]
-    backlog.put_back(first[2:])
-    slices = [first[:2]]
+    assert first is reads[0]
+    second = backlog.take()
+    assert second == [b"bb", b"c", b""]
+    backlog.put_back(second[1:])
+    slices = [first, second[:1]]
     while backlog:
         slices.append(backlog.take())
-    assert slices == [[b"a", b"bb"], [b"c", b""], [b"dddddddddddd"], [b"e", b"f", b"g", b"h"]]
+    assert slices == [[b"a"], [b"bb"], [b"c", b""], [b"dddddddddddd"], [b"e", b"f", b"g", b"h"]]
     assert backlog.bytes == 0 and not backlog.take()
+
+
+def test_a_read_into_an_empty_backlog_is_compacted_only_if_it_is_over_a_slice(
+    monkeypatch,
+) -> None:
+    """A read of more than a slice's datagrams or bytes into an empty backlog is compacted
+    and cut into slices, as every read behind others is."""
+    monkeypatch.setattr(datagram_module, "DRAIN_MAX", 4)
+    monkeypatch.setattr(datagram_module, "DRAIN_MAX_BYTES", 10)
+    for read, slices in [
+        ([b"a", b"b", b"c", b"d", b"e"], [[b"a", b"b", b"c", b"d"], [b"e"]]),
+        ([b"aaaaaa", b"bbbbbb"], [[b"aaaaaa"], [b"bbbbbb"]]),
+    ]:
+        backlog = Backlog(max_bytes=1 << 20)
+        assert backlog.add(read) == sum(map(len, read)) + len(read) * _PER_DATAGRAM + _PER_CHUNK
+        got = []
+        while backlog:
+            got.append(backlog.take())
+        assert got == slices
+        assert backlog.bytes == 0
 
 
 def test_a_privileged_agent_gets_the_receive_buffer_past_rmem_max() -> None:

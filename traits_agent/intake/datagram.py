@@ -151,11 +151,9 @@ class Backlog:
         if not self and len(datagrams) <= DRAIN_MAX:
             nbytes = sum(map(len, datagrams))
             if nbytes <= DRAIN_MAX_BYTES:
-                self._front = datagrams
-                self._front_bytes = counted = nbytes + _BYTES_OBJECT * len(datagrams)
-                self.bytes += counted
+                self._set_front(datagrams, nbytes)
                 self.peak = max(self.peak, self.bytes)
-                return counted
+                return self._front_bytes
         blob = datagrams[0] if len(datagrams) == 1 else b"".join(datagrams)
         self._chunks.append([blob, list(map(len, datagrams)), 0, 0])
         counted = len(blob) + _PER_DATAGRAM * len(datagrams) + _PER_CHUNK
@@ -208,9 +206,14 @@ class Backlog:
     def put_back(self, datagrams: list[bytes]) -> None:
         """Return the part of a slice the sink did not take yet: it goes first again."""
         if datagrams:
-            self._front = datagrams
-            self._front_bytes = sum(map(len, datagrams)) + _BYTES_OBJECT * len(datagrams)
-            self.bytes += self._front_bytes
+            self._set_front(datagrams, sum(map(len, datagrams)))
+
+    def _set_front(self, datagrams: list[bytes], nbytes: int) -> None:
+        """Hold `datagrams` (`nbytes` long, the front empty) as they are, handed over first;
+        counted as bytes objects of their own."""
+        self._front = datagrams
+        self._front_bytes = nbytes + _BYTES_OBJECT * len(datagrams)
+        self.bytes += self._front_bytes
 
 
 def reads_batched(sock: socket.socket) -> bool:

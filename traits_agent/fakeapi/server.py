@@ -34,7 +34,6 @@ Decisions where the reference is silent:
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from collections import deque
@@ -470,7 +469,7 @@ class FakeAPI:
     async def _admin(self, request: Request) -> Response:
         """``GET /_fake/received``, ``GET /_fake/requests``, ``GET|POST|DELETE /_fake/faults``,
         ``POST /_fake/reset``. For a test or integrator in another process; no auth."""
-        routes: dict[str, dict[str, Callable[[Request], Response | Awaitable[Response]]]] = {
+        routes: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {
             "/_fake/received": {"GET": self._admin_received},
             "/_fake/requests": {"GET": self._admin_requests},
             "/_fake/faults": {
@@ -488,8 +487,7 @@ class FakeAPI:
             allow = ", ".join(methods)
             body = {"code": 405, "message": "method not allowed", "data": None}
             return json_response(405, body, {"allow": allow})
-        answer = action(request)
-        return await answer if inspect.isawaitable(answer) else answer
+        return await action(request)
 
     async def _admin_received(self, request: Request) -> Response:
         """Counts, items and CSV uploads; ``?items=0`` leaves out the items and CSV text.
@@ -529,13 +527,13 @@ class FakeAPI:
             return answer()
         return await trio.to_thread.run_sync(answer)
 
-    def _admin_requests(self, request: Request) -> Response:
+    async def _admin_requests(self, request: Request) -> Response:
         return json_response(200, {"requests": [asdict(r) for r in self.requests]})
 
-    def _admin_faults(self, request: Request) -> Response:
+    async def _admin_faults(self, request: Request) -> Response:
         return json_response(200, {"faults": [f.to_json() for f in self.faults]})
 
-    def _admin_inject(self, request: Request) -> Response:
+    async def _admin_inject(self, request: Request) -> Response:
         try:
             spec = json.loads(request.body)
             specs = spec if isinstance(spec, list) else [spec]
@@ -546,11 +544,11 @@ class FakeAPI:
             self.inject(fault)
         return json_response(201, {"faults": [f.to_json() for f in self.faults]})
 
-    def _admin_clear(self, request: Request) -> Response:
+    async def _admin_clear(self, request: Request) -> Response:
         self.clear_faults()
         return json_response(200, {"faults": []})
 
-    def _admin_reset(self, request: Request) -> Response:
+    async def _admin_reset(self, request: Request) -> Response:
         self.reset()
         return json_response(200, {"code": 200, "message": "reset", "data": None})
 

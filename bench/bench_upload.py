@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_pipeline import _ok, fake_count, free_port, wait_for
 
+from traits_agent import malloc
 from traits_agent.delivery.backoff import Backoff
 from traits_agent.delivery.deadletter import DeadLetters
 from traits_agent.delivery.policy import USER_AGENT, make_client
@@ -123,6 +124,7 @@ def main() -> None:
 
 def per_post(args: argparse.Namespace) -> None:
     """Rows (r) and (u)."""
+    malloc.tune()  # as `traits-agent run` does: the (u) row is the agent's own delivery
     agent_log.setup(level=args.log_level, fmt="json", stream=open("/dev/null", "w"))  # noqa: SIM115
 
     port = free_port()

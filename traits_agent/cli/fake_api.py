@@ -12,8 +12,11 @@ from traits_agent.config import parse_host_port
 def cmd_fake_api(args: argparse.Namespace) -> int:
     import trio
 
+    from traits_agent import malloc
     from traits_agent.fakeapi import run_fake_api
     from traits_agent.observe import log
+
+    malloc.tune()
 
     try:
         host, port = parse_host_port(args.listen)

@@ -31,9 +31,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import trio
 
-    from traits_agent import agent
+    from traits_agent import agent, malloc
     from traits_agent.observe import log
 
+    malloc.tune()
     config = config_from(args)
     if args.log_level or args.log_format:
         config = dataclasses.replace(

@@ -50,6 +50,7 @@ from typing import Any
 import structlog
 import trio
 
+from traits_agent import malloc
 from traits_agent.intake.forward import ForwardServer
 from traits_agent.intake.handshake import Security
 from traits_agent.intake.ingest import Ingest
@@ -320,6 +321,7 @@ def main(argv: list[str]) -> int:
     # until the agent has taken its last message
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    malloc.tune()
     failed = False
     try:
         trio.run(serve, int(argv[1]))

@@ -44,6 +44,7 @@ import trio
 
 from traits_agent import __version__
 from traits_agent.delivery.backoff import Backoff, parse_retry_after
+from traits_agent.delivery.client import AgentClient
 from traits_agent.delivery.transport import LeanTransport
 from traits_agent.errors import Stopping
 from traits_agent.observe.log import scrub
@@ -412,10 +413,11 @@ def _nesting(value: object) -> int:
 
 def make_client(
     base_url: str, *, connect_timeout: float, timeout: float, max_in_flight: int
-) -> httpx.AsyncClient:
+) -> AgentClient:
     """The one shared client: keep-alive, explicit timeouts, no redirects (a redirect means the
-    endpoint is wrong, and following it would re-send the key elsewhere), over the lean
-    HTTP/1.1 transport (`transport.py`: half the CPU per request of httpx's default).
+    endpoint is wrong, and following it would re-send the key elsewhere), no cookies, over the
+    lean HTTP/1.1 transport (`transport.py`: half the CPU per request of httpx's default),
+    which `AgentClient.send` calls directly (`client.py`).
 
     An https endpoint honours a proxy from the environment (`HTTPS_PROXY`, `ALL_PROXY`,
     `NO_PROXY`), as httpx does: then the client keeps httpx's own transport, which speaks to
@@ -423,7 +425,7 @@ def make_client(
     trust_env = not base_url.startswith("http://")
     connections = max_in_flight + 4
     proxied = trust_env and _environment_proxies(httpx.URL(base_url))
-    return httpx.AsyncClient(
+    return AgentClient(
         base_url=base_url,
         headers={"Accept-Encoding": "identity"},  # see read_body: answers are read capped
         timeout=httpx.Timeout(timeout, connect=connect_timeout),

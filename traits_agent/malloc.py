@@ -8,8 +8,8 @@ kernel. These processes allocate blocks of that size all the time (a 1000-item b
 ~150 KB and the request it goes out in, a Forward read, a message of the intake process), and
 whether each lands in memory the process already has or in fresh pages the kernel must fault
 in, page by page, then depends on the order of the allocations around it. A change elsewhere
-in the delivery code took one POST of a batch from 2 page faults to 62, adding 0.2-0.3 ms of
-system CPU to the ~1 ms the POST costs (`bench/bench_upload.py`).
+in the delivery code took one POST of a batch from 2 page faults to 62, and its system CPU
+from ~0.1 ms to 0.3-0.7 ms, next to ~1 ms of user CPU (`bench/bench_upload.py`).
 
 Fixed thresholds take that out of chance: a block under `MMAP_THRESHOLD` comes from the heap,
 and up to `TRIM_THRESHOLD` of free heap is kept for the next ones instead of being handed back

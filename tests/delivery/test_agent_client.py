@@ -16,6 +16,7 @@ from traits_agent.delivery.backoff import Backoff
 from traits_agent.delivery.client import AgentClient, NoCookies
 from traits_agent.delivery.deadletter import DeadLetters
 from traits_agent.delivery.policy import USER_AGENT
+from traits_agent.delivery.transport import LeanTransport
 from traits_agent.delivery.uploader import Uploader, build_body
 from traits_agent.observe.metrics import Counters
 from traits_agent.schema import RESOURCES
@@ -32,21 +33,8 @@ class Recorder:
         self.requests: list[tuple[bytes, bytes]] = []
 
     async def __call__(self, peer: Peer) -> None:
-        while True:
-            while b"\r\n\r\n" not in peer._buffer:
-                data = await peer.stream.receive_some(65536)
-                if not data:
-                    return
-                peer._buffer += data
-            head, _, rest = peer._buffer.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            while len(rest) < length:
-                data = await peer.stream.receive_some(65536)
-                if not data:
-                    return
-                rest += data
-            self.requests.append((head, rest[:length]))
-            peer._buffer = rest[length:]
+        while (head := await peer.request()) is not None:
+            self.requests.append((head, peer.body))
             await peer.answer(self.answer)
 
 
@@ -147,18 +135,33 @@ async def test_a_request_with_its_own_timeouts_keeps_them(autojump_clock, nurser
 
 
 async def test_what_the_short_path_does_not_cover_goes_through_httpx(nursery) -> None:
-    """Credentials in the URL (httpx sends them as Basic auth), an explicit `auth=`, and a
-    client without the lean transport: httpx's `send`, unchanged."""
+    """Credentials in the URL (httpx sends them as Basic auth), an explicit `auth=` (per
+    request and per client), event hooks, and a client without the lean transport: httpx's
+    `send`, unchanged."""
     recorder = Recorder()
     url = await Server(recorder).start(nursery)
     with_user = url.replace("http://", "http://user:pw@")
     async with lean(with_user) as client:
         await client.post("/v1/actions", content=b"{}")
         await client.post("/v1/actions", content=b"{}", auth=("other", "secret"))
-    async with AgentClient(base_url=url, transport=None) as plain:
+    async with AgentClient(base_url=url, transport=None, trust_env=False) as plain:
         await plain.post("/v1/actions", content=b"{}")
+    async with AgentClient(
+        base_url=url, transport=LeanTransport(), auth=("client", "wide")
+    ) as with_auth:
+        await with_auth.post("/v1/actions", content=b"{}")
+    hooked: list[str] = []
+
+    async def hook(request: httpx.Request) -> None:
+        hooked.append(request.url.path)
+
+    async with lean(url) as client:
+        client.event_hooks = {"request": [hook], "response": []}
+        await client.post("/v1/actions", content=b"{}")
     heads = [head.lower() for head, _ in recorder.requests]
     assert b"authorization: basic dxnlcjpwdw==" in heads[0]  # user:pw
     assert b"authorization: basic b3rozxi6c2vjcmv0" in heads[1]  # other:secret
     assert b"authorization" not in heads[2]
-    assert len(heads) == 3
+    assert b"authorization: basic y2xpzw50ondpzgu=" in heads[3]  # client:wide
+    assert hooked == ["/v1/actions"]
+    assert len(heads) == 5

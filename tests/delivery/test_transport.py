@@ -37,9 +37,12 @@ class Peer:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self._buffer = b""
+        #: the body of the last request read with its body
+        self.body = b""
 
     async def request(self, body: bool = True) -> bytes | None:
-        """The next request's head (and body, if `body`), or None if the client hung up."""
+        """The next request's head (and body, if `body`: kept in `self.body`), or None if the
+        client hung up."""
         while b"\r\n\r\n" not in self._buffer:
             data = await self.stream.receive_some(65536)
             if not data:
@@ -53,7 +56,7 @@ class Peer:
                 if not data:
                     return None  # hung up inside the body
                 self._buffer += data
-            self._buffer = self._buffer[length:]
+            self.body, self._buffer = self._buffer[:length], self._buffer[length:]
         return head
 
     async def answer(self, data: bytes) -> None:

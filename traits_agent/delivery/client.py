@@ -37,10 +37,11 @@ class AgentClient(httpx.AsyncClient):
     """`httpx.AsyncClient` whose `send` hands a request straight to its `LeanTransport`.
 
     What httpx's `send` does around the transport, and why the short path may leave it out:
-    auth (the agent sets its own `Authorization`; a URL with credentials takes httpx's
-    path), redirects (never followed: `follow_redirects=False`, a 3xx is returned as it
-    came), event hooks (none), cookies (`NoCookies`), and the stream wrapper that times the
-    answer (`response.elapsed` is not used). The request's timeouts are the client's unless
+    auth (the agent sets its own `Authorization`), redirects (never followed:
+    `follow_redirects=False`, a 3xx is returned as it came), event hooks (none), cookies
+    (`NoCookies`), and the stream wrapper that times the answer (`response.elapsed` is not
+    used). A client or request that asks for any of them (auth, credentials in the URL,
+    redirects, hooks) takes httpx's own `send`. The request's timeouts are the client's unless
     it carries its own, as in httpx. A client without a `LeanTransport` (a proxy from the
     environment) is httpx's client unchanged."""
 
@@ -62,6 +63,8 @@ class AgentClient(httpx.AsyncClient):
             or auth is not httpx.USE_CLIENT_DEFAULT
             or follow_redirects is not httpx.USE_CLIENT_DEFAULT
             or self.follow_redirects
+            or self.auth is not None
+            or any(self.event_hooks.values())
             or request.url.userinfo
         ):
             return await super().send(

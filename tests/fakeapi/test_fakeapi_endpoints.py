@@ -118,14 +118,37 @@ async def test_invalid_item_rejects_whole_batch_with_field_keyed_errors(api, cli
         (b'{"other": []}', "actions"),
         (b'{"actions": {"user_id": "1"}}', "actions"),
         (b'{"actions": []}', "actions"),
+        (b'{"actions":' + b"[" * 5000 + b"]" * 5000 + b"}", "body"),
     ],
-    ids=["not-json", "not-object", "key-missing", "not-a-list", "empty"],
+    ids=["not-json", "not-object", "key-missing", "not-a-list", "empty", "nested-too-deep"],
 )
 async def test_malformed_body_is_400(api, client, content, field):
     """A body that is not {"actions": [non-empty list]} gets 400 naming what is wrong."""
     response = await client.post("/v1/actions", content=content)
     assert response.status_code == 400
     assert field in response.json()["errors"]
+    assert api.total_items() == 0
+
+
+@pytest.mark.parametrize("compact", [False, True])
+async def test_a_body_nested_past_the_decoders_is_400_not_500(nursery, compact):
+    """JSON nested deeper than the decoders go (they raise RecursionError, not a parse
+    error) is a 400 naming the body, on each path that decodes one: a batch (compact, or
+    not), a deep value inside an item, PlayFab events. It used to be a 500."""
+    api = FakeAPI(API_KEY, compact=compact)
+    await nursery.start(api.serve)
+    deep = b"[" * 200_000 + b"]" * 200_000
+    item = b'{"user_id":"u","action_id":"a","action_name":"n","action_params":' + deep + b"}"
+    async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
+        bearer = {"Authorization": f"Bearer {API_KEY}"}
+        answers = [
+            await http.post("/v1/actions", content=b'{"actions":' + deep + b"}", headers=bearer),
+            await http.post("/v1/actions", content=b'{"actions":[' + item + b"]}", headers=bearer),
+            await http.post("/v1/playfab", content=deep, params={"api_key": API_KEY}),
+        ]
+    for answer in answers:
+        assert answer.status_code == 400
+        assert answer.json()["errors"] == {"body": "is nested too deeply to be read"}
     assert api.total_items() == 0
 
 

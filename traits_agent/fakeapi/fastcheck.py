@@ -169,7 +169,7 @@ def valid_batch_size(resource: Resource, body: bytes, max_items: int) -> int:
         return 0
     try:
         structs = strict.items_of(strict.decode_body(body))
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return 0
     if not 0 < len(structs) <= max_items or not strict.dates_valid(structs):
         return 0

@@ -553,6 +553,10 @@ class FakeAPI:
         return json_response(200, {"code": 200, "message": "reset", "data": None})
 
 
+#: what a body nested past the JSON decoders' depth gets (a 400, not the 500 of a crash)
+TOO_DEEP = "is nested too deeply to be read"
+
+
 def _parse_batch(body: bytes, key: str) -> tuple[list[Any] | None, dict[str, str] | None, bool]:
     """``{"<key>": [items]}`` → (items, None, by_msgspec), or (items-if-any, errors, ...).
 
@@ -561,13 +565,15 @@ def _parse_batch(body: bytes, key: str) -> tuple[list[Any] | None, dict[str, str
     """
     by_msgspec = True
     try:
-        doc = decode_body(body)
-    except msgspec.DecodeError:
-        by_msgspec = False
         try:
+            doc = decode_body(body)
+        except msgspec.DecodeError:
+            by_msgspec = False
             doc = json.loads(body)
-        except ValueError:
-            return None, {"body": "must be a JSON object"}, False
+    except ValueError:
+        return None, {"body": "must be a JSON object"}, False
+    except RecursionError:  # both decoders give up on deep nesting (a few thousand levels)
+        return None, {"body": TOO_DEEP}, False
     if not isinstance(doc, dict):
         return None, {"body": "must be a JSON object"}, by_msgspec
     if key not in doc:
@@ -595,6 +601,8 @@ def _parse_playfab(body: bytes) -> tuple[list[Any] | None, dict[str, str] | None
         doc = json.loads(body)
     except ValueError:
         return None, {"body": "must be a JSON object or array"}
+    except RecursionError:
+        return None, {"body": TOO_DEEP}
     if isinstance(doc, dict):
         return [doc], None
     if not isinstance(doc, list):

@@ -125,6 +125,28 @@ def test_several_entries_in_one_datagram() -> None:
     assert FastPath().payloads(data * 6, NOW) is None  # more than MAX_ENTRIES
 
 
+@pytest.mark.parametrize("nanoseconds", [999_999_000, 999_999_500, 999_999_999])
+def test_an_eventtime_in_its_last_nanoseconds_keeps_its_second(nanoseconds: int) -> None:
+    """seconds + 0.999999999 as a float is the next second: an event sent at 22:13:21.999999999
+    was stamped 22:13:22. Each path keeps its second: the general one, the one-Message
+    shortcut and a Forward datagram's events."""
+    record = {"user_id": "u", "level": 2}
+    t = event_time(1700000001, nanoseconds)
+    message = msgpack.packb(["level_ups", t, record], use_bin_type=True)
+    forward = msgpack.packb(["level_ups", [[t, record], [t, record]]], use_bin_type=True)
+    shortcut = FastPath().message(message, NOW)
+    assert isinstance(shortcut, tuple)
+    several = FastPath().payloads(forward, NOW)
+    assert several is not None
+    stamps = [
+        general(message)[1][0][2]["timestamp"],
+        json.loads(shortcut[1])["timestamp"],
+        *(json.loads(p)["timestamp"] for p in several[0][1]),
+        *(o[2]["timestamp"] for o in general(forward)[1]),
+    ]
+    assert stamps == ["2023-11-14 22:13:21"] * 6
+
+
 def test_a_forward_datagram_gets_each_events_own_timestamp() -> None:
     """Events of one Forward datagram in different seconds, in every time form, each get
     the timestamp the general path fills in; one bad time anywhere hands the whole datagram

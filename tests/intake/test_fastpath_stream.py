@@ -230,6 +230,27 @@ def test_event_times_are_read_whole_and_checked_as_the_general_path_does(
         assert [json.loads(p) for p in payloads] == [o[1] for o in outcomes(unpacked)]
 
 
+@pytest.mark.parametrize("form", ["packed", "forward"])
+def test_an_eventtime_in_its_last_nanoseconds_keeps_its_second(form: str) -> None:
+    """A stream's EventTime at 22:13:21.999999999 is stamped 22:13:21 (the float sum was the
+    next second), on the fast path and the general one alike."""
+    records = [{"user_id": "u", "level": i} for i in range(2)]  # no timestamp of their own
+    pairs = [
+        [event_time(1700000001, ns), r] for r, ns in zip(records, (999_999_999, 0), strict=True)
+    ]
+    value: list[Any] = ["level_ups", pairs]
+    if form == "packed":
+        value = ["level_ups", b"".join(pack(p) for p in pairs), {"size": len(pairs)}]
+    raw = pack(value)
+    got = fast_path().take_raw(raw, NOW)
+    assert got is not None
+    payloads = fast_path().payloads(got, 0, len(got.events))
+    assert payloads is not None
+    stamps = [json.loads(p)["timestamp"] for p in payloads]
+    assert stamps == [o[1]["timestamp"] for o in outcomes(unpack(raw))]
+    assert stamps == ["2023-11-14 22:13:21"] * 2
+
+
 def test_a_tag_that_is_not_utf8_takes_the_general_path() -> None:
     tag = b"\xff.level_ups"
     data = b"\x92" + bytes((0xA0 | len(tag),)) + tag + pack([[1, level_up(1)]])

@@ -37,7 +37,7 @@ import msgpack
 import msgspec
 
 from traits_agent.errors import WireError
-from traits_agent.intake.wire import check_tag, gunzip
+from traits_agent.intake.wire import LAST_NANOSECOND, check_tag, gunzip
 from traits_agent.queue import MAX_PAYLOAD
 from traits_agent.schema import (
     FAST_SCHEMAS,
@@ -96,7 +96,7 @@ def _event_time(value: Any, now: float) -> float:
     elif value.code == 0 and len(value.data) == 8:  # EventTime
         seconds, nanoseconds = _EVENT_TIME.unpack(value.data)
         if nanoseconds < 1_000_000_000:
-            return seconds + nanoseconds / 1e9
+            return seconds + min(nanoseconds, LAST_NANOSECOND) / 1e9
     raise _NotFast
 
 
@@ -114,8 +114,10 @@ def _event_times(events: list[Any], now: float) -> list[float]:
         data = value.data if type(value) is _Ext else None
         if data is not None and value.code == 0 and len(data) == 8:  # type: ignore[arg-type]
             seconds, nanoseconds = _unpack_event_time(data)
-            if nanoseconds >= 1_000_000_000:
-                raise _NotFast
+            if nanoseconds > 999_999_000:  # wire.LAST_NANOSECOND, inline (once per event)
+                if nanoseconds >= 1_000_000_000:
+                    raise _NotFast
+                nanoseconds = 999_999_000
             append(seconds + nanoseconds / 1e9)
         else:
             append(_event_time(value, now))

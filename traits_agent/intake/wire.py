@@ -100,12 +100,18 @@ class DecodeResult(NamedTuple):
 # --------------------------------------------------------------------------- decoding
 
 
+#: an EventTime's nanoseconds past this are read as this: as a float, seconds + 0.999999999
+#: rounds up to the next second (a double's spacing near 1.7e9 s is ~240 ns), and the event
+#: would reach the API stamped a second late. The API's timestamps are whole seconds.
+LAST_NANOSECOND = 999_999_000
+
+
 def _ext_hook(code: int, data: bytes) -> object:
     """EventTime (ext 0, 8 bytes) -> float seconds; any other ext stays an `ExtType`."""
     if code == 0 and len(data) == 8:
         seconds, nanoseconds = _EVENT_TIME.unpack(data)
         if nanoseconds < 1_000_000_000:
-            return seconds + nanoseconds / 1e9
+            return seconds + min(nanoseconds, LAST_NANOSECOND) / 1e9
     return msgpack.ExtType(code, data)
 
 

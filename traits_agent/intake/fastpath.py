@@ -95,8 +95,10 @@ def _event_time(value: Any, now: float) -> float:
         return _event_time(value[0], now)
     elif value.code == 0 and len(value.data) == 8:  # EventTime
         seconds, nanoseconds = _EVENT_TIME.unpack(value.data)
+        if nanoseconds <= LAST_NANOSECOND:
+            return seconds + nanoseconds / 1e9
         if nanoseconds < 1_000_000_000:
-            return seconds + min(nanoseconds, LAST_NANOSECOND) / 1e9
+            return seconds + LAST_NANOSECOND / 1e9
     raise _NotFast
 
 

@@ -110,8 +110,10 @@ def _ext_hook(code: int, data: bytes) -> object:
     """EventTime (ext 0, 8 bytes) -> float seconds; any other ext stays an `ExtType`."""
     if code == 0 and len(data) == 8:
         seconds, nanoseconds = _EVENT_TIME.unpack(data)
+        if nanoseconds <= LAST_NANOSECOND:
+            return seconds + nanoseconds / 1e9
         if nanoseconds < 1_000_000_000:
-            return seconds + min(nanoseconds, LAST_NANOSECOND) / 1e9
+            return seconds + LAST_NANOSECOND / 1e9
     return msgpack.ExtType(code, data)
 
 

@@ -512,3 +512,63 @@ async def test_a_compressed_answer_is_read_within_the_cap(nursery) -> None:
             tracemalloc.stop()
     assert len(raw) <= MAX_ANSWER_BYTES
     assert peak < 16 << 20, f"reading a {len(body)} B answer took {peak >> 20} MiB"
+
+
+class Gathering(trio.abc.Stream):
+    """A server's transport under its TLS layer that can hold what is sent and write it out
+    at once: several TLS records in one TCP write, so the client reads them in one go."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.held: bytes | None = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.held is None:
+            await self.inner.send_all(data)
+        else:
+            self.held += bytes(data)
+
+    async def release(self) -> None:
+        data, self.held = self.held or b"", None
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_tls_record_after_an_answer_is_not_the_next_requests_answer(nursery, ca) -> None:
+    """Over TLS, a forged answer sent as a record of its own right behind the real one
+    arrives in the same read but stays inside the TLS layer (its incoming buffer), where
+    neither h11 nor the socket's readability shows it: it must still cost the connection,
+    not be read as the next batch's answer (a 400 would dead-letter a good batch; a 201
+    for a batch the server never took would lose it)."""
+    context = server_context(ca, "127.0.0.1")
+    requests = 0
+
+    async def serve(tcp: trio.SocketStream) -> None:
+        nonlocal requests
+        gathering = Gathering(tcp)
+        peer = Peer(trio.SSLStream(gathering, context, server_side=True))
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while await peer.request() is not None:
+                requests += 1
+                if requests == 1:
+                    gathering.held = b""
+                    await peer.answer(CREATED)  # one record ...
+                    await peer.answer(FORGED)  # ... and another, written together
+                    await gathering.release()
+                else:
+                    await peer.answer(CREATED)
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    port = listener.socket.getsockname()[1]
+    transport = LeanTransport(ssl_context=trusting(ca))
+    async with httpx.AsyncClient(base_url=f"https://127.0.0.1:{port}", transport=transport) as c:
+        await posts_answered(c, 2)
+    assert requests == 2

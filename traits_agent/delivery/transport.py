@@ -15,8 +15,9 @@ What it does:
 - *Keep-alive*: a connection whose exchange ended cleanly (both sides DONE in h11, and not a
   byte past the answer's end: it would be read as the next request's answer) goes back to
   an idle list per origin; it is dropped instead when idle for KEEPALIVE_EXPIRY_S, when the
-  server has hung up or sent anything while idle (the socket is readable), or when the list
-  already holds `max_keepalive` connections.
+  server has hung up or sent anything while idle (the socket is readable, or, over TLS, a
+  record already read waits inside the TLS layer), or when the list already holds
+  `max_keepalive` connections.
 - *Bounded*: at most `max_connections` in use (a caller past it waits, up to the pool
   timeout) and `max_keepalive` idle per origin; an answer's head is bounded by h11 (16 KiB)
   and by MAX_INFORMATIONAL interim answers, its body read only as the caller asks.
@@ -98,6 +99,13 @@ class _Connection:
         ask for. Either way it cannot carry a new request."""
         stream: Any = self.stream
         if isinstance(stream, trio.SSLStream):
+            # What the server sent can have left the socket already and wait inside the TLS
+            # layer: a record read with the answer's but not decrypted yet (trio's incoming
+            # buffer: no public name, so its absence counts as "something waits"), or
+            # decrypted bytes not read yet (`pending`). The socket shows neither.
+            incoming = getattr(stream, "_incoming", None)
+            if incoming is None or incoming.pending or stream.pending():
+                return True
             stream = stream.transport_stream
         sock = getattr(stream, "socket", None)
         return sock is None or sock.is_readable()

@@ -13,7 +13,10 @@ event per datagram, and `--batch` events per datagram as a Forward entry) it pri
     quota rebalanced per burst, and the group-commit `Syncer` fsyncing every 100 ms in a worker
     thread. Lanes are real but not run: nothing is delivered.
 (c) delivered: the agent as a subprocess (`traits-agent run`) with the fake API as another,
-    from the first datagram sent to the last item accepted by the fake API.
+    from the first datagram sent to the last item accepted by the fake API; also how many
+    items the API had when the sender was done (every datagram read by then: a Unix sender
+    waits) and the rate after that: intake has the event loop first while it holds a burst,
+    so that split shows how much delivery happened during the burst.
 
 The sender is a separate process sending pre-encoded datagrams on a blocking socket (a Unix
 datagram socket never loses: the sender waits), compiled from C when a C compiler is at hand so
@@ -235,6 +238,8 @@ def children_of(pid: int) -> list[int]:
 class Result:
     def __init__(self, events: int, wall: float, cpu: float) -> None:
         self.events, self.wall, self.cpu = events, wall, cpu
+        #: (c) only: seconds until the sender was done, and the items the API had by then
+        self.sent: tuple[float, int] | None = None
 
     @property
     def rate(self) -> float:
@@ -382,13 +387,24 @@ def delivered(work: Path, datagrams: list[bytes], events: int, sender: Sender) -
     try:
         c0, t0 = cpu_of(agent.agent.pid), time.perf_counter()
         proc = sender.start(datagrams, "unix", path)
-        wait_for(lambda: fake_count(agent.url) >= events, interval=0.01)
+        sent: tuple[float, int] | None = None
+
+        def all_there() -> bool:
+            nonlocal sent
+            count = fake_count(agent.url)
+            if sent is None and proc.poll() is not None:  # the sender is done: all read
+                sent = (time.perf_counter() - t0, count)
+            return count >= events
+
+        wait_for(all_there, interval=0.01)
         wall, cpu = time.perf_counter() - t0, cpu_of(agent.agent.pid) - c0
         proc.wait()
     finally:
         agent.stop()
         shutil.rmtree(sub, ignore_errors=True)
-    return Result(events, wall, cpu)
+    result = Result(events, wall, cpu)
+    result.sent = sent
+    return result
 
 
 # --------------------------------------------------------------------------- UDP loss
@@ -610,6 +626,14 @@ def one_round(
             "waited for datagrams or for the API (one POST in flight per resource)",
             flush=True,
         )
+        if r.sent is not None:  # delivery while intake has the burst, and after it
+            at, had = r.sent
+            rest, took = r.events - had, max(r.wall - at, 1e-9)
+            print(
+                f"  (c): when the sender was done ({at:.2f} s in) the API had {had:,} of "
+                f"{r.events:,}; the other {rest:,} took {took:.2f} s ({rest / took:,.0f}/s)",
+                flush=True,
+            )
     return rows
 
 

@@ -247,6 +247,7 @@ class ForwardProcess:
         reader = MessageReader(link)
         writer = LinkWriter(link)
         ready = None
+        broken = False
         acks: trio.MemorySendChannel[tuple[int, Mark]]
         acks, pending = trio.open_memory_channel(float("inf"))
         try:
@@ -266,8 +267,9 @@ class ForwardProcess:
         except* (LinkClosed, trio.TooSlowError) as group:
             log.error("forward_intake_link_broken", pid=proc.pid, error=str(group.exceptions[0]))
             proc.kill()
+            broken = True  # killed: nothing to drain, and the link would only break again
         finally:
-            if proc.returncode is None and proc.poll() is None:
+            if not broken and proc.returncode is None and proc.poll() is None:
                 # the agent is stopping (or failed): let the process hand over what it holds
                 with trio.CancelScope(shield=True) as scope:
                     scope.deadline = trio.current_time() + STOP_GRACE_S
@@ -374,6 +376,7 @@ class ForwardProcess:
                 await self._apply_until(reader, acks, None)
         except LinkClosed as e:
             log.error("forward_intake_link_broken", pid=proc.pid, error=str(e))
+            proc.kill()  # it can hand nothing more over: don't wait out the grace for it
         await proc.wait()
         log.info(
             "forward_intake_stopped",

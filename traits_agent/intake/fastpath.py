@@ -111,15 +111,16 @@ def _event_times(events: list[Any], now: float) -> list[float]:
     send) inline: this runs once per event."""
     out: list[float] = []
     append = out.append
+    last = LAST_NANOSECOND  # bound once: the loop reads it per event
     for event in events:
         value = event.time
         data = value.data if type(value) is _Ext else None
         if data is not None and value.code == 0 and len(data) == 8:  # type: ignore[arg-type]
             seconds, nanoseconds = _unpack_event_time(data)
-            if nanoseconds > 999_999_000:  # wire.LAST_NANOSECOND, inline (once per event)
+            if nanoseconds > last:
                 if nanoseconds >= 1_000_000_000:
                     raise _NotFast
-                nanoseconds = 999_999_000
+                nanoseconds = last
             append(seconds + nanoseconds / 1e9)
         else:
             append(_event_time(value, now))
